@@ -1,0 +1,34 @@
+# The two commands of the quick start: `make serve` and `make test`.
+# Each is idempotent and does its own set-up in a local virtual environment.
+# llama-cpp-python compiles from source once; pip keeps the built wheel in its
+# cache, so later environments (and CI runs on the same machine) reuse it.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dvai-installed
+
+.PHONY: setup serve test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip wheel
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+serve: setup
+	$(BIN)/dvai-node serve $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check node rendezvous tests bench
+
+bench: setup
+	$(BIN)/python -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""dvai-mesh node."""

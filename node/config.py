@@ -1,0 +1,362 @@
+"""Node configuration: frozen dataclasses and their loaders.
+
+Sources, lowest to highest precedence: defaults, a TOML file, environment
+variables (``DVAI_`` + the key path in upper case, nested tables joined by
+``__``), and command-line flags. Unknown keys and bad values fail at start
+with a message that names the key and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .constants import (
+    DEFAULT_CTX_SIZE,
+    DEFAULT_GENERATION_TIMEOUT,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_MAX_BLANK_CHUNKS,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_QUEUE_DEPTH,
+)
+from .errors import ConfigError
+
+ENV_PREFIX = "DVAI_"
+DEFAULT_MODEL_ID = "gemma3-270m"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """One model a node serves, under an alias (``id``)."""
+
+    id: str = DEFAULT_MODEL_ID
+    path: str | None = None
+    """GGUF file; unset means the built-in default model."""
+    engine: Literal["llama", "simulated"] = "llama"
+    """``simulated`` produces filler tokens at ``simulated_tok_per_s``: for routing tests only."""
+    simulated_tok_per_s: float = 20.0
+    ctx_size: int = DEFAULT_CTX_SIZE
+    threads: int | None = None
+    gpu_layers: int = 99
+    chat_format: str | None = None
+    embedding: bool = False
+    reasoning_budget: int | None = None
+    """0 hides ``<think>…</think>`` output; unset leaves it alone."""
+    preload: bool = True
+    keep_alive: float | None = None
+    """seconds an idle model stays loaded; unset keeps it loaded."""
+    queue_depth: int = DEFAULT_QUEUE_DEPTH
+    aliases: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KnownPeer:
+    """A peer named in config: reached directly, without discovery."""
+
+    base_url: str
+    device_id: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OffloadConfig:
+    """The reference's ``OffloadConfig``; off by default."""
+
+    enabled: bool = False
+    discover_lan: bool = True
+    discover_interfaces: tuple[str, ...] = ()
+    """interface addresses for mDNS; empty means all."""
+    min_local_capability: float = 10.0
+    rendezvous_url: str | None = None
+    known_peers: tuple[KnownPeer, ...] = ()
+    custom_discovery: str | None = None
+    """``module:function`` returning peers, called every ``custom_discovery_interval`` s."""
+    custom_discovery_interval: float = 30.0
+    probe_tokens: int = 50
+    probe_on_start: bool = True
+    health_interval: float = 1.0
+    """seconds between active health checks of each peer."""
+    unreachable_after: float = 3.0
+    """seconds without an answer before a peer is marked unreachable."""
+    remove_after: float = 60.0
+    """seconds a peer stays listed as unreachable before it is removed."""
+    verify_max_age: float = 600.0
+    """seconds a verified peer capability stays valid before it is re-checked."""
+    circuit_break_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    pairing_policy: Literal["deny", "allowlist", "prompt"] = "deny"
+    pairing_allowlist: tuple[str, ...] = ()
+    require_pairing: bool | None = None
+    """unset: required whenever the API is bound beyond loopback."""
+    allow_anonymous_lan: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    """extra Host header values accepted besides loopback names and the bind address."""
+    handshake_rate_per_minute: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    enabled: bool = True
+    retention_days: float = 30.0
+    max_rows: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    state_dir: Path | None = None
+    device_name: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    transport: Literal["http", "none"] = "http"
+    http_bind_host: str = "127.0.0.1"
+    http_base_port: int = DEFAULT_HTTP_PORT
+    http_max_port_attempts: int = 16
+    cors_origin: tuple[str, ...] = ()
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    generation_timeout: float = DEFAULT_GENERATION_TIMEOUT
+    max_blank_chunks: int = DEFAULT_MAX_BLANK_CHUNKS
+    default_model: str | None = None
+    models: tuple[ModelConfig, ...] = (ModelConfig(),)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+
+    @property
+    def default_model_id(self) -> str:
+        return self.default_model or self.models[0].id
+
+    def resolved_state_dir(self) -> Path:
+        if self.state_dir is not None:
+            return Path(self.state_dir).expanduser()
+        from platformdirs import user_state_dir
+
+        return Path(user_state_dir("dvai-mesh"))
+
+    def replace(self, **changes: Any) -> NodeConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------
+# Loading
+
+
+def load_config(
+    file: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> NodeConfig:
+    """Build a ``NodeConfig`` from a TOML file, the environment and flag overrides."""
+    merged: dict[str, Any] = {}
+    if file is not None:
+        merged = deep_merge(merged, read_toml(file))
+    merged = deep_merge(merged, env_to_mapping(os.environ if env is None else env))
+    if overrides:
+        merged = deep_merge(merged, dict(overrides))
+    return config_from_mapping(merged)
+
+
+def read_toml(file: str | Path) -> dict[str, Any]:
+    try:
+        with open(file, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {file}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
+
+
+def env_to_mapping(env: Mapping[str, str], prefix: str = ENV_PREFIX) -> dict[str, Any]:
+    """``DVAI_OFFLOAD__ENABLED=true`` → ``{"offload": {"enabled": "true"}}`` (strings kept)."""
+    out: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(prefix) or name == prefix:
+            continue
+        parts = [p.lower() for p in name[len(prefix):].split("__")]
+        if any(not p for p in parts):
+            raise ConfigError(f"environment variable {name}: empty key segment")
+        target = out
+        for part in parts[:-1]:
+            nxt = target.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"environment variable {name} conflicts with another setting")
+            target = nxt
+        target[parts[-1]] = _EnvString(value)
+    return out
+
+
+def config_from_mapping(data: Mapping[str, Any]) -> NodeConfig:
+    data = dict(data)
+    if "models" in data:
+        data["models"] = _models_from_mapping(data["models"])
+    config = _build(NodeConfig, data, "")
+    _check(config)
+    return config
+
+
+def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class _EnvString(str):
+    """A value that came from the environment: parsed by the target type."""
+
+
+def _models_from_mapping(value: Any) -> tuple[ModelConfig, ...]:
+    if isinstance(value, (list, tuple)) and all(isinstance(v, ModelConfig) for v in value):
+        return tuple(value)
+    if isinstance(value, _EnvString):
+        value = _parse_json(value, "models")
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError("models: expected a table of model aliases, e.g. [models.gemma3-270m]")
+    models = []
+    for alias, spec in value.items():
+        if isinstance(spec, ModelConfig):
+            models.append(spec)
+            continue
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"models.{alias}: expected a table")
+        models.append(_build(ModelConfig, {"id": str(alias), **spec}, f"models.{alias}."))
+    return tuple(models)
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (known keys: {', '.join(sorted(names))})"
+        )
+    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:  # noqa: C901 - one branch per type
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, _EnvString) and value.lower() in ("", "none", "null")):
+            if type(None) in args:
+                return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for arg in non_none:
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return str(value)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, _EnvString):
+            value = _parse_json(value, key)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table")
+        return _build(hint, value, key + ".")
+    if origin is tuple:
+        item_type = args[0]
+        if isinstance(value, _EnvString):
+            text = value.strip()
+            value = _parse_json(text, key) if text.startswith("[") else [
+                v.strip() for v in text.split(",") if v.strip()
+            ]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_type)}")
+        return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, _EnvString) and value.lower() in _BOOLS:
+            return _BOOLS[value.lower()]
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, _EnvString):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, _EnvString):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if hint is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value).expanduser()
+        raise ConfigError(f"{key}: expected a path, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {hint!r}")
+
+
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _parse_json(text: str, key: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{key}: expected JSON, got {text!r}") from exc
+
+
+def _check(config: NodeConfig) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    ids: set[str] = set()
+    for model in config.models:
+        for name in (model.id, *model.aliases):
+            if name in ids:
+                raise ConfigError(f"models.{model.id}: duplicate model id or alias '{name}'")
+            ids.add(name)
+        for key in ("ctx_size", "queue_depth"):
+            if getattr(model, key) < 1:
+                raise ConfigError(f"models.{model.id}.{key}: expected a positive integer")
+    if config.default_model is not None and config.default_model not in ids:
+        raise ConfigError(f"default_model: '{config.default_model}' is not a configured model")
+    if not 0 < config.http_base_port < 65536 and config.http_base_port != 0:
+        raise ConfigError("http_base_port: expected a port number (1-65535, or 0 for any)")
+    if config.http_max_port_attempts < 1:
+        raise ConfigError("http_max_port_attempts: expected a positive integer")
+    if config.max_body_bytes < 1024:
+        raise ConfigError("max_body_bytes: expected at least 1024")
+    if config.generation_timeout <= 0:
+        raise ConfigError("generation_timeout: expected a positive number of seconds")
+    if config.max_blank_chunks < 1:
+        raise ConfigError("max_blank_chunks: expected a positive integer")
+    if config.offload.probe_tokens < 2:
+        raise ConfigError("offload.probe_tokens: expected an integer of at least 2")

@@ -1,0 +1,164 @@
+"""The node's error tree.
+
+Every error a client can see knows its HTTP status and its OpenAI error
+``type``/``code``/``param``, so handlers never build error bodies by hand and
+never leak a stack trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DVAIError(Exception):
+    """Base of every error the node reports to a client."""
+
+    status: int = 500
+    error_type: str = "server_error"
+    code: str | int | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | int | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+
+    def to_body(self) -> dict[str, Any]:
+        """The OpenAI-shaped body: ``{"error": {message, type, code, param}}``."""
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.error_type,
+            "code": self.code,
+            "param": self.param,
+        }
+        error.update(self.extra)
+        return {"error": error}
+
+
+class InvalidRequestError(DVAIError, ValueError):
+    status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class UnsupportedParameterError(InvalidRequestError):
+    code = "unsupported_parameter"
+
+
+class AuthenticationError(DVAIError):
+    status = 401
+    error_type = "authentication_error"
+    code = "invalid_signature"
+
+
+class PermissionDeniedError(DVAIError, PermissionError):
+    status = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
+class NotFoundError(DVAIError, LookupError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+    def __init__(self, model: str, available: list[str] | None = None) -> None:
+        hint = f"; available: {', '.join(available)}" if available else ""
+        super().__init__(f"The model '{model}' does not exist on this node{hint}", param="model")
+
+
+class MethodNotAllowedError(DVAIError):
+    status = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class ConflictError(DVAIError):
+    status = 409
+    error_type = "invalid_request_error"
+    code = "conflict"
+
+
+class PayloadTooLargeError(DVAIError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class RateLimitedError(DVAIError):
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **kwargs: Any) -> None:
+        headers = {"Retry-After": str(max(1, int(round(retry_after))))}
+        super().__init__(message, headers=headers, **kwargs)
+        self.retry_after = retry_after
+
+
+class ServiceUnavailableError(DVAIError):
+    status = 503
+    error_type = "server_error"
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        headers = kwargs.pop("headers", None) or {}
+        if retry_after is not None:
+            headers["Retry-After"] = str(max(1, int(round(retry_after))))
+        super().__init__(message, headers=headers, **kwargs)
+        self.retry_after = retry_after
+
+
+class QueueFullError(ServiceUnavailableError):
+    code = "queue_full"
+
+
+class ModelLoadingError(ServiceUnavailableError):
+    code = "model_loading"
+
+
+class GenerationTimeoutError(DVAIError, TimeoutError):
+    status = 504
+    error_type = "server_error"
+    code = "generation_timeout"
+
+
+class GenerationStalledError(DVAIError):
+    status = 502
+    error_type = "server_error"
+    code = "generation_stalled"
+
+
+class EngineError(DVAIError):
+    """The engine failed on a request that was valid; no internals are exposed."""
+
+    status = 500
+    error_type = "server_error"
+    code = "engine_error"
+
+
+class UpstreamError(DVAIError):
+    """A peer the request was forwarded to failed."""
+
+    status = 502
+    error_type = "server_error"
+    code = "upstream_error"
+
+
+class ConfigError(ValueError):
+    """Bad configuration: raised at start, names the key and the expected type."""
