@@ -104,6 +104,9 @@ class SecurityConfig:
     allowed_hosts: tuple[str, ...] = ()
     """extra Host header values accepted besides loopback names and the bind address."""
     handshake_rate_per_minute: int = 10
+    trust_loopback: bool = True
+    """loopback callers may call unsigned and reach admin endpoints; set false when a reverse
+    proxy on this host forwards remote traffic (every caller would look like loopback)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +250,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
         )
     kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
     return cls(**kwargs)
+
+
+build_dataclass = _build  # public name: other services (rendezvous) build their configs with it
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:  # noqa: C901 - one branch per type

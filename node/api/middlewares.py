@@ -1,0 +1,113 @@
+"""Cross-cutting HTTP concerns: OpenAI-shaped errors, body limits, CORS, request ids."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from ..constants import REQUEST_ID_HEADER
+from ..errors import DVAIError, InvalidRequestError, PayloadTooLargeError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID = web.RequestKey("dvai_request_id", str) if hasattr(web, "RequestKey") else "dvai_request_id"
+
+_HTTP_CODES = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("authentication_error", "unauthorized"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "payload_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    429: ("rate_limit_error", "rate_limited"),
+}
+
+
+def error_response(error: DVAIError, request_id: str | None = None) -> web.Response:
+    headers = dict(error.headers)
+    if request_id:
+        headers[REQUEST_ID_HEADER] = request_id
+    return web.json_response(error.to_body(), status=error.status, headers=headers)
+
+
+def http_error_body(status: int, message: str) -> dict[str, Any]:
+    error_type, code = _HTTP_CODES.get(status, ("server_error", "http_error"))
+    return {"error": {"message": message, "type": error_type, "code": code, "param": None}}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: every failure leaves as an OpenAI-shaped JSON error, never a stack trace."""
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    request[REQUEST_ID] = request_id[:128]
+    try:
+        response = await handler(request)
+    except DVAIError as exc:
+        return error_response(exc, request[REQUEST_ID])
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        if exc.status == 405:
+            message = f"method {request.method} is not allowed on {request.path}"
+        elif exc.status == 404:
+            message = f"no such endpoint: {request.method} {request.path}"
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+        return web.json_response(http_error_body(exc.status, message), status=exc.status, headers=headers)
+    except Exception:  # noqa: BLE001
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        body = {"error": {"message": "internal server error", "type": "server_error",
+                          "code": "internal_error", "param": None}}
+        return web.json_response(body, status=500, headers={REQUEST_ID_HEADER: request[REQUEST_ID]})
+    if not response.prepared:
+        response.headers.setdefault(REQUEST_ID_HEADER, request[REQUEST_ID])
+    return response
+
+
+def cors_middleware(origins: tuple[str, ...]) -> Callable[..., Any]:
+    """Answer preflights and tag responses for allowed origins; no CORS at all when unset."""
+    allow_any = "*" in origins
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin")
+        allowed = origin is not None and (allow_any or origin in origins)
+        if request.method == "OPTIONS" and allowed and "Access-Control-Request-Method" in request.headers:
+            response: web.StreamResponse = web.Response(status=204)
+        else:
+            response = await handler(request)
+        if allowed and not response.prepared:
+            response.headers["Access-Control-Allow-Origin"] = "*" if allow_any else origin  # type: ignore[assignment]
+            response.headers["Access-Control-Allow-Headers"] = "*"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+            response.headers["Access-Control-Expose-Headers"] = "*"
+            if not allow_any:
+                response.headers["Vary"] = "Origin"
+        return response
+
+    return middleware
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, with a clear 400/413 when it is not."""
+    limit = request.app._client_max_size  # noqa: SLF001 - aiohttp's own configured cap
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLargeError(f"request body is {request.content_length} bytes; the limit is {limit}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes") from exc
+    if not raw:
+        raise InvalidRequestError("the request body is empty; expected a JSON object")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc

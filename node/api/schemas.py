@@ -1,0 +1,273 @@
+"""Parsing and validating OpenAI request bodies into plain, typed requests.
+
+Pure functions: a body (already decoded JSON) goes in, a frozen request comes
+out, or an :class:`InvalidRequestError` naming the offending parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..constants import MAX_TOKENS_CAP
+from ..engine.base import ChatMessage, SamplingParams
+from ..errors import InvalidRequestError, UnsupportedParameterError
+
+MAX_STOP_SEQUENCES = 4
+MAX_EMBEDDING_INPUTS = 2048
+MAX_COMPLETION_PROMPTS = 16
+
+# Parameters we recognise but do not implement: a clear 400 beats silently ignoring them.
+_UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "top_logprobs",
+                     "audio", "modalities", "prediction", "web_search_options")
+_UNSUPPORTED_COMPLETION = ("suffix", "logit_bias", "best_of")
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    model: str
+    messages: tuple[ChatMessage, ...]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    model: str
+    prompts: tuple[str, ...]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    model: str
+    inputs: tuple[str, ...]
+    encoding_format: str = "float"
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    body = _object(body)
+    _refuse(body, _UNSUPPORTED_CHAT)
+    if body.get("logprobs") not in (None, False):
+        raise UnsupportedParameterError("logprobs are not supported", param="logprobs")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise UnsupportedParameterError(
+            "only response_format {\"type\": \"text\"} is supported", param="response_format"
+        )
+    messages = _messages(body.get("messages"))
+    max_tokens = _optional_int(body, "max_completion_tokens", 1, MAX_TOKENS_CAP)
+    if max_tokens is None:
+        max_tokens = _optional_int(body, "max_tokens", 1, MAX_TOKENS_CAP)
+    stream, include_usage = _stream(body)
+    return ChatRequest(
+        model=_model(body),
+        messages=messages,
+        params=_sampling(body, max_tokens),
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    body = _object(body)
+    _refuse(body, _UNSUPPORTED_COMPLETION)
+    if body.get("logprobs") not in (None, 0, False):
+        raise UnsupportedParameterError("logprobs are not supported", param="logprobs")
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts: tuple[str, ...] = (prompt,)
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        if len(prompt) > MAX_COMPLETION_PROMPTS:
+            raise InvalidRequestError(
+                f"at most {MAX_COMPLETION_PROMPTS} prompts per request", param="prompt"
+            )
+        prompts = tuple(prompt)
+    else:
+        raise InvalidRequestError(
+            "'prompt' must be a string or a non-empty list of strings (token arrays are not supported)",
+            param="prompt",
+        )
+    max_tokens = _optional_int(body, "max_tokens", 1, MAX_TOKENS_CAP)
+    stream, include_usage = _stream(body)
+    if stream and len(prompts) > 1:
+        raise InvalidRequestError("streaming supports a single prompt", param="prompt")
+    return CompletionRequest(
+        model=_model(body),
+        prompts=prompts,
+        params=_sampling(body, 16 if max_tokens is None else max_tokens),
+        stream=stream,
+        include_usage=include_usage,
+        echo=_optional_bool(body, "echo") or False,
+    )
+
+
+def parse_embedding_request(body: Any) -> EmbeddingRequest:
+    body = _object(body)
+    if body.get("dimensions") is not None:
+        raise UnsupportedParameterError("'dimensions' is not supported", param="dimensions")
+    value = body.get("input")
+    if isinstance(value, str):
+        inputs: tuple[str, ...] = (value,)
+    elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        inputs = tuple(value)
+    else:
+        raise InvalidRequestError(
+            "'input' must be a string or a non-empty list of strings (token arrays are not supported)",
+            param="input",
+        )
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequestError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
+    if any(not text for text in inputs):
+        raise InvalidRequestError("'input' must not contain empty strings", param="input")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise InvalidRequestError("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+    return EmbeddingRequest(model=_model(body), inputs=inputs, encoding_format=encoding)
+
+
+# --------------------------------------------------------------------------
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    return body
+
+
+def _refuse(body: dict[str, Any], names: tuple[str, ...]) -> None:
+    for name in names:
+        if body.get(name) not in (None, [], {}):
+            raise UnsupportedParameterError(f"'{name}' is not supported by this node", param=name)
+    n = body.get("n")
+    if n is not None:
+        if not _is_int(n) or n < 1:
+            raise InvalidRequestError("'n' must be a positive integer", param="n")
+        if n > 1:
+            raise UnsupportedParameterError("only n = 1 is supported", param="n")
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequestError("'model' is required and must be a non-empty string", param="model")
+    return model
+
+
+def _messages(value: Any) -> tuple[ChatMessage, ...]:
+    if not isinstance(value, list) or not value:
+        raise InvalidRequestError("'messages' must be a non-empty list", param="messages")
+    out = []
+    for index, item in enumerate(value):
+        where = f"messages[{index}]"
+        if not isinstance(item, dict):
+            raise InvalidRequestError(f"{where} must be an object", param=where)
+        role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+        if role is None:
+            raise InvalidRequestError(
+                f"{where}.role must be one of system, user, assistant (got {item.get('role')!r})",
+                param=f"{where}.role",
+            )
+        out.append(ChatMessage(role=role, content=_content(item.get("content"), f"{where}.content")))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+def _content(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        parts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequestError(
+                    f"{where}: only text content parts are supported", param=where
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+    raise InvalidRequestError(f"{where} must be a string or a list of text parts", param=where)
+
+
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = _optional_bool(body, "stream") or False
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise InvalidRequestError("'stream_options' must be an object", param="stream_options")
+        usage = options.get("include_usage", False)
+        if not isinstance(usage, bool):
+            raise InvalidRequestError(
+                "'stream_options.include_usage' must be a boolean", param="stream_options.include_usage"
+            )
+        include_usage = usage
+    return stream, include_usage
+
+
+def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,) if stop else ()
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        if len(stop) > MAX_STOP_SEQUENCES:
+            raise InvalidRequestError(f"at most {MAX_STOP_SEQUENCES} stop sequences", param="stop")
+        stops = tuple(s for s in stop if s)
+    else:
+        raise InvalidRequestError("'stop' must be a string or a list of strings", param="stop")
+    defaults = SamplingParams()
+    temperature = _optional_number(body, "temperature", 0.0, 2.0)
+    top_p = _optional_number(body, "top_p", 0.0, 1.0)
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise InvalidRequestError("'seed' must be an integer", param="seed")
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_p=defaults.top_p if top_p is None else top_p,
+        presence_penalty=_optional_number(body, "presence_penalty", -2.0, 2.0) or 0.0,
+        frequency_penalty=_optional_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
+        stop=stops,
+        seed=None if seed is None else int(seed) & 0x7FFFFFFF,
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_int(value) or not low <= value <= high:
+        raise InvalidRequestError(f"'{name}' must be an integer from {low} to {high}", param=name)
+    return int(value)
+
+
+def _optional_number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise InvalidRequestError(f"'{name}' must be a number", param=name)
+    if not low <= value <= high:
+        raise InvalidRequestError(f"'{name}' must be between {low:g} and {high:g}", param=name)
+    return float(value)
+
+
+def _optional_bool(body: dict[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"'{name}' must be a boolean", param=name)
+    return value

@@ -1,0 +1,67 @@
+"""Server-sent events: ``data: {json}\\n\\n`` frames closed by ``data: [DONE]``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import DVAIError
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+DONE = b"data: [DONE]\n\n"
+
+
+def encode_event(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+async def stream_events(
+    request: web.Request,
+    events: AsyncIterator[dict[str, Any]],
+    *,
+    headers: dict[str, str] | None = None,
+) -> web.StreamResponse:
+    """Relay ``events`` as SSE.
+
+    The first event is awaited before the response starts, so errors raised
+    while queueing or loading still become a normal JSON error with the right
+    status. An error after that is sent as an ``error`` event and the stream is
+    closed cleanly.
+    """
+    iterator = aiter(events)
+    try:
+        try:
+            first: dict[str, Any] | None = await anext(iterator)
+        except StopAsyncIteration:
+            first = None
+        response = web.StreamResponse(headers={**SSE_HEADERS, **(headers or {})})
+        await response.prepare(request)
+        try:
+            if first is not None:
+                await response.write(encode_event(first))
+            async for event in iterator:
+                await response.write(encode_event(event))
+        except DVAIError as exc:
+            log.warning("stream ended with an error: %s", exc.message)
+            await response.write(encode_event(exc.to_body()))
+        except Exception:  # noqa: BLE001 - the client gets a clean error event, the log the trace
+            log.exception("stream failed")
+            await response.write(
+                encode_event({"error": {"message": "internal error while streaming", "type": "server_error",
+                                        "code": "internal_error", "param": None}})
+            )
+        await response.write(DONE)
+        await response.write_eof()
+        return response
+    finally:
+        await iterator.aclose()  # type: ignore[attr-defined]

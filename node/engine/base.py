@@ -1,0 +1,103 @@
+"""The engine protocol and the plain values that cross it.
+
+An engine is synchronous and runs on its model's worker thread; the async
+world talks to it only through :class:`node.engine.slot.ModelSlot`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length"]
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int | None = None
+    """None: until end of sequence or the context is full."""
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+    """keep generating past end-of-sequence (the capability probe needs a fixed count)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    id: str
+    path: str
+    ctx_size: int
+    embedding: bool
+    owned_by: str = "dvai-mesh"
+    aliases: tuple[str, ...] = ()
+    chat_format: str | None = None
+    size_bytes: int = 0
+
+    @property
+    def serves(self) -> tuple[str, ...]:
+        return ("embedding",) if self.embedding else ("chat", "completion")
+
+
+@dataclass(slots=True)
+class GenerationOutcome:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: FinishReason = "stop"
+    first_token_at: float | None = None
+    """``time.perf_counter()`` of the first generated token."""
+    last_token_at: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+TokenSink = Callable[[str], None]
+"""Called on the worker thread with each text delta ("" when a token adds no text yet)."""
+
+
+class Engine(Protocol):
+    """What a model backend provides. Every method runs on the model's worker thread."""
+
+    info: ModelInfo
+
+    def load(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def render_chat(self, messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
+        """The prompt text for a chat and the stop strings its format implies."""
+        ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def generate(
+        self,
+        prompt: str,
+        params: SamplingParams,
+        sink: TokenSink,
+        cancel: threading.Event,
+        *,
+        record_token_times: bool = False,
+    ) -> GenerationOutcome: ...
+
+    def embed(self, inputs: list[str]) -> EmbeddingResult: ...

@@ -1,0 +1,72 @@
+"""Turning chat messages into a prompt.
+
+Three sources, in order: an explicit ``chat_format`` name from config, the
+Jinja template stored in the GGUF, or Gemma turns for a base model that has no
+template (the built-in default model).
+"""
+
+from __future__ import annotations
+
+from .base import ChatMessage
+
+GEMMA_END_OF_TURN = "<end_of_turn>"
+
+
+def render_gemma(messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
+    """Gemma turns. Gemma has no system role: system text leads the first user turn."""
+    system = "\n\n".join(m.content for m in messages if m.role == "system")
+    parts: list[str] = []
+    pending_system = system
+    for message in messages:
+        if message.role == "system":
+            continue
+        role = "model" if message.role == "assistant" else "user"
+        content = message.content
+        if role == "user" and pending_system:
+            content = f"{pending_system}\n\n{content}"
+            pending_system = ""
+        parts.append(f"<start_of_turn>{role}\n{content}{GEMMA_END_OF_TURN}\n")
+    if pending_system:
+        parts.append(f"<start_of_turn>user\n{pending_system}{GEMMA_END_OF_TURN}\n")
+    parts.append("<start_of_turn>model\n")
+    return "".join(parts), (GEMMA_END_OF_TURN,)
+
+
+def render_template(
+    template: str, messages: list[ChatMessage], *, bos_token: str, eos_token: str
+) -> tuple[str, tuple[str, ...]]:
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token)
+    result = formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+    return result.prompt, _stops(result.stop, eos_token)
+
+
+def render_named_format(name: str, messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
+    """A format llama-cpp-python knows by name (``chatml``, ``llama-3``, ``mistral-instruct``…)."""
+    if name == "gemma":
+        return render_gemma(messages)
+    from llama_cpp import llama_chat_format
+
+    formatter = getattr(llama_chat_format, "format_" + name.replace("-", "_"), None)
+    if formatter is None:
+        raise ValueError(f"unknown chat_format '{name}'")
+    result = formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+    return result.prompt, _stops(result.stop)
+
+
+def known_chat_formats() -> list[str]:
+    from llama_cpp import llama_chat_format
+
+    names = {n[len("format_"):].replace("_", "-") for n in dir(llama_chat_format) if n.startswith("format_")}
+    return sorted(names | {"gemma"})
+
+
+def _stops(stop: str | list[str] | None, *extra: str) -> tuple[str, ...]:
+    if stop is None:
+        values: list[str] = []
+    elif isinstance(stop, str):
+        values = [stop]
+    else:
+        values = list(stop)
+    return tuple(dict.fromkeys(v for v in (*values, *extra) if v))

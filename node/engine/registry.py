@@ -1,0 +1,136 @@
+"""The node's models by id and alias: building, preloading, and idle unloading."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+from ..config import ModelConfig, NodeConfig
+from ..errors import ModelNotFoundError
+from .base import Engine, ModelInfo
+from .slot import ModelSlot
+
+log = logging.getLogger(__name__)
+
+REAP_INTERVAL_S = 5.0
+"""seconds between checks for models idle past their keep_alive."""
+
+
+def build_engine(model: ModelConfig, *, cache_dir: Path | None = None) -> Engine:
+    """An engine for one model entry (resolving the built-in default model path)."""
+    if model.engine == "simulated":
+        from .simulated import SimulatedEngine
+
+        info = ModelInfo(
+            id=model.id, path="simulated", ctx_size=model.ctx_size, embedding=model.embedding,
+            aliases=model.aliases, owned_by="dvai-mesh-simulated",
+        )
+        return SimulatedEngine(info, tok_per_s=model.simulated_tok_per_s)
+    from .default_model import default_model_path
+    from .llama import LlamaEngine
+
+    path = Path(model.path).expanduser() if model.path else default_model_path(cache_dir)
+    size = path.stat().st_size if path.is_file() else 0
+    info = ModelInfo(
+        id=model.id, path=str(path), ctx_size=model.ctx_size, embedding=model.embedding,
+        aliases=model.aliases, chat_format=model.chat_format, size_bytes=size,
+    )
+    return LlamaEngine(
+        info, threads=model.threads, gpu_layers=model.gpu_layers,
+        reasoning_budget=model.reasoning_budget, seed=model.seed,
+    )
+
+
+class ModelRegistry:
+    def __init__(self, slots: list[tuple[ModelConfig, ModelSlot]], default_id: str) -> None:
+        self._configs = {cfg.id: cfg for cfg, _ in slots}
+        self._slots = {slot.info.id: slot for _, slot in slots}
+        self._names: dict[str, str] = {}
+        for cfg, slot in slots:
+            for name in (slot.info.id, *cfg.aliases):
+                self._names[name] = slot.info.id
+        self.default_id = default_id
+        self._reaper: asyncio.Task[None] | None = None
+        self._preload: asyncio.Task[None] | None = None
+        self.started_at = time.time()
+
+    @classmethod
+    def from_config(cls, config: NodeConfig, *, cache_dir: Path | None = None) -> ModelRegistry:
+        slots = []
+        for model in config.models:
+            engine = build_engine(model, cache_dir=cache_dir)
+            slots.append(
+                (model, ModelSlot(engine, queue_depth=model.queue_depth, keep_alive=model.keep_alive))
+            )
+        return cls(slots, config.default_model_id)
+
+    # -- lookup ------------------------------------------------------------
+    def resolve(self, name: str) -> ModelSlot:
+        model_id = self._names.get(name)
+        if model_id is None:
+            raise ModelNotFoundError(name, sorted(self._slots))
+        return self._slots[model_id]
+
+    def slots(self) -> list[ModelSlot]:
+        return list(self._slots.values())
+
+    def names(self) -> list[str]:
+        return sorted(self._names)
+
+    def serves(self, name: str) -> bool:
+        return name in self._names
+
+    @property
+    def ready(self) -> bool:
+        """Every preloaded model is loaded (the health endpoint's ``ok`` vs ``loading``)."""
+        return all(
+            self._slots[model_id].state == "ready"
+            for model_id, cfg in self._configs.items()
+            if cfg.preload
+        )
+
+    @property
+    def failed(self) -> list[ModelSlot]:
+        return [s for s in self._slots.values() if s.state == "failed"]
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self, *, wait: bool = True) -> None:
+        """Preload models (now, or in the background with ``wait=False``) and start the reaper."""
+        if wait:
+            await self._load_preloaded()
+        else:
+            self._preload = asyncio.create_task(self._load_preloaded(), name="preload-models")
+        self._reaper = asyncio.create_task(self._reap_idle(), name="model-reaper")
+
+    async def wait_preloaded(self) -> None:
+        """Return once preloading has finished (successfully or not)."""
+        if self._preload is not None:
+            await asyncio.shield(self._preload)
+
+    async def _load_preloaded(self) -> None:
+        slots = [self._slots[i] for i, cfg in self._configs.items() if cfg.preload]
+        results = await asyncio.gather(*(s.ensure_loaded() for s in slots), return_exceptions=True)
+        for slot, result in zip(slots, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error("could not preload model %s: %s", slot.info.id, result)
+
+    async def stop(self) -> None:
+        for task in (self._preload, self._reaper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for slot in self._slots.values():
+            await slot.close()
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL_S)
+            now = time.monotonic()
+            for slot in self._slots.values():
+                if slot.keep_alive is not None and slot.state == "ready":
+                    if slot.idle_for(now) > slot.keep_alive:
+                        await slot.unload()

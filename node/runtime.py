@@ -1,0 +1,177 @@
+"""The embeddable node: ``async with Node(config) as node: …``.
+
+With ``transport="http"`` it serves the OpenAI surface on a local port (base
+port, retrying +1 up to ``http_max_port_attempts``); with ``transport="none"``
+it serves the same calls in-process without opening a port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from .api.schemas import parse_chat_request, parse_completion_request, parse_embedding_request
+from .app import build_app
+from .config import NodeConfig, load_config
+from .context import NodeContext
+from .engine.registry import ModelRegistry
+from .errors import ConfigError
+from .identity import load_or_create_identity
+from .inference import InferenceLimits, InferenceService
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """A dvai-mesh node embedded in an application."""
+
+    def __init__(self, config: NodeConfig | None = None, **overrides: Any) -> None:
+        if config is None:
+            config = load_config(overrides=overrides) if overrides else NodeConfig()
+        elif overrides:
+            config = config.replace(**overrides)
+        self.config = config
+        self.context: NodeContext | None = None
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self, *, wait_ready: bool = True) -> None:
+        """Bind the port, load preloaded models; with ``wait_ready`` return once they are loaded."""
+        if self.context is not None:
+            return
+        self.context = context = await asyncio.to_thread(self._build_context)
+        await context.registry.start(wait=False)
+        try:
+            if self.config.transport == "http":
+                await self._serve_http(context)
+            if wait_ready:
+                await context.registry.wait_preloaded()
+        except BaseException:
+            await self.close()
+            raise
+
+    def _build_context(self) -> NodeContext:
+        config = self.config
+        state_dir = config.resolved_state_dir()
+        identity = load_or_create_identity(state_dir)
+        registry = ModelRegistry.from_config(config, cache_dir=None)
+        limits = InferenceLimits(config.generation_timeout, config.max_blank_chunks)
+        return NodeContext(
+            config=config,
+            identity=identity,
+            device_name=config.device_name or socket.gethostname(),
+            registry=registry,
+            inference=InferenceService(registry, limits),
+        )
+
+    async def _serve_http(self, context: NodeContext) -> None:
+        config = self.config
+        app = build_app(context)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        self._port = await _bind_with_retry(self._runner, config)
+        host = config.http_bind_host
+        shown = "127.0.0.1" if host in ("0.0.0.0", "") else ("[::1]" if host == "::" else host)
+        if ":" in shown and not shown.startswith("["):
+            shown = f"[{shown}]"
+        context.base_url = f"http://{shown}:{self._port}/v1"
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        context, self.context = self.context, None
+        if context is not None:
+            await context.registry.stop()
+
+    # -- addresses -----------------------------------------------------------
+    @property
+    def base_url(self) -> str | None:
+        """The URL to hand to any OpenAI client (``None`` with ``transport="none"``)."""
+        return self.context.base_url if self.context else None
+
+    @property
+    def port(self) -> int | None:
+        return self._port
+
+    @property
+    def device_id(self) -> str:
+        return self._require().identity.device_id
+
+    # -- inference -----------------------------------------------------------
+    async def chat_completion(self, messages: list[dict[str, Any]], *, model: str | None = None,
+                              **options: Any) -> dict[str, Any]:
+        body = {"model": model or self.config.default_model_id, "messages": messages, **options,
+                "stream": False}
+        return await self._require().inference.chat(parse_chat_request(body))
+
+    async def stream_chat(self, messages: list[dict[str, Any]], *, model: str | None = None,
+                          **options: Any) -> AsyncIterator[dict[str, Any]]:
+        """Chat completion chunks, as an OpenAI client would receive them."""
+        body = {"model": model or self.config.default_model_id, "messages": messages, **options,
+                "stream": True}
+        stream = self._require().inference.chat_stream(parse_chat_request(body))
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+    async def completion(self, prompt: str | list[str], *, model: str | None = None,
+                         **options: Any) -> dict[str, Any]:
+        body = {"model": model or self.config.default_model_id, "prompt": prompt, **options, "stream": False}
+        return await self._require().inference.completion(parse_completion_request(body))
+
+    async def embedding(self, inputs: str | list[str], *, model: str | None = None) -> list[list[float]]:
+        """One normalised vector per input, in order (the reference's ``number[][]``)."""
+        body = {"model": model or self._embedding_model(), "input": inputs}
+        result = await self._require().inference.embeddings(parse_embedding_request(body))
+        return [item["embedding"] for item in result["data"]]
+
+    def _embedding_model(self) -> str:
+        for model in self.config.models:
+            if model.embedding:
+                return model.id
+        return self.config.default_model_id
+
+    def _require(self) -> NodeContext:
+        if self.context is None:
+            raise RuntimeError("the node is not started; use `async with Node(...)` or `await node.start()`")
+        return self.context
+
+
+async def _bind_with_retry(runner: web.AppRunner, config: NodeConfig) -> int:
+    """Bind the first free port from ``http_base_port`` (``+1`` up to the attempt limit)."""
+    attempts = 1 if config.http_base_port == 0 else config.http_max_port_attempts
+    last_error: OSError | None = None
+    for offset in range(attempts):
+        port = config.http_base_port + offset if config.http_base_port else 0
+        site = web.TCPSite(runner, config.http_bind_host, port, reuse_address=False)
+        try:
+            await site.start()
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                raise
+            last_error = exc
+            continue
+        server = site._server  # noqa: SLF001 - the only way to learn an ephemeral port
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1]) if sockets else port
+    raise ConfigError(
+        f"no free port in {config.http_base_port}..{config.http_base_port + attempts - 1} "
+        f"on {config.http_bind_host} ({last_error})"
+    )
