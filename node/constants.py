@@ -48,3 +48,31 @@ SIGNATURE_WINDOW_S = 300
 
 NONCE_CACHE_MAX = 100_000
 """nonces remembered for replay detection; bounds memory a flood can force."""
+
+# --- Offload policy and peer health -------------------------------------------
+OFFLOAD_OBSERVED_MAX_AGE_S = 120.0
+"""seconds an observed (measured on real forwarded requests) peer rate outranks the
+verified probe figure; older than this, the verified figure is used again."""
+
+OFFLOAD_MAX_FORWARD_ATTEMPTS = 3
+"""peers tried for one request before the first byte (best + 2 fallbacks); bounds the
+time a client waits when several peers fail in a row."""
+
+CIRCUIT_BREAK_MAX_S = 600.0
+"""seconds; cap on the exponential back-off of a repeatedly failing peer's circuit."""
+
+CIRCUIT_BREAK_MULTIPLIER = 2.0
+"""each consecutive failure multiplies the open period by this (30 s, 60 s, 120 s, …)."""
+
+CIRCUIT_TRIAL_TIMEOUT_S = 90.0
+"""seconds a half-open trial request may stay unreported before another trial is let
+through (a leaked attempt must not block a peer forever); above the generation timeout."""
+
+OBSERVED_RATE_ALPHA = 0.3
+"""EWMA weight of the newest observed tok/s sample (see node/offload/health.py)."""
+
+OBSERVED_MIN_TOKENS = 8
+"""tokens; shorter responses are too noisy to update a peer's observed tok/s."""
+
+MAX_TRACKED_PEERS = 1024
+"""peers whose health counters are kept; bounds memory a flood of device ids can force."""
