@@ -132,6 +132,10 @@ class ModelLoadingError(ServiceUnavailableError):
     code = "model_loading"
 
 
+class ModelUnavailableError(ServiceUnavailableError):
+    code = "model_unavailable"
+
+
 class GenerationTimeoutError(DVAIError, TimeoutError):
     status = 504
     error_type = "server_error"

@@ -25,6 +25,7 @@ from ..errors import (
     EngineError,
     GenerationStalledError,
     GenerationTimeoutError,
+    ModelUnavailableError,
     QueueFullError,
 )
 from .base import ChatMessage, EmbeddingResult, Engine, GenerationOutcome, ModelInfo, SamplingParams
@@ -240,10 +241,10 @@ class ModelSlot:
                 await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.load)
             except Exception as exc:
                 self.state = "failed"
-                self.error = str(exc)
-                if isinstance(exc, DVAIError):
-                    raise
-                raise EngineError(f"could not load model '{self.info.id}': {exc}") from exc
+                self.error = exc.message if isinstance(exc, DVAIError) else str(exc)
+                raise ModelUnavailableError(
+                    f"model '{self.info.id}' could not be loaded: {self.error}", retry_after=30
+                ) from exc
             self.state, self.error = "ready", None
             log.info("model %s loaded in %.1f s", self.info.id, time.perf_counter() - started)
 

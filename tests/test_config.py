@@ -1,0 +1,94 @@
+"""Config sources and precedence: flags > env > file > defaults; errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node.config import NodeConfig, load_config
+from node.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    config = load_config(env={})
+    assert config.http_bind_host == "127.0.0.1"
+    assert config.http_base_port == 38883 and config.http_max_port_attempts == 16
+    assert config.models[0].id == "gemma3-270m" and config.models[0].ctx_size == 4096
+    assert config.models[0].gpu_layers == 99 and config.models[0].queue_depth == 16
+    assert config.offload.enabled is False and config.offload.min_local_capability == 10
+    assert config.generation_timeout == 60 and config.max_blank_chunks == 20
+    assert config.max_body_bytes == 8 * 1024 * 1024
+
+
+def test_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
+    file = write(tmp_path, 'http_base_port = 38000\nhttp_bind_host = "127.0.0.2"\nlog_level = "debug"\n'
+                           "[offload]\nmin_local_capability = 5\n")
+    env = {"DVAI_HTTP_BASE_PORT": "38900", "DVAI_OFFLOAD__MIN_LOCAL_CAPABILITY": "25",
+           "DVAI_OFFLOAD__ENABLED": "true"}
+    config = load_config(file, env=env, overrides={"http_base_port": 39000})
+    assert config.http_base_port == 39000  # flag
+    assert config.offload.min_local_capability == 25.0  # env beats file
+    assert config.offload.enabled is True  # env
+    assert config.http_bind_host == "127.0.0.2"  # file
+    assert config.log_level == "debug"  # file
+    assert load_config(file, env=env).http_base_port == 38900
+
+
+def test_state_dir_and_models_from_env(tmp_path: Path) -> None:
+    config = load_config(env={"DVAI_STATE_DIR": str(tmp_path), "DVAI_MODELS__TINY__CTX_SIZE": "2048",
+                              "DVAI_MODELS__TINY__EMBEDDING": "yes"})
+    assert config.state_dir == tmp_path
+    assert config.models[0].id == "tiny" and config.models[0].ctx_size == 2048 and config.models[0].embedding
+
+
+def test_model_tables_and_lists(tmp_path: Path) -> None:
+    file = write(tmp_path, '[models.chat]\npath = "/m/a.gguf"\naliases = ["gpt-4o-mini"]\npreload = false\n'
+                           "keep_alive = 300\n[models.embed]\nembedding = true\n"
+                           '[[offload.known_peers]]\nbase_url = "http://10.9.0.2:38883/v1"\n')
+    config = load_config(file, env={"DVAI_CORS_ORIGIN": "http://a.test,http://b.test"})
+    assert [m.id for m in config.models] == ["chat", "embed"]
+    assert config.models[0].aliases == ("gpt-4o-mini",) and config.models[0].keep_alive == 300.0
+    assert config.offload.known_peers[0].base_url == "http://10.9.0.2:38883/v1"
+    assert config.cors_origin == ("http://a.test", "http://b.test")
+    assert config.default_model_id == "chat"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "fragment"),
+    [
+        ("htp_port = 1\n", {}, "unknown config key 'htp_port'"),
+        ("[offload]\nenabeld = true\n", {}, "offload.enabeld"),
+        ('http_base_port = "x"\n', {}, "http_base_port: expected an integer"),
+        ("", {"DVAI_HTTP_BASE_PORT": "eighty"}, "http_base_port: expected an integer"),
+        ("", {"DVAI_OFFLOAD__ENABLED": "maybe"}, "offload.enabled: expected a boolean"),
+        ("", {"DVAI_OFFLOAD__MIN_LOCAL_CAPABILITY": "fast"}, "offload.min_local_capability: expected a number"),
+        ('[security]\npairing_policy = "open"\n', {}, "security.pairing_policy: expected one of"),
+        ("[models.a]\nctx_size = 0\n", {}, "models.a.ctx_size"),
+        ("[models.a]\nturbo = true\n", {}, "models.a.turbo"),
+        ('default_model = "zzz"\n', {}, "default_model"),
+        ("this is = not toml", {}, "not valid TOML"),
+        ("", {"DVAI_NOPE": "1"}, "unknown config key 'nope'"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text), env=env)
+    assert fragment in str(caught.value)
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/node.toml", env={})
+
+
+def test_config_is_frozen() -> None:
+    config = NodeConfig()
+    with pytest.raises(AttributeError):
+        config.http_base_port = 1  # type: ignore[misc]

@@ -1,0 +1,117 @@
+"""The per-model queue: FIFO order, bounded depth, dropped waiters, timeouts (SIMULATED engine)."""
+
+from __future__ import annotations
+
+import asyncio
+import pytest
+
+from node.engine.base import GenerationOutcome, ModelInfo, SamplingParams
+from node.engine.simulated import SimulatedEngine
+from node.engine.slot import GenerationJob, ModelSlot
+from node.errors import GenerationStalledError, GenerationTimeoutError, QueueFullError
+
+
+def simulated_slot(tok_per_s: float = 500.0, depth: int = 4) -> ModelSlot:
+    info = ModelInfo(id="sim", path="simulated", ctx_size=512, embedding=False)
+    return ModelSlot(SimulatedEngine(info, tok_per_s=tok_per_s), queue_depth=depth)
+
+
+def job(tokens: int) -> GenerationJob:
+    return GenerationJob(params=SamplingParams(max_tokens=tokens), prompt="go")
+
+
+async def run(slot: ModelSlot, tokens: int, log: list[str], name: str, *, timeout: float = 30) -> str:
+    async with slot.generate(job(tokens), timeout=timeout, max_blank=5) as generation:
+        parts = []
+        async for text in generation:
+            log.append(name)
+            parts.append(text)
+    return "".join(parts)
+
+
+async def test_requests_run_in_arrival_order_one_at_a_time() -> None:
+    slot = simulated_slot()
+    log: list[str] = []
+    tasks = []
+    for name in "abc":
+        tasks.append(asyncio.create_task(run(slot, 5, log, name)))
+        await asyncio.sleep(0)  # arrive in order
+    results = await asyncio.gather(*tasks)
+    assert log == ["a"] * 5 + ["b"] * 5 + ["c"] * 5
+    assert all(r.split() == ["alpha", "bravo", "charlie", "delta", "echo"] for r in results)
+    await slot.close()
+
+
+async def test_queue_depth_is_bounded() -> None:
+    slot = simulated_slot(tok_per_s=50, depth=2)
+    log: list[str] = []
+    running = [asyncio.create_task(run(slot, 50, log, str(i))) for i in range(3)]  # 1 running + 2 waiting
+    await asyncio.sleep(0.05)
+    assert slot.queue_depth == 3
+    with pytest.raises(QueueFullError) as caught:
+        await run(slot, 1, log, "x")
+    assert caught.value.status == 503 and caught.value.headers["Retry-After"]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+    assert slot.queue_depth == 0
+    await slot.close()
+
+
+async def test_a_cancelled_waiter_is_dropped_and_the_queue_moves_on() -> None:
+    slot = simulated_slot(tok_per_s=200)
+    log: list[str] = []
+    first = asyncio.create_task(run(slot, 10, log, "first"))
+    await asyncio.sleep(0.01)
+    leaver = asyncio.create_task(run(slot, 10, log, "leaver"))
+    last = asyncio.create_task(run(slot, 3, log, "last"))
+    await asyncio.sleep(0.01)
+    leaver.cancel()
+    await asyncio.gather(first, last)
+    assert "leaver" not in log
+    assert log[-3:] == ["last"] * 3
+    await slot.close()
+
+
+async def test_cancelling_a_running_generation_stops_the_engine_within_a_token() -> None:
+    slot = simulated_slot(tok_per_s=20)  # 50 ms per token
+    log: list[str] = []
+    task = asyncio.create_task(run(slot, 1000, log, "long"))
+    while not log:
+        await asyncio.sleep(0.005)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await run(slot, 1, log, "next")
+    assert loop.time() - started < 0.2  # one token of the old run at most, plus one of ours
+    await slot.close()
+
+
+async def test_generation_timeout() -> None:
+    slot = simulated_slot(tok_per_s=20)
+    with pytest.raises(GenerationTimeoutError):
+        await run(slot, 1000, [], "slow", timeout=0.2)
+    await slot.close()
+
+
+class BlankEngine(SimulatedEngine):
+    """A test double: a model stuck emitting tokens that add no text."""
+
+    def generate(self, prompt, params, sink, cancel, *, record_token_times=False):  # type: ignore[no-untyped-def]
+        outcome = GenerationOutcome()
+        while not cancel.wait(0.001):
+            sink("")
+        return outcome
+
+
+async def test_blank_chunks_end_the_generation() -> None:
+    info = ModelInfo(id="blank", path="x", ctx_size=64, embedding=False)
+    slot = ModelSlot(BlankEngine(info, tok_per_s=1), queue_depth=1)
+    with pytest.raises(GenerationStalledError):
+        await run(slot, 10, [], "blank")
+    # The worker was told to stop and the turn was released: the model is free again.
+    assert not slot.busy and slot.queue_depth == 0
+    with pytest.raises(GenerationStalledError):
+        await asyncio.wait_for(run(slot, 10, [], "again"), 2)
+    await slot.close()
