@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+
 import pytest
 
 from node.engine.base import GenerationOutcome, ModelInfo, SamplingParams
