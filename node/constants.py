@@ -49,6 +49,57 @@ SIGNATURE_WINDOW_S = 300
 NONCE_CACHE_MAX = 100_000
 """nonces remembered for replay detection; bounds memory a flood can force."""
 
+# --- Signed requests: input caps ----------------------------------------------
+SIGNED_HEADER_MAX_CHARS = 128
+"""characters in X-DVAI-Peer-Device-Id / X-DVAI-App-Id; longer values are refused, not truncated."""
+
+NONCE_MAX_CHARS = 96
+"""characters in an X-DVAI-Nonce; bounds the memory each remembered nonce costs."""
+
+# --- Pairing ------------------------------------------------------------------
+PAIRING_KEY_BYTES = 32
+"""bytes in a pairing key (256-bit HMAC-SHA256 secret, as the reference's pairingKey)."""
+
+PAIRINGS_MAX = 10_000
+"""pairings kept in pairings.json; a store this size is an attack or a mistake, not a household."""
+
+PAIRING_FIELD_MAX_CHARS = 128
+"""characters in a handshake's peerDeviceId / peerDeviceName / appId."""
+
+HANDSHAKE_BURST = 5
+"""handshakes one peer id or one address may send back to back before 429 (refilled at
+SecurityConfig.handshake_rate_per_minute)."""
+
+HANDSHAKE_TRACKED_MAX = 4096
+"""peer ids + addresses whose handshake rate we track; when full every handshake gets 429
+until buckets refill, so a flood of spoofed ids cannot grow memory."""
+
+PAIRING_PENDING_MAX = 32
+"""pairing requests awaiting a human (prompt policy or hook) at once; more get 429."""
+
+PAIRING_PROMPT_TIMEOUT_S = 120.0
+"""seconds a pending pairing request waits for approve/deny before it is denied."""
+
+PAIRING_CLIENT_TIMEOUT_S = PAIRING_PROMPT_TIMEOUT_S + 30.0
+"""seconds `dvai-node pair` waits for the peer's answer: longer than the peer's prompt timeout."""
+
+# --- Audit log ----------------------------------------------------------------
+AUDIT_QUEUE_MAX = 10_000
+"""audit rows waiting for the writer thread; beyond this rows are dropped (and counted) rather
+than blocking the event loop or growing memory."""
+
+AUDIT_BATCH_MAX = 500
+"""rows the writer thread commits in one transaction."""
+
+AUDIT_PRUNE_INTERVAL_S = 60.0
+"""seconds between retention passes (age and row count) on the writer thread."""
+
+AUDIT_QUERY_MAX_ROWS = 10_000
+"""rows one audit query may return."""
+
+AUDIT_FIELD_MAX_CHARS = 256
+"""characters kept of each text column (ids, model names); hostile values are truncated."""
+
 # --- Offload policy and peer health -------------------------------------------
 OFFLOAD_OBSERVED_MAX_AGE_S = 120.0
 """seconds an observed (measured on real forwarded requests) peer rate outranks the

@@ -1,0 +1,351 @@
+"""The audit log: one row per inference request, in SQLite, written by one dedicated thread.
+
+The event loop only enqueues (``record`` never blocks and never grows memory past
+``AUDIT_QUEUE_MAX`` rows: beyond that rows are dropped and counted). The writer thread owns the
+connection, commits rows in batches, runs queries in order with the writes (a query sees every
+row recorded before it), and enforces retention by age and row count every
+``AUDIT_PRUNE_INTERVAL_S`` seconds and whenever many rows arrived since the last pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ..config import AuditConfig
+from ..constants import (
+    AUDIT_BATCH_MAX,
+    AUDIT_FIELD_MAX_CHARS,
+    AUDIT_PRUNE_INTERVAL_S,
+    AUDIT_QUERY_MAX_ROWS,
+    AUDIT_QUEUE_MAX,
+)
+from ..fsutil import SECRET_MODE, ensure_private_dir
+
+logger = logging.getLogger(__name__)
+
+AUDIT_FILE = "audit.sqlite3"
+_DAY_MS = 86_400_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts INTEGER NOT NULL,
+    request_id TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    peer_device_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    model_requested TEXT,
+    model_served TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    latency_ms REAL,
+    served_by TEXT NOT NULL,
+    error_code TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+"""
+
+
+class AuditLogError(RuntimeError):
+    """The audit database cannot be opened (corrupt, unwritable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One inference request. ``peer_device_id`` is a device id, ``self`` or ``anonymous``;
+    ``served_by`` is ``local`` or the device id of the peer that ran it."""
+
+    ts: int
+    """unix ms when the request arrived."""
+    request_id: str
+    app_id: str
+    peer_device_id: str
+    endpoint: str
+    status: int
+    model_requested: str | None = None
+    model_served: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: float | None = None
+    served_by: str = "local"
+    error_code: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``GET /v1/dvai/audit`` item shape (camelCase, like the rest of the mesh plane)."""
+        return {
+            "ts": self.ts,
+            "requestId": self.request_id,
+            "appId": self.app_id,
+            "peerDeviceId": self.peer_device_id,
+            "endpoint": self.endpoint,
+            "status": self.status,
+            "modelRequested": self.model_requested,
+            "modelServed": self.model_served,
+            "promptTokens": self.prompt_tokens,
+            "completionTokens": self.completion_tokens,
+            "latencyMs": self.latency_ms,
+            "servedBy": self.served_by,
+            "errorCode": self.error_code,
+        }
+
+
+_COLUMNS = tuple(f.name for f in fields(AuditRow))
+_INSERT = f"INSERT INTO audit ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_STOP = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    run: Callable[[sqlite3.Connection], Any]
+    future: concurrent.futures.Future[Any]
+
+
+class AuditLog:
+    """``await AuditLog.open(state_dir, config.audit)`` … ``record(row)`` … ``await close()``."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        retention_days: float = 30.0,
+        max_rows: int = 100_000,
+        enabled: bool = True,
+        now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        prune_interval_s: float = AUDIT_PRUNE_INTERVAL_S,
+        queue_max: int = AUDIT_QUEUE_MAX,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.retention_days = retention_days
+        self.max_rows = max_rows
+        self.enabled = enabled
+        self.dropped = 0
+        """rows refused because the queue was full (or the log was closed)."""
+        self._now_ms = now_ms
+        self._prune_interval_s = prune_interval_s
+        self._queue_max = queue_max
+        self._on_commit = on_commit
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @classmethod
+    async def open(cls, state_dir: Path, config: AuditConfig, **options: Any) -> AuditLog:
+        """Open (creating, mode 0600) ``<state_dir>/audit.sqlite3`` and start the writer."""
+        log = cls(Path(state_dir) / AUDIT_FILE, retention_days=config.retention_days,
+                  max_rows=config.max_rows, enabled=config.enabled, **options)
+        await log.start()
+        return log
+
+    async def start(self) -> None:
+        if not self.enabled or self._thread is not None:
+            return
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="dvai-audit-writer",
+                                        daemon=True)
+        self._thread.start()
+        try:
+            await asyncio.wrap_future(ready)
+        except BaseException:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+            raise
+
+    def record(self, row: AuditRow) -> bool:
+        """Queue a row for the writer thread; never blocks. False when it was dropped."""
+        if not self.enabled:
+            return False
+        if self._closed or self._thread is None or self._queue.qsize() >= self._queue_max:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 10_000 == 0:
+                logger.warning("audit log dropped %d row(s): writer %s", self.dropped,
+                               "closed" if self._closed or self._thread is None else "backlogged")
+            return False
+        self._queue.put(row)
+        return True
+
+    async def query(
+        self,
+        *,
+        since: int | None = None,
+        until: int | None = None,
+        app_id: str | None = None,
+        peer: str | None = None,
+        status: int | None = None,
+        limit: int = 100,
+    ) -> list[AuditRow]:
+        """Rows newest first; ``since``/``until`` are unix ms (``since`` ≤ ts < ``until``)."""
+        clauses: list[str] = []
+        params: list[object] = []
+        for sql, value in (("ts >= ?", since), ("ts < ?", until), ("app_id = ?", app_id),
+                           ("peer_device_id = ?", peer), ("status = ?", status)):
+            if value is not None:
+                clauses.append(sql)
+                params.append(value)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        limit = max(1, min(int(limit), AUDIT_QUERY_MAX_ROWS))
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM audit {where} ORDER BY ts DESC, id DESC LIMIT ?"
+
+        def run(conn: sqlite3.Connection) -> list[AuditRow]:
+            return [AuditRow(*values) for values in conn.execute(sql, (*params, limit))]
+
+        return await self._submit(run, default=[])
+
+    async def prune(self) -> int:
+        """Apply retention now; returns the number of rows deleted."""
+        return await self._submit(self._prune, default=0)
+
+    async def flush(self) -> None:
+        """Wait until every row recorded so far is committed."""
+        await self._submit(lambda conn: None, default=None)
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the writer thread and close the database."""
+        if self._closed:
+            return
+        self._closed = True
+        thread = self._thread
+        if thread is None:
+            return
+        self._queue.put(_STOP)
+        await asyncio.to_thread(thread.join)
+        self._thread = None
+
+    # -- the writer thread ---------------------------------------------------
+
+    async def _submit(self, run: Callable[[sqlite3.Connection], Any], *, default: Any) -> Any:
+        if not self.enabled:
+            return default
+        if self._closed or self._thread is None:
+            raise AuditLogError("the audit log is closed")
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put(_Job(run, future))
+        return await asyncio.wrap_future(future)
+
+    def _run(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            conn = self._connect()
+        except Exception as exc:  # noqa: BLE001 - reported to start()
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        next_prune = time.monotonic()
+        since_prune = 0
+        try:
+            while True:
+                batch = self._next_batch(max(0.0, next_prune - time.monotonic()))
+                written, stop = self._process(conn, batch)
+                since_prune += written
+                if time.monotonic() >= next_prune or since_prune >= max(1000, self.max_rows // 10):
+                    self._prune_logged(conn)
+                    next_prune = time.monotonic() + self._prune_interval_s
+                    since_prune = 0
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _next_batch(self, timeout: float) -> list[object]:
+        try:
+            batch = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(batch) < AUDIT_BATCH_MAX:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _process(self, conn: sqlite3.Connection, batch: list[object]) -> tuple[int, bool]:
+        """Write rows in one transaction; run jobs in order after the rows before them."""
+        rows: list[AuditRow] = []
+        written = 0
+        for item in batch:
+            if isinstance(item, AuditRow):
+                rows.append(item)
+                continue
+            written += self._write(conn, rows)
+            rows = []
+            if item is _STOP:
+                return written, True
+            if isinstance(item, _Job):
+                try:
+                    item.future.set_result(item.run(conn))
+                except Exception as exc:  # noqa: BLE001 - handed to the awaiting caller
+                    item.future.set_exception(exc)
+        return written + self._write(conn, rows), False
+
+    def _write(self, conn: sqlite3.Connection, rows: list[AuditRow]) -> int:
+        if not rows:
+            return 0
+        try:
+            with conn:
+                conn.executemany(_INSERT, [_row_values(row) for row in rows])
+        except sqlite3.Error:
+            logger.exception("audit log: could not write %d row(s)", len(rows))
+            return 0
+        if self._on_commit is not None:
+            try:
+                self._on_commit(len(rows))
+            except Exception:  # noqa: BLE001 - an observer must not kill the writer
+                logger.exception("audit log: on_commit observer failed")
+        return len(rows)
+
+    def _prune(self, conn: sqlite3.Connection) -> int:
+        cutoff = self._now_ms() - int(self.retention_days * _DAY_MS)
+        with conn:
+            deleted = conn.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)).rowcount
+            deleted += conn.execute(
+                "DELETE FROM audit WHERE id <= (SELECT id FROM audit ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (self.max_rows,),
+            ).rowcount
+        return deleted
+
+    def _prune_logged(self, conn: sqlite3.Connection) -> None:
+        try:
+            self._prune(conn)
+        except sqlite3.Error:
+            logger.exception("audit log: retention pass failed")
+
+    def _connect(self) -> sqlite3.Connection:
+        ensure_private_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, SECRET_MODE)
+        os.close(fd)
+        os.chmod(self.path, SECRET_MODE)  # also tightens a file created by an older version
+        try:
+            conn = sqlite3.connect(self.path)  # implicit transactions: `with conn` commits a batch
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(_SCHEMA)
+                conn.execute("SELECT count(*) FROM audit").fetchone()
+            except BaseException:
+                conn.close()
+                raise
+        except sqlite3.DatabaseError as exc:
+            raise AuditLogError(f"{self.path} is not a usable audit database ({exc}); move it aside "
+                                "to start a new one") from exc
+        return conn
+
+
+def _row_values(row: AuditRow) -> tuple[Any, ...]:
+    return tuple(_clip(getattr(row, name)) for name in _COLUMNS)
+
+
+def _clip(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > AUDIT_FIELD_MAX_CHARS:
+        return value[:AUDIT_FIELD_MAX_CHARS]
+    return value

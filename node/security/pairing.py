@@ -1,0 +1,291 @@
+"""Pairings: who may call us, whom we may call, and with which key.
+
+A pairing key is a 256-bit HMAC secret shared with one peer. Its ``role`` says which way it
+may be used, because the two ends of a LAN handshake did not consent to the same thing:
+
+- ``inbound``  — we issued the key (a peer ran the handshake against us and it was approved):
+  the peer may sign requests *to us*; we never use it to call them.
+- ``outbound`` — we received the key (we ran the handshake against the peer): we may sign
+  requests *to the peer*; requests signed with it *to us* are refused.
+- ``mutual``   — both ends hold the key by mutual consent (QR pairing through a rendezvous,
+  or the operator configured it, ``via="static"``): either side may call the other.
+
+Two nodes that each pair with the other hold one inbound and one outbound record for the same
+peer, with different keys. ``app_id`` is the app id bound to the key: whoever signs with it
+sends exactly this ``X-DVAI-App-Id`` (the handshake's ``appId``, falling back to the
+requester's device id as in the reference).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import builtins
+import dataclasses
+import json
+import logging
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from ..constants import PAIRING_KEY_BYTES, PAIRINGS_MAX
+from ..errors import ConflictError, NotFoundError
+from ..fsutil import SECRET_MODE, atomic_write_json, ensure_private_dir
+
+logger = logging.getLogger(__name__)
+
+PAIRINGS_FILE = "pairings.json"
+STORE_FORMAT_VERSION = 1
+
+Via = Literal["lan-handshake", "rendezvous", "static"]
+Role = Literal["inbound", "outbound", "mutual"]
+Direction = Literal["inbound", "outbound"]
+
+_ROLE_DIRECTIONS: dict[str, tuple[Direction, ...]] = {
+    "inbound": ("inbound",),
+    "outbound": ("outbound",),
+    "mutual": ("inbound", "outbound"),
+}
+
+
+class PairingStoreError(ValueError):
+    """pairings.json cannot be read: the node refuses to start rather than forget pairings."""
+
+
+def encode_key(key: bytes) -> str:
+    """base64url without padding (the reference's ``pairingKey``)."""
+    return base64.urlsafe_b64encode(key).rstrip(b"=").decode("ascii")
+
+
+def decode_key(text: str) -> bytes:
+    """Decode a base64url pairing key (padding optional); it must be exactly 256 bits."""
+    if not isinstance(text, str) or len(text) > 64:
+        raise ValueError("pairing key must be a base64url string")
+    try:
+        key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("pairing key is not valid base64url") from exc
+    if len(key) != PAIRING_KEY_BYTES:
+        raise ValueError(f"pairing key must be {PAIRING_KEY_BYTES * 8} bits, got {len(key) * 8}")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Pairing:
+    """One pairing with one peer device. ``paired_at`` is unix ms."""
+
+    peer_device_id: str
+    peer_device_name: str
+    app_id: str
+    key: bytes = field(repr=False)
+    via: Via
+    paired_at: int
+    role: Role
+    base_url: str | None = None
+    """where the peer was reached (outbound pairings made by ``pair_with``)."""
+    admin: bool = False
+    """the peer may call loopback-only admin endpoints (never set by a handshake)."""
+
+    def __post_init__(self) -> None:
+        if len(self.key) != PAIRING_KEY_BYTES:
+            raise ValueError(f"pairing key must be {PAIRING_KEY_BYTES} bytes")
+        if self.role not in _ROLE_DIRECTIONS:
+            raise ValueError(f"role must be one of {', '.join(_ROLE_DIRECTIONS)}")
+        if self.via not in get_args(Via):
+            raise ValueError(f"via must be one of {', '.join(get_args(Via))}")
+        if not self.peer_device_id or not self.app_id:
+            raise ValueError("peer_device_id and app_id must be non-empty")
+
+    @property
+    def may_call_us(self) -> bool:
+        return "inbound" in _ROLE_DIRECTIONS[self.role]
+
+    @property
+    def may_call_peer(self) -> bool:
+        return "outbound" in _ROLE_DIRECTIONS[self.role]
+
+    def to_public_json(self) -> dict[str, Any]:
+        """For listings: everything but the key."""
+        return {
+            "peerDeviceId": self.peer_device_id,
+            "peerDeviceName": self.peer_device_name,
+            "appId": self.app_id,
+            "via": self.via,
+            "pairedAt": self.paired_at,
+            "role": self.role,
+            "baseUrl": self.base_url,
+            "admin": self.admin,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """For pairings.json: includes the key."""
+        return {**self.to_public_json(), "pairingKey": encode_key(self.key)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Pairing:
+        """Parse one stored record; raises ValueError naming what is wrong."""
+        if not isinstance(data, Mapping):
+            raise ValueError("a pairing must be an object")
+        try:
+            pairing = cls(
+                peer_device_id=_str(data, "peerDeviceId"),
+                peer_device_name=_str(data, "peerDeviceName"),
+                app_id=_str(data, "appId"),
+                key=decode_key(_str(data, "pairingKey")),
+                via=_str(data, "via"),  # type: ignore[arg-type]
+                paired_at=_int(data, "pairedAt"),
+                role=_str(data, "role"),  # type: ignore[arg-type]
+                base_url=data.get("baseUrl") if isinstance(data.get("baseUrl"), str) else None,
+                admin=data.get("admin") is True,
+            )
+        except TypeError as exc:
+            raise ValueError(str(exc)) from exc
+        return pairing
+
+
+class PairingStore:
+    """Pairings in memory for the hot path, persisted to ``pairings.json`` (atomic, 0600).
+
+    Reads (``get``, ``list``) are synchronous and never touch the disk. Changes apply in
+    memory at once (a revoked key stops verifying before ``revoke`` even awaits), then the
+    whole store is written off the event loop; writes are serialised so the file always holds
+    the latest state.
+    """
+
+    def __init__(self, path: Path, pairings: Iterable[Pairing] = ()) -> None:
+        self.path = Path(path)
+        self._slots: dict[tuple[str, Direction], Pairing] = {}
+        self._write_lock = asyncio.Lock()
+        for pairing in pairings:
+            self._put(pairing)
+
+    @classmethod
+    async def load(cls, state_dir: Path) -> PairingStore:
+        """Read ``<state_dir>/pairings.json`` (missing → empty); corrupt → ``PairingStoreError``."""
+        path = Path(state_dir) / PAIRINGS_FILE
+        pairings = await asyncio.to_thread(_read_pairings_file, path)
+        return cls(path, pairings)
+
+    def get(self, peer_device_id: str, *, direction: Direction = "inbound") -> Pairing | None:
+        """The pairing the peer may call us with (``inbound``), or that we call it with (``outbound``)."""
+        return self._slots.get((peer_device_id, direction))
+
+    def list(self) -> builtins.list[Pairing]:
+        """Every pairing, mutual ones once, ordered by peer then role."""
+        unique = {id(p): p for p in self._slots.values()}
+        return sorted(unique.values(), key=lambda p: (p.peer_device_id, p.role))
+
+    def __len__(self) -> int:
+        return len(self.list())
+
+    async def add(self, pairing: Pairing) -> Pairing:
+        """Store ``pairing``, replacing what the peer held in the same direction(s)."""
+        known = any(peer == pairing.peer_device_id for peer, _ in self._slots)
+        if not known and len(self) >= PAIRINGS_MAX:
+            raise ConflictError(f"the pairing store is full ({PAIRINGS_MAX} pairings); revoke some first")
+        self._put(pairing)
+        # No rollback if the write fails: a concurrent revoke must not be undone, and the
+        # caller has not handed the key to anyone yet; the next successful write persists it.
+        await self._persist()
+        return pairing
+
+    async def revoke(self, peer_device_id: str) -> builtins.list[Pairing]:
+        """Forget every pairing with the peer, at once; NotFoundError when there is none."""
+        removed = [p for p in self.list() if p.peer_device_id == peer_device_id]
+        if not removed:
+            raise NotFoundError(f"no pairing with device '{peer_device_id}'")
+        for direction in ("inbound", "outbound"):
+            self._slots.pop((peer_device_id, direction), None)
+        await self._persist()  # on failure the revocation still holds in memory until restart
+        return removed
+
+    async def set_admin(self, peer_device_id: str, admin: bool) -> Pairing:
+        """Allow (or stop allowing) the peer's inbound pairing to call admin endpoints."""
+        current = self.get(peer_device_id)
+        if current is None:
+            raise NotFoundError(f"no pairing lets device '{peer_device_id}' call this node")
+        return await self.add(dataclasses.replace(current, admin=admin))
+
+    def _put(self, pairing: Pairing) -> None:
+        new_directions = _ROLE_DIRECTIONS[pairing.role]
+        for direction in new_directions:
+            old = self._slots.pop((pairing.peer_device_id, direction), None)
+            if old is None or old.role != "mutual":
+                continue
+            (other,) = [d for d in _ROLE_DIRECTIONS["mutual"] if d != direction]
+            if other not in new_directions and self._slots.get((pairing.peer_device_id, other)) is old:
+                # a mutual key half-replaced keeps working in the direction not replaced
+                self._slots[(pairing.peer_device_id, other)] = dataclasses.replace(old, role=other)
+        for direction in new_directions:
+            self._slots[(pairing.peer_device_id, direction)] = pairing
+
+    async def _persist(self) -> None:
+        async with self._write_lock:
+            document = {
+                "version": STORE_FORMAT_VERSION,
+                "pairings": [p.to_json() for p in self.list()],
+            }
+            await asyncio.to_thread(_write_pairings_file, self.path, document)
+
+
+def _read_pairings_file(path: Path) -> list[Pairing]:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise PairingStoreError(f"cannot read {path}: {exc}") from exc
+    _tighten_mode(path)
+    hint = "move it aside to start with no pairings, or restore it from a backup"
+    try:
+        document = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PairingStoreError(f"{path} is not valid JSON ({exc}); {hint}") from exc
+    if not isinstance(document, dict) or not isinstance(document.get("pairings"), list):
+        raise PairingStoreError(f"{path} has no 'pairings' list; {hint}")
+    if document.get("version") != STORE_FORMAT_VERSION:
+        raise PairingStoreError(f"{path} has unsupported version {document.get('version')!r}; {hint}")
+    pairings = []
+    for index, item in enumerate(document["pairings"]):
+        try:
+            pairings.append(Pairing.from_json(item))
+        except ValueError as exc:
+            raise PairingStoreError(f"{path}: pairing #{index} is invalid ({exc}); {hint}") from exc
+    return pairings
+
+
+def _write_pairings_file(path: Path, document: dict[str, Any]) -> None:
+    ensure_private_dir(path.parent)
+    atomic_write_json(path, document, mode=SECRET_MODE)
+
+
+def _tighten_mode(path: Path) -> None:
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            logger.warning("%s was readable by others (mode %o); setting 0600", path, mode)
+            os.chmod(path, SECRET_MODE)
+    except OSError:
+        pass
+
+
+def _str(data: Mapping[str, Any], name: str) -> str:
+    if name not in data:
+        raise ValueError(f"'{name}' is missing")
+    value = data[name]
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"'{name}' must be a non-empty string")
+    return value
+
+
+def _int(data: Mapping[str, Any], name: str) -> int:
+    if name not in data:
+        raise ValueError(f"'{name}' is missing")
+    value = data[name]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"'{name}' must be an integer")
+    return value

@@ -1,0 +1,174 @@
+"""The audit log: off-loop writes, queries, retention, durability and file mode."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from node.config import AuditConfig
+from node.security.audit import AUDIT_FILE, AuditLog, AuditLogError, AuditRow
+
+NOW = 1_778_184_673_778
+DAY = 86_400_000
+
+
+def row(ts: int = NOW, **changes: object) -> AuditRow:
+    values: dict[str, object] = {
+        "ts": ts, "request_id": f"req-{ts}", "app_id": "com.acme.chat", "peer_device_id": "phone-pixel-9",
+        "endpoint": "/v1/chat/completions", "status": 200, "model_requested": "gemma3-270m",
+        "model_served": "gemma3-270m", "prompt_tokens": 12, "completion_tokens": 34, "latency_ms": 56.5,
+        "served_by": "local",
+    }
+    values.update(changes)
+    return AuditRow(**values)  # type: ignore[arg-type]
+
+
+async def open_log(tmp_path: Path, **options: object) -> AuditLog:
+    return await AuditLog.open(tmp_path, AuditConfig(), now_ms=lambda: NOW, **options)
+
+
+async def test_rows_are_written_by_the_writer_thread_not_the_loop(tmp_path: Path) -> None:
+    writers: set[int] = set()
+    release, holding = threading.Event(), threading.Event()
+
+    def on_commit(count: int) -> None:
+        writers.add(threading.get_ident())
+        holding.set()
+        release.wait(5)  # hold the writer: the loop must keep going
+
+    log = await open_log(tmp_path, on_commit=on_commit, queue_max=50)
+    try:
+        log.record(row(NOW))
+        assert await asyncio.to_thread(holding.wait, 5)
+        started = time.monotonic()
+        accepted = [log.record(row(NOW + i)) for i in range(1, 200)]
+        assert time.monotonic() - started < 0.5
+        assert sum(accepted) == 50 and log.dropped == 149
+        release.set()
+        await log.flush()
+        assert writers and threading.get_ident() not in writers
+        assert len(await log.query(limit=1000)) == 1 + sum(accepted)
+    finally:
+        release.set()
+        await log.close()
+
+
+async def test_query_filters_and_order(tmp_path: Path) -> None:
+    log = await open_log(tmp_path)
+    try:
+        log.record(row(NOW - 3000, app_id="anonymous", peer_device_id="anonymous", status=401,
+                       model_served=None, prompt_tokens=None, completion_tokens=None, error_code="signature_required"))
+        log.record(row(NOW - 2000, peer_device_id="self", served_by="dv-peer"))
+        log.record(row(NOW - 1000))
+        log.record(row(NOW, status=503, error_code="no_capable_device"))
+        newest_first = await log.query()
+        assert [r.ts for r in newest_first] == [NOW, NOW - 1000, NOW - 2000, NOW - 3000]
+        assert newest_first[-1] == row(NOW - 3000, app_id="anonymous", peer_device_id="anonymous", status=401,
+                                       model_served=None, prompt_tokens=None, completion_tokens=None,
+                                       error_code="signature_required")
+        assert [r.ts for r in await log.query(since=NOW - 2000, until=NOW)] == [NOW - 1000, NOW - 2000]
+        assert [r.ts for r in await log.query(app_id="anonymous")] == [NOW - 3000]
+        assert [r.ts for r in await log.query(peer="self")] == [NOW - 2000]
+        assert [r.ts for r in await log.query(status=503)] == [NOW]
+        assert [r.ts for r in await log.query(limit=2)] == [NOW, NOW - 1000]
+        assert await log.query(peer="nobody") == []
+        assert newest_first[2].to_json()["servedBy"] == "dv-peer"
+    finally:
+        await log.close()
+
+
+async def test_retention_by_age(tmp_path: Path) -> None:
+    clock = [NOW]
+    log = await AuditLog.open(tmp_path, AuditConfig(retention_days=1), now_ms=lambda: clock[0])
+    try:
+        log.record(row(NOW - 2 * DAY))
+        log.record(row(NOW - DAY // 2))
+        log.record(row(NOW))
+        assert await log.prune() == 1
+        assert [r.ts for r in await log.query()] == [NOW, NOW - DAY // 2]
+        clock[0] = NOW + DAY
+        assert await log.prune() == 1
+        assert [r.ts for r in await log.query()] == [NOW]
+    finally:
+        await log.close()
+
+
+async def test_retention_by_row_count(tmp_path: Path) -> None:
+    log = await AuditLog.open(tmp_path, AuditConfig(max_rows=10), now_ms=lambda: NOW)
+    try:
+        for i in range(25):
+            log.record(row(NOW - 25 + i))
+        assert await log.prune() == 15
+        kept = await log.query(limit=100)
+        assert len(kept) == 10 and kept[-1].ts == NOW - 10
+    finally:
+        await log.close()
+
+
+async def test_periodic_retention_runs_without_being_asked(tmp_path: Path) -> None:
+    log = await AuditLog.open(tmp_path, AuditConfig(max_rows=5), now_ms=lambda: NOW, prune_interval_s=0.05)
+    try:
+        for i in range(20):
+            log.record(row(NOW + i))
+        for _ in range(100):
+            if len(await log.query(limit=100)) == 5:
+                break
+            await asyncio.sleep(0.02)
+        assert len(await log.query(limit=100)) == 5
+    finally:
+        await log.close()
+
+
+async def test_close_flushes_and_rows_survive_reopen(tmp_path: Path) -> None:
+    log = await open_log(tmp_path)
+    for i in range(300):
+        log.record(row(NOW + i))
+    await log.close()
+    assert log.record(row()) is False
+    reopened = await open_log(tmp_path)
+    try:
+        assert len(await reopened.query(limit=1000)) == 300
+    finally:
+        await reopened.close()
+
+
+async def test_database_files_are_private(tmp_path: Path) -> None:
+    log = await open_log(tmp_path)
+    log.record(row())
+    await log.flush()
+    names = await asyncio.to_thread(os.listdir, tmp_path)
+    files = [tmp_path / name for name in names if name.startswith(AUDIT_FILE)]
+    assert tmp_path / AUDIT_FILE in files
+    for path in files:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+    await log.close()
+
+
+async def test_corrupt_database_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / AUDIT_FILE).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(AuditLogError, match="move it aside"):
+        await open_log(tmp_path)
+
+
+async def test_hostile_values_are_clipped(tmp_path: Path) -> None:
+    log = await open_log(tmp_path)
+    try:
+        log.record(row(model_requested="m" * 10_000, app_id="a" * 1000))
+        stored = (await log.query())[0]
+        assert len(stored.model_requested or "") == 256 and len(stored.app_id) == 256
+    finally:
+        await log.close()
+
+
+async def test_disabled_log_records_nothing(tmp_path: Path) -> None:
+    log = await AuditLog.open(tmp_path, AuditConfig(enabled=False))
+    assert log.record(row()) is False
+    assert await log.query() == []
+    await log.close()
+    assert not (tmp_path / AUDIT_FILE).exists()

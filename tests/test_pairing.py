@@ -1,0 +1,409 @@
+"""Pairing: the store, the approval policies and hook, the handshake handler and client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from node.config import SecurityConfig
+from node.errors import (
+    DVAIError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitedError,
+)
+from node.security.approval import PairingApprover, PairingRequest, TokenBuckets
+from node.security.handshake import handle_handshake, pair_with
+from node.security.pairing import (
+    PAIRINGS_FILE,
+    Pairing,
+    PairingStore,
+    PairingStoreError,
+    decode_key,
+    encode_key,
+)
+from node.security.signing import NonceCache, sign_request_headers, verify_signed_request
+
+NOW = 1_778_184_673_778
+PEER = "phone-pixel-9"
+BODY = {"peerDeviceId": PEER, "peerDeviceName": "Pixel 9", "appId": "com.acme.chat", "via": "lan-handshake"}
+
+
+def clock() -> int:
+    return NOW
+
+
+def make_pairing(device: str = PEER, role: str = "inbound", key: bytes = b"k" * 32, **extra: Any) -> Pairing:
+    return Pairing(peer_device_id=device, peer_device_name="Pixel 9", app_id="com.acme.chat", key=key,
+                   via="lan-handshake", paired_at=NOW, role=role, **extra)  # type: ignore[arg-type]
+
+
+async def handshake(approver: PairingApprover, store: PairingStore, body: object = None,
+                    remote: str = "192.168.1.20") -> dict[str, Any]:
+    return await handle_handshake(BODY if body is None else body, remote=remote, approver=approver,
+                                  store=store, now=clock)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> PairingStore:
+    return PairingStore(tmp_path / PAIRINGS_FILE)
+
+
+# --------------------------------------------------------------------------
+# Keys and records
+
+
+def test_key_encoding_is_unpadded_base64url_of_256_bits() -> None:
+    key = bytes(range(250, 256)) + bytes(26)
+    text = encode_key(key)
+    assert "=" not in text and "+" not in text and "/" not in text and len(text) == 43
+    assert decode_key(text) == key
+    assert decode_key(text + "=") == key
+    for bad in ["", "abc", encode_key(bytes(16)), encode_key(bytes(33)), "!" * 43, None]:
+        with pytest.raises(ValueError):
+            decode_key(bad)  # type: ignore[arg-type]
+
+
+def test_pairing_hides_its_key_and_validates() -> None:
+    pairing = make_pairing()
+    assert "kkkk" not in repr(pairing) and "pairingKey" not in pairing.to_public_json()
+    assert Pairing.from_json(pairing.to_json()) == pairing
+    with pytest.raises(ValueError):
+        make_pairing(key=b"short")
+    with pytest.raises(ValueError):
+        make_pairing(role="sideways")
+    with pytest.raises(ValueError, match="missing"):
+        Pairing.from_json({k: v for k, v in pairing.to_json().items() if k != "appId"})
+
+
+# --------------------------------------------------------------------------
+# The store
+
+
+async def test_store_survives_restart_with_mode_0600(store: PairingStore, tmp_path: Path) -> None:
+    await store.add(make_pairing())
+    await store.add(make_pairing("laptop", role="outbound", key=b"o" * 32, base_url="http://10.0.0.2:38883"))
+    path = tmp_path / PAIRINGS_FILE
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    reloaded = await PairingStore.load(tmp_path)
+    assert reloaded.list() == store.list()
+    assert reloaded.get(PEER) == make_pairing()
+    assert reloaded.get("laptop") is None
+    assert reloaded.get("laptop", direction="outbound").base_url == "http://10.0.0.2:38883"  # type: ignore[union-attr]
+
+
+async def test_missing_file_is_an_empty_store(tmp_path: Path) -> None:
+    assert (await PairingStore.load(tmp_path / "new")).list() == []
+
+
+@pytest.mark.parametrize("content", [
+    b"{not json", b"[]", b'{"version": 1}', b'{"version": 99, "pairings": []}',
+    b'{"version": 1, "pairings": [{"peerDeviceId": "x"}]}', b"\xff\xfe",
+])
+async def test_corrupt_file_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / PAIRINGS_FILE).write_bytes(content)
+    with pytest.raises(PairingStoreError, match="move it aside"):
+        await PairingStore.load(tmp_path)
+    assert (tmp_path / PAIRINGS_FILE).read_bytes() == content  # never silently replaced
+
+
+async def test_loose_file_mode_is_tightened(store: PairingStore, tmp_path: Path) -> None:
+    await store.add(make_pairing())
+    os.chmod(tmp_path / PAIRINGS_FILE, 0o644)
+    await PairingStore.load(tmp_path)
+    assert stat.S_IMODE(os.stat(tmp_path / PAIRINGS_FILE).st_mode) == 0o600
+
+
+async def test_revoke_is_immediate_and_persisted(store: PairingStore, tmp_path: Path) -> None:
+    await store.add(make_pairing())
+    await store.add(make_pairing(role="outbound", key=b"o" * 32))
+    task = asyncio.ensure_future(store.revoke(PEER))
+    await asyncio.sleep(0)  # the revoke started but its file write has not finished
+    assert store.get(PEER) is None
+    removed = await task
+    assert len(removed) == 2
+    assert (await PairingStore.load(tmp_path)).list() == []
+    with pytest.raises(NotFoundError):
+        await store.revoke(PEER)
+
+
+async def test_directions_and_mutual_pairings(store: PairingStore) -> None:
+    mutual = make_pairing(role="mutual", key=b"m" * 32)
+    await store.add(mutual)
+    assert store.get(PEER) is mutual and store.get(PEER, direction="outbound") is mutual
+    assert len(store.list()) == 1
+    await store.add(make_pairing(role="inbound", key=b"i" * 32))  # a new handshake replaces one direction
+    assert store.get(PEER).key == b"i" * 32  # type: ignore[union-attr]
+    outbound = store.get(PEER, direction="outbound")
+    assert outbound is not None and outbound.key == b"m" * 32 and outbound.role == "outbound"
+    assert len(store.list()) == 2
+
+
+async def test_admin_flag(store: PairingStore, tmp_path: Path) -> None:
+    await store.add(make_pairing())
+    await store.set_admin(PEER, True)
+    assert (await PairingStore.load(tmp_path)).get(PEER).admin  # type: ignore[union-attr]
+    with pytest.raises(NotFoundError):
+        await store.set_admin("nobody", True)
+
+
+async def test_concurrent_writes_leave_the_latest_state(store: PairingStore, tmp_path: Path) -> None:
+    await asyncio.gather(*(store.add(make_pairing(f"dev-{i}")) for i in range(20)))
+    await store.revoke("dev-3")
+    on_disk = json.loads((tmp_path / PAIRINGS_FILE).read_text())
+    assert sorted(p["peerDeviceId"] for p in on_disk["pairings"]) == sorted(f"dev-{i}" for i in range(20) if i != 3)
+
+
+# --------------------------------------------------------------------------
+# Policies
+
+
+async def test_deny_is_the_default(store: PairingStore) -> None:
+    approver = PairingApprover.from_config(SecurityConfig())
+    with pytest.raises(PermissionDeniedError) as caught:
+        await handshake(approver, store)
+    assert caught.value.status == 403 and caught.value.code == "pairing_denied"
+    assert store.list() == []
+
+
+async def test_allowlist(store: PairingStore) -> None:
+    approver = PairingApprover.from_config(SecurityConfig(pairing_policy="allowlist", pairing_allowlist=(PEER,)))
+    answer = await handshake(approver, store)
+    assert answer["paired"] is True and answer["peerDeviceId"] == PEER and answer["via"] == "lan-handshake"
+    assert answer["pairedAt"] == NOW
+    stored = store.get(PEER)
+    assert stored is not None and stored.key == decode_key(answer["pairingKey"]) and stored.role == "inbound"
+    assert stored.app_id == "com.acme.chat"
+    with pytest.raises(PermissionDeniedError) as caught:
+        await handshake(approver, store, {**BODY, "peerDeviceId": "stranger"})
+    assert caught.value.code == "not_in_allowlist"
+
+
+async def test_app_id_falls_back_to_device_id(store: PairingStore) -> None:
+    approver = PairingApprover(policy="allowlist", allowlist=[PEER])
+    await handshake(approver, store, {"peerDeviceId": PEER, "peerDeviceName": "Pixel 9"})
+    assert store.get(PEER).app_id == PEER  # type: ignore[union-attr]
+
+
+async def wait_pending(approver: PairingApprover) -> PairingRequest:
+    for _ in range(200):
+        if approver.pending():
+            return approver.pending()[0]
+        await asyncio.sleep(0.005)
+    raise AssertionError("no pending request appeared")
+
+
+async def test_prompt_approve(store: PairingStore) -> None:
+    approver = PairingApprover(policy="prompt")
+    task = asyncio.create_task(handshake(approver, store))
+    request = await wait_pending(approver)
+    assert request.id == PEER and request.remote == "192.168.1.20" and request.to_json()["appId"] == "com.acme.chat"
+    approver.approve(request.id)
+    answer = await task
+    assert answer["paired"] and store.get(PEER) is not None and approver.pending() == []
+    with pytest.raises(NotFoundError):
+        approver.approve(PEER)
+
+
+async def test_prompt_deny(store: PairingStore) -> None:
+    approver = PairingApprover(policy="prompt")
+    task = asyncio.create_task(handshake(approver, store))
+    approver.deny((await wait_pending(approver)).id)
+    with pytest.raises(PermissionDeniedError) as caught:
+        await task
+    assert caught.value.code == "denied_by_operator" and store.list() == []
+
+
+async def test_prompt_timeout_denies(store: PairingStore) -> None:
+    approver = PairingApprover(policy="prompt", prompt_timeout_s=0.05)
+    with pytest.raises(PermissionDeniedError) as caught:
+        await handshake(approver, store)
+    assert caught.value.code == "pairing_timed_out" and approver.pending() == []
+
+
+async def test_one_pending_request_per_peer(store: PairingStore) -> None:
+    approver = PairingApprover(policy="prompt")
+    task = asyncio.create_task(handshake(approver, store))
+    await wait_pending(approver)
+    with pytest.raises(RateLimitedError) as caught:
+        await handshake(approver, store, remote="192.168.1.21")
+    assert caught.value.status == 429 and caught.value.code == "pairing_already_pending"
+    assert int(caught.value.headers["Retry-After"]) >= 1
+    approver.close()
+    with pytest.raises(PermissionDeniedError):
+        await task
+
+
+async def test_pending_requests_are_capped(store: PairingStore) -> None:
+    approver = PairingApprover(policy="prompt", max_pending=2, rate_per_minute=600, burst=50)
+    tasks = [asyncio.create_task(handshake(approver, store, {**BODY, "peerDeviceId": f"d{i}"})) for i in range(2)]
+    for _ in range(200):
+        if len(approver.pending()) == 2:
+            break
+        await asyncio.sleep(0.005)
+    with pytest.raises(RateLimitedError, match="too many"):
+        await handshake(approver, store, {**BODY, "peerDeviceId": "d9"})
+    approver.close()
+    for task in tasks:
+        with pytest.raises(PermissionDeniedError):
+            await task
+
+
+# --------------------------------------------------------------------------
+# The hook
+
+
+@pytest.mark.parametrize("answer,approved", [(True, True), (False, False), ({"approved": False}, False),
+                                             ({"approved": True}, True)])
+async def test_sync_hook(store: PairingStore, answer: object, approved: bool) -> None:
+    seen: list[PairingRequest] = []
+
+    def hook(request: PairingRequest) -> object:
+        seen.append(request)
+        return answer
+
+    approver = PairingApprover(policy="deny", hook=hook)  # type: ignore[arg-type]
+    if approved:
+        assert (await handshake(approver, store))["paired"]
+    else:
+        with pytest.raises(PermissionDeniedError):
+            await handshake(approver, store)
+    assert seen[0].peer_device_id == PEER and seen[0].peer_device_name == "Pixel 9"
+
+
+async def test_async_hook_with_host_key(store: PairingStore) -> None:
+    host_key = encode_key(b"H" * 32)
+
+    async def hook(request: PairingRequest) -> dict[str, object]:
+        await asyncio.sleep(0)
+        return {"approved": True, "pairing_key": host_key}
+
+    answer = await handshake(PairingApprover(hook=hook), store)
+    assert answer["pairingKey"] == host_key and store.get(PEER).key == b"H" * 32  # type: ignore[union-attr]
+
+
+async def test_hook_accepts_reference_camel_case_key(store: PairingStore) -> None:
+    key = encode_key(b"C" * 32)
+    answer = await handshake(PairingApprover(hook=lambda r: {"approved": True, "pairingKey": key}), store)
+    assert answer["pairingKey"] == key
+
+
+@pytest.mark.parametrize("hook", [
+    lambda r: 1 / 0,
+    lambda r: {"approved": True, "pairing_key": "too-short"},
+    lambda r: "yes",
+    lambda r: {"approve": True},
+])
+async def test_broken_hook_denies(store: PairingStore, hook: Any) -> None:
+    with pytest.raises(PermissionDeniedError) as caught:
+        await handshake(PairingApprover(policy="allowlist", allowlist=[PEER], hook=hook), store)
+    assert caught.value.code == "pairing_hook_failed" and store.list() == []
+
+
+async def test_slow_hook_times_out(store: PairingStore) -> None:
+    async def hook(request: PairingRequest) -> bool:
+        await asyncio.sleep(10)
+        return True
+
+    with pytest.raises(PermissionDeniedError) as caught:
+        await handshake(PairingApprover(hook=hook, prompt_timeout_s=0.05), store)
+    assert caught.value.code == "pairing_timed_out"
+
+
+# --------------------------------------------------------------------------
+# Input validation and rate limits
+
+
+@pytest.mark.parametrize("body,param", [
+    (None, None), ([1], None), ("x", None),
+    ({"peerDeviceName": "x"}, "peerDeviceId"),
+    ({**BODY, "peerDeviceId": ""}, "peerDeviceId"),
+    ({**BODY, "peerDeviceId": 7}, "peerDeviceId"),
+    ({**BODY, "peerDeviceId": "has space"}, "peerDeviceId"),
+    ({**BODY, "peerDeviceId": "x" * 129}, "peerDeviceId"),
+    ({**BODY, "peerDeviceName": None}, "peerDeviceName"),
+    ({**BODY, "peerDeviceName": "bad\nname"}, "peerDeviceName"),
+    ({**BODY, "appId": "a\tb"}, "appId"),
+    ({**BODY, "via": "rendezvous"}, "via"),
+])
+async def test_bad_handshake_bodies_are_400(store: PairingStore, body: object, param: str | None) -> None:
+    approver = PairingApprover(policy="allowlist", allowlist=[PEER])
+    with pytest.raises(InvalidRequestError) as caught:
+        await handle_handshake(body, remote="10.0.0.9", approver=approver, store=store, now=clock)
+    assert caught.value.status == 400 and caught.value.param == param
+
+
+async def test_handshake_burst_gets_429_with_retry_after(store: PairingStore) -> None:
+    approver = PairingApprover(policy="deny", rate_per_minute=10, burst=3)
+    for _ in range(3):
+        with pytest.raises(PermissionDeniedError):
+            await handshake(approver, store)
+    with pytest.raises(RateLimitedError) as caught:
+        await handshake(approver, store)
+    assert caught.value.status == 429 and caught.value.headers["Retry-After"] == "6"
+    # the same device from another address is limited by its device id too
+    with pytest.raises(RateLimitedError):
+        await handshake(approver, store, remote="192.168.1.99")
+
+
+def test_token_buckets_refill_and_stay_bounded() -> None:
+    buckets = TokenBuckets(capacity=2, per_second=1.0, max_keys=3)
+    assert buckets.take("a", 0.0) == 0.0 and buckets.take("a", 0.0) == 0.0
+    assert buckets.take("a", 0.0) == pytest.approx(1.0)
+    assert buckets.take("a", 1.0) == 0.0
+    buckets.take("b", 1.0)
+    buckets.take("c", 1.0)
+    assert buckets.take("d", 1.0) > 0  # every tracked key busy: newcomers wait
+    assert buckets.take("d", 10.0) == 0.0  # refilled buckets are forgotten to make room
+    assert len(buckets) <= 3
+
+
+# --------------------------------------------------------------------------
+# The client, against a real handshake endpoint
+
+
+async def test_pair_with_a_real_peer(aiohttp_server: Any, tmp_path: Path) -> None:
+    peer_store = PairingStore(tmp_path / "peer" / PAIRINGS_FILE)
+    approver = PairingApprover(policy="allowlist", allowlist=["dv-me"])
+    app = web.Application()
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "loading", "deviceId": "dv-peer", "deviceName": "Big Box"}, status=503)
+
+    async def handshake_handler(request: web.Request) -> web.Response:
+        try:
+            answer = await handle_handshake(await request.json(), remote=request.remote or "",
+                                            approver=approver, store=peer_store)
+        except DVAIError as exc:
+            return web.json_response(exc.to_body(), status=exc.status, headers=exc.headers)
+        return web.json_response(answer)
+
+    app.router.add_get("/v1/dvai/health", health)
+    app.router.add_post("/v1/dvai/handshake", handshake_handler)
+    server = await aiohttp_server(app)
+    my_store = PairingStore(tmp_path / "me" / PAIRINGS_FILE)
+    async with aiohttp.ClientSession() as session:
+        pairing = await pair_with(session, str(server.make_url("")), my_device_id="dv-me",
+                                  my_device_name="Laptop", app_id="dvai-node", store=my_store)
+        assert pairing.peer_device_id == "dv-peer" and pairing.peer_device_name == "Big Box"
+        assert pairing.role == "outbound" and my_store.get("dv-peer", direction="outbound") == pairing
+        inbound = peer_store.get("dv-me")
+        assert inbound is not None and inbound.key == pairing.key and inbound.app_id == "dvai-node"
+        # the stored key signs requests the peer accepts
+        headers = sign_request_headers(pairing.key, "dv-me", pairing.app_id, "GET", "/v1/models", b"")
+        attribution = verify_signed_request(headers, "GET", "/v1/models", b"", lookup_key=peer_store.get,
+                                            nonces=NonceCache(), now_ms=int(headers["X-DVAI-Nonce"].split(".")[0]))
+        assert attribution.signed and attribution.app_id == "dvai-node"
+        with pytest.raises(PermissionDeniedError) as caught:
+            await pair_with(session, str(server.make_url("")), my_device_id="dv-stranger",
+                            my_device_name="?", store=my_store)
+        assert caught.value.code == "not_in_allowlist"
