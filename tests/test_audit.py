@@ -8,6 +8,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -172,3 +173,83 @@ async def test_disabled_log_records_nothing(tmp_path: Path) -> None:
     assert await log.query() == []
     await log.close()
     assert not (tmp_path / AUDIT_FILE).exists()
+
+
+# --------------------------------------------------------------------------
+# One row per inference request, served or refused, through the real middlewares
+
+
+async def test_audit_middleware_records_served_and_refused_requests(aiohttp_client: Any, tmp_path: Path) -> None:
+    from aiohttp import web
+
+    from node.config import NodeConfig
+    from node.errors import DVAIError, ServiceUnavailableError
+    from node.security.audit_middleware import AUDIT_DETAILS_KEY, make_audit_middleware
+    from node.security.guard import make_security_middleware
+    from node.security.pairing import Pairing, PairingStore
+    from node.security.signing import NonceCache, sign_request_headers
+
+    store = PairingStore(tmp_path / "pairings.json")
+    await store.add(Pairing(peer_device_id="dv-peer", peer_device_name="p", app_id="com.acme.chat", key=b"k" * 32,
+                            via="static", paired_at=NOW, role="inbound"))
+    log = await open_log(tmp_path)
+
+    @web.middleware
+    async def render(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except DVAIError as exc:
+            return web.json_response(exc.to_body(), status=exc.status)
+
+    async def chat(request: web.Request) -> web.Response:
+        body = await request.json()
+        details = request[AUDIT_DETAILS_KEY]
+        details["model_requested"] = body["model"]
+        if body["model"] == "busy":
+            raise ServiceUnavailableError("no capable device", code="no_capable_device")
+        details.update(model_served="gemma3-270m", prompt_tokens=7, completion_tokens=9, served_by="dv-big")
+        return web.json_response({"ok": True})
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": []})
+
+    app = web.Application(middlewares=[
+        render,
+        make_audit_middleware(log, request_id=lambda r: r.headers.get("X-Request-Id", "none"), now_ms=lambda: NOW),
+        make_security_middleware(NodeConfig(http_bind_host="0.0.0.0"), store, NonceCache(), now_ms=lambda: NOW,
+                                 remote_addr=lambda r: r.headers.get("X-Test-Remote-Addr", r.remote),
+                                 render_errors=False),
+    ])
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    client = await aiohttp_client(app)
+    body = b'{"model":"gemma3-270m"}'
+    lan = {"X-Test-Remote-Addr": "192.168.1.20"}
+    try:
+        signed = sign_request_headers(b"k" * 32, "dv-peer", "com.acme.chat", "POST", "/v1/chat/completions", body,
+                                      now_ms=NOW)
+        calls = [
+            ({**lan, **signed, "X-Request-Id": "r-signed"}, body, 200),
+            ({**lan, "X-Request-Id": "r-refused"}, body, 401),
+            ({"X-Request-Id": "r-local"}, body, 200),
+            ({"X-Request-Id": "r-busy"}, b'{"model":"busy"}', 503),
+        ]
+        for headers, data, status in calls:
+            async with client.post("/v1/chat/completions", data=data, headers=headers) as response:
+                assert response.status == status
+        async with client.get("/v1/models") as response:
+            assert response.status == 200
+        await log.flush()
+        rows = {r.request_id: r for r in await log.query()}
+        assert set(rows) == {"r-signed", "r-refused", "r-local", "r-busy"}  # /v1/models is not inference
+        signed_row = rows["r-signed"]
+        assert (signed_row.peer_device_id, signed_row.app_id, signed_row.status) == ("dv-peer", "com.acme.chat", 200)
+        assert (signed_row.model_served, signed_row.prompt_tokens, signed_row.served_by) == ("gemma3-270m", 7, "dv-big")
+        assert signed_row.latency_ms is not None and signed_row.ts == NOW
+        refused = rows["r-refused"]
+        assert (refused.status, refused.error_code, refused.peer_device_id) == (401, "signature_required", "anonymous")
+        assert rows["r-local"].peer_device_id == "self" and rows["r-local"].app_id == "anonymous"
+        busy = rows["r-busy"]
+        assert (busy.status, busy.error_code, busy.model_requested) == (503, "no_capable_device", "busy")
+    finally:
+        await log.close()

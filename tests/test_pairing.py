@@ -95,7 +95,7 @@ async def test_store_survives_restart_with_mode_0600(store: PairingStore, tmp_pa
     path = tmp_path / PAIRINGS_FILE
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     reloaded = await PairingStore.load(tmp_path)
-    assert reloaded.list() == store.list()
+    assert reloaded.list() == store.list() == PairingStore.load_sync(tmp_path).list()
     assert reloaded.get(PEER) == make_pairing()
     assert reloaded.get("laptop") is None
     assert reloaded.get("laptop", direction="outbound").base_url == "http://10.0.0.2:38883"  # type: ignore[union-attr]

@@ -7,13 +7,15 @@ Integration surface (see docs/security.md, "Integration"):
   ``approver.close()`` and ``await audit.close()`` at shutdown.
 - ``make_security_middleware(config, store, nonces, loopback_only_paths=...)`` on the app.
 - ``await handle_handshake(body, remote=..., approver=..., store=...)`` in the handshake handler.
-- ``audit.record(AuditRow(...))`` once per inference request.
+- ``make_audit_middleware(audit, ...)`` outside the security middleware: one audit row per
+  inference request, served or refused; handlers fill ``request[AUDIT_DETAILS_KEY]``.
 """
 
 from __future__ import annotations
 
 from .approval import PairingApprover, PairingDecision, PairingHook, PairingRequest, TokenBuckets
 from .audit import AUDIT_FILE, AuditLog, AuditLogError, AuditRow
+from .audit_middleware import AUDIT_DETAILS_KEY, INFERENCE_PATHS, make_audit_middleware
 from .guard import (
     ATTRIBUTION_KEY,
     DEFAULT_PUBLIC_PATHS,
@@ -49,9 +51,11 @@ from .signing import (
 __all__ = [
     "ANONYMOUS",
     "ATTRIBUTION_KEY",
+    "AUDIT_DETAILS_KEY",
     "AUDIT_FILE",
     "DEFAULT_PUBLIC_PATHS",
     "HANDSHAKE_PATH",
+    "INFERENCE_PATHS",
     "LOOPBACK_KEY",
     "PAIRINGS_FILE",
     "SIGNATURE_VERSION",
@@ -81,6 +85,7 @@ __all__ = [
     "host_allowed",
     "is_exposed",
     "is_loopback",
+    "make_audit_middleware",
     "make_security_middleware",
     "new_nonce",
     "pair_with",

@@ -170,6 +170,12 @@ class PairingStore:
         pairings = await asyncio.to_thread(_read_pairings_file, path)
         return cls(path, pairings)
 
+    @classmethod
+    def load_sync(cls, state_dir: Path) -> PairingStore:
+        """``load`` for start-up code that runs before the event loop (a small file, read once)."""
+        path = Path(state_dir) / PAIRINGS_FILE
+        return cls(path, _read_pairings_file(path))
+
     def get(self, peer_device_id: str, *, direction: Direction = "inbound") -> Pairing | None:
         """The pairing the peer may call us with (``inbound``), or that we call it with (``outbound``)."""
         return self._slots.get((peer_device_id, direction))
