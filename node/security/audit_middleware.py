@@ -59,7 +59,8 @@ def make_audit_middleware(
         details: dict[str, Any] = {}
         request[AUDIT_DETAILS_KEY] = details
         arrived_ms, started = now_ms(), time.monotonic()
-        status, code = 500, "internal_error"
+        status: int = 500
+        code: str | None = "internal_error"
         try:
             response = await handler(request)
             status, code = response.status, None
