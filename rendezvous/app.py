@@ -87,7 +87,7 @@ def _lifecycle(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG_KEY]
         metrics_ = app[METRICS_KEY]
-        store = given_store or await SQLiteStore.open(config.resolved_db())
+        store = given_store or await SQLiteStore.open(config.resolved_db(), cache_size=config.session_cache)
         app[STORE_KEY] = store
         manager = SessionManager(
             store=store,

@@ -43,6 +43,8 @@ class RendezvousConfig:
     """seconds an ended session is kept after it expires so late polls still see how it ended."""
     sweep_interval: float = 15.0
     """seconds between sweeps that delete sessions past their retention."""
+    session_cache: int = 10_000
+    """recently used sessions kept in memory (about 1.5 KiB each) so long-polls skip SQLite."""
     max_sessions: int = 100_000
     """stored sessions; creation beyond this gets 503, bounding disk and memory a flood can force."""
     long_poll_max: float = 30.0
@@ -130,7 +132,7 @@ def check_config(config: RendezvousConfig) -> None:
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key}: expected a positive number")
-    at_least_one = ("max_sessions", "max_waiters", "tracked_clients", "max_connections")
+    at_least_one = ("max_sessions", "session_cache", "max_waiters", "tracked_clients", "max_connections")
     for key in at_least_one:
         if getattr(config, key) < 1:
             raise ConfigError(f"{key}: expected a positive integer")

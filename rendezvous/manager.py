@@ -1,8 +1,8 @@
 """``SessionManager``: the pure session rules plus storage and long-poll wake-ups.
 
-Transitions are serialized by one lock (this service is one process; SQLite
-has one writer anyway) and saved before they are answered or announced, so a
-restart never loses a step a client was told about.
+Transitions of one session are serialized by a per-session lock (this service
+is one process) and saved before they are answered or announced, so a restart
+never loses a step a client was told about.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import asyncio
 import base64
 import os
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 from node.errors import ServiceUnavailableError
@@ -49,7 +49,7 @@ class SessionManager:
         self._limits = limits
         self._clock = clock
         self._random = random_bytes
-        self._lock = asyncio.Lock()
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._waiter_count = 0
         self._session_count: int | None = None
@@ -62,26 +62,29 @@ class SessionManager:
 
     async def create(self, initiator_public_key: str) -> tuple[PairingSession, str]:
         """A new session and the initiator's token (returned once, stored only as a hash)."""
-        async with self._lock:
-            if self._session_count is None:
-                self._session_count = await self._store.count_sessions()
-            if self._session_count >= self._limits.max_sessions:
-                raise ServiceUnavailableError("too many pairing sessions in flight; try again soon", retry_after=10)
-            token = self._new_token()
-            session = rules.create_session(
-                session_id=rules.new_session_id(self._random(rules.SESSION_ID_BYTES)),
-                initiator_public_key=initiator_public_key,
-                initiator_token=token,
-                now=self._clock(),
-                ttl=self._limits.ttl,
-            )
+        if self._session_count is None:
+            self._session_count = await self._store.count_sessions()
+        if self._session_count >= self._limits.max_sessions:
+            raise ServiceUnavailableError("too many pairing sessions in flight; try again soon", retry_after=10)
+        token = self._new_token()
+        session = rules.create_session(
+            session_id=rules.new_session_id(self._random(rules.SESSION_ID_BYTES)),
+            initiator_public_key=initiator_public_key,
+            initiator_token=token,
+            now=self._clock(),
+            ttl=self._limits.ttl,
+        )
+        self._session_count += 1  # reserved before the await, so concurrent creates respect the cap
+        try:
             await self._store.save_session(session)
-            self._session_count += 1
+        except BaseException:
+            self._session_count -= 1
+            raise
         self._changed(session)
         return session, token
 
     async def join(self, session_id: str, scanner_public_key: str, scanner_device_id: str) -> tuple[PairingSession, str]:
-        async with self._lock:
+        async with self._locked(session_id):
             session = await self._load(session_id)
             token = self._new_token()
             updated, error = rules.join(
@@ -134,9 +137,8 @@ class SessionManager:
 
     async def sweep(self) -> int:
         """Delete sessions past expiry plus retention; returns how many."""
-        async with self._lock:
-            deleted = await self._store.delete_sessions_expired_before(self._clock() - self._limits.retention)
-            self._session_count = await self._store.count_sessions()
+        deleted = await self._store.delete_sessions_expired_before(self._clock() - self._limits.retention)
+        self._session_count = await self._store.count_sessions()
         return deleted
 
     def shut_down(self) -> None:
@@ -155,7 +157,7 @@ class SessionManager:
         token: str | None,
         step: Callable[[PairingSession, Role, float], PairingSession],
     ) -> PairingSession:
-        async with self._lock:
+        async with self._locked(session_id):
             session = await self._load(session_id)
             role = rules.role_for_token(session, token)
             now = self._clock()
@@ -167,6 +169,23 @@ class SessionManager:
             await self._save_if_changed(session, updated)
         self._changed(updated)
         return updated
+
+    @asynccontextmanager
+    async def _locked(self, session_id: str) -> AsyncIterator[None]:
+        """Serialize transitions of one session; the lock is dropped when nobody holds or waits for it."""
+        lock, users = self._locks.get(session_id, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            _, users = self._locks[session_id]
+            if users == 1:
+                del self._locks[session_id]
+            else:
+                self._locks[session_id] = (lock, users - 1)
 
     async def _load(self, session_id: str) -> PairingSession:
         if not rules.is_valid_session_id(session_id):

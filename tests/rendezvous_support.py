@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -43,7 +42,7 @@ class TamperingStore(SQLiteStore):
     @classmethod
     async def open_with(cls, path: str, tamper: Callable[[PairingSession], PairingSession]) -> TamperingStore:
         store = cls(path, tamper)
-        await asyncio.get_running_loop().run_in_executor(store._executor, store._open)
+        await store._start()
         return store
 
     async def save_session(self, session: PairingSession) -> None:
