@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def ready(server: RendezvousServer) -> None:
-        print(f"dvai-rendezvous listening on {server.url} (public URL {config.base_url}, db {config.resolved_db()})",
+        print(f"dvai-rendezvous listening on {server.url} (public URL {server.config.base_url}, "
+              f"db {config.resolved_db()})",
               flush=True)
 
     try:

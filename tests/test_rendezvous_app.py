@@ -176,3 +176,36 @@ async def test_sweeper_removes_ended_sessions(tmp_path: Path) -> None:
         await asyncio.sleep(0.5)
         status, _, body = await request(http, "GET", events, token=created["initiator_token"])
         _assert_json_error(status, body, 404)
+
+
+async def test_tls_with_a_certificate_file(tmp_path: Path) -> None:
+    import datetime
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    config = make_config(tmp_path, tls_cert=cert_file, tls_key=key_file)
+    client_context = ssl.create_default_context(cafile=str(cert_file))
+    async with running(config) as server:
+        assert server.url.startswith("https://")
+        url = server.url.replace("127.0.0.1", "localhost")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context)) as http:
+            status, _, body = await request(http, "GET", f"{url}/healthz")
+    assert status == 200 and body["status"] == "ok"

@@ -200,3 +200,15 @@ def test_default_base_url_uses_the_bind_address() -> None:
     assert RendezvousConfig(port=5).base_url == "http://127.0.0.1:5"
     assert RendezvousConfig(host="::1", port=5).base_url == "http://[::1]:5"
     assert RendezvousConfig(db=":memory:").resolved_db() == ":memory:"
+
+
+def test_cli_flags_win_over_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from rendezvous.cli import build_parser, config_from_args, main
+
+    monkeypatch.setenv("DVAI_RENDEZVOUS_PORT", "4000")
+    monkeypatch.setenv("DVAI_RENDEZVOUS_SESSION_TTL", "50")
+    args = build_parser().parse_args(["--port", "5000", "--db", ":memory:", "--public-url", "https://rv.example"])
+    config = config_from_args(args)
+    assert (config.port, config.session_ttl, config.db, config.base_url) == (5000, 50.0, ":memory:", "https://rv.example")
+    monkeypatch.setenv("DVAI_RENDEZVOUS_UNKNOWN", "1")
+    assert main(["--db", ":memory:"]) == 2
