@@ -7,9 +7,10 @@ from typing import Any
 
 from aiohttp import web
 
-from .api import mesh, openai
-from .api.middlewares import cors_middleware, error_middleware
+from .api import mesh, openai, trust
+from .api.middlewares import REQUEST_ID, error_middleware, origin_middleware
 from .context import CONTEXT, NodeContext
+from .security import make_audit_middleware, make_security_middleware
 
 
 def build_app(
@@ -20,14 +21,19 @@ def build_app(
 ) -> web.Application:
     """The node's HTTP application. ``middlewares`` run inside the error middleware."""
     config = context.config
-    stack: list[Any] = [error_middleware]
-    if config.cors_origin:
-        stack.append(cors_middleware(config.cors_origin))
+    # Outermost first: errors → CORS/origin → audit (sees refusals too) → signatures and exposure.
+    stack: list[Any] = [error_middleware, origin_middleware(config.cors_origin)]
+    if context.audit is not None:
+        stack.append(make_audit_middleware(context.audit, request_id=lambda r: r.get(REQUEST_ID, "")))
+    if context.pairings is not None and context.nonces is not None:
+        stack.append(make_security_middleware(config, context.pairings, context.nonces,
+                                              loopback_only_paths=trust.ADMIN_PATHS, render_errors=False))
     stack.extend(middlewares)
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=stack)
     app[CONTEXT] = context
     app.add_routes(openai.routes)
     app.add_routes(mesh.routes)
+    app.add_routes(trust.routes)
     for table in route_tables:
         app.add_routes(table)
     return app

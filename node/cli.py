@@ -138,5 +138,7 @@ def _models(args: argparse.Namespace, config: NodeConfig) -> int:
     return 0
 
 
+from . import cli_admin  # noqa: E402,F401 - registers pair / pairing / audit
+
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 from aiohttp import web
 
 from .config import NodeConfig
 from .engine.registry import ModelRegistry
 from .identity import DeviceIdentity
 from .inference import InferenceService
+
+if TYPE_CHECKING:
+    from .security import AuditLog, NonceCache, PairingApprover, PairingStore
 
 
 @dataclass(slots=True)
@@ -28,8 +32,20 @@ class NodeContext:
     inference: InferenceService
     started_at: float = field(default_factory=time.time)
     base_url: str | None = None
+    pairings: PairingStore | None = None
+    nonces: NonceCache | None = None
+    approver: PairingApprover | None = None
+    audit: AuditLog | None = None
+    http: aiohttp.ClientSession | None = None
+    """The node's outgoing HTTP client (pairing, health checks, forwarding)."""
     extras: dict[str, Any] = field(default_factory=dict)
-    """Components added by optional features (discovery, pairing, audit, router, …)."""
+    """Components added by optional features (discovery, router, …)."""
+
+    def peer_base_url(self, device_id: str) -> str | None:
+        """A discovered peer's base URL, when discovery knows the device."""
+        table = self.extras.get("peers")
+        peer = table.get(device_id) if table is not None else None
+        return getattr(peer, "base_url", None)
 
 
 CONTEXT = web.AppKey("dvai_context", NodeContext)

@@ -10,10 +10,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from .api.schemas import parse_chat_request, parse_completion_request, parse_embedding_request
@@ -22,8 +25,11 @@ from .config import NodeConfig, load_config
 from .context import NodeContext
 from .engine.registry import ModelRegistry
 from .errors import ConfigError
+from .fsutil import atomic_write_json, read_json
 from .identity import load_or_create_identity
 from .inference import InferenceLimits, InferenceService
+from .security import AUDIT_FILE, AuditLog, NonceCache, PairingApprover, PairingStore, exposure_warnings
+from .security.approval import PairingHook
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +37,15 @@ log = logging.getLogger(__name__)
 class Node:
     """A dvai-mesh node embedded in an application."""
 
-    def __init__(self, config: NodeConfig | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        config: NodeConfig | None = None,
+        *,
+        on_pairing_request: PairingHook | None = None,
+        **overrides: Any,
+    ) -> None:
+        """``on_pairing_request(request)`` decides LAN pairing requests (see docs/security.md)."""
+        self.on_pairing_request = on_pairing_request
         if config is None:
             config = load_config(overrides=overrides) if overrides else NodeConfig()
         elif overrides:
@@ -54,8 +68,11 @@ class Node:
         if self.context is not None:
             return
         self.context = context = await asyncio.to_thread(self._build_context)
-        await context.registry.start(wait=False)
         try:
+            context.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5))
+            if context.audit is not None:
+                await context.audit.start()
+            await context.registry.start(wait=False)
             if self.config.transport == "http":
                 await self._serve_http(context)
             if wait_ready:
@@ -70,12 +87,22 @@ class Node:
         identity = load_or_create_identity(state_dir)
         registry = ModelRegistry.from_config(config, cache_dir=None)
         limits = InferenceLimits(config.generation_timeout, config.max_blank_chunks)
+        for warning in exposure_warnings(config):
+            log.warning("%s", warning)
+        audit = None
+        if config.audit.enabled:
+            audit = AuditLog(state_dir / AUDIT_FILE, retention_days=config.audit.retention_days,
+                             max_rows=config.audit.max_rows, enabled=True)
         return NodeContext(
             config=config,
             identity=identity,
             device_name=config.device_name or socket.gethostname(),
             registry=registry,
             inference=InferenceService(registry, limits),
+            pairings=PairingStore.load_sync(state_dir),
+            nonces=NonceCache(),
+            approver=PairingApprover.from_config(config.security, hook=self.on_pairing_request),
+            audit=audit,
         )
 
     async def _serve_http(self, context: NodeContext) -> None:
@@ -89,6 +116,7 @@ class Node:
         if ":" in shown and not shown.startswith("["):
             shown = f"[{shown}]"
         context.base_url = f"http://{shown}:{self._port}/v1"
+        await asyncio.to_thread(_write_endpoint, config.resolved_state_dir(), context.base_url)
 
     async def close(self) -> None:
         runner, self._runner = self._runner, None
@@ -96,7 +124,15 @@ class Node:
             await runner.cleanup()
         context, self.context = self.context, None
         if context is not None:
+            if context.approver is not None:
+                context.approver.close()
             await context.registry.stop()
+            if context.audit is not None:
+                await context.audit.close()
+            if context.http is not None:
+                await context.http.close()
+            if self._port is not None:
+                await asyncio.to_thread(_remove_endpoint, self.config.resolved_state_dir(), os.getpid())
 
     # -- addresses -----------------------------------------------------------
     @property
@@ -152,6 +188,21 @@ class Node:
         if self.context is None:
             raise RuntimeError("the node is not started; use `async with Node(...)` or `await node.start()`")
         return self.context
+
+
+ENDPOINT_FILE = "endpoint.json"
+"""Where a serving node records its base URL, so local CLI commands can find it."""
+
+
+def _write_endpoint(state_dir: Path, base_url: str) -> None:
+    atomic_write_json(state_dir / ENDPOINT_FILE, {"baseUrl": base_url, "pid": os.getpid()}, mode=0o600)
+
+
+def _remove_endpoint(state_dir: Path, pid: int) -> None:
+    path = state_dir / ENDPOINT_FILE
+    current = read_json(path, default=None)
+    if isinstance(current, dict) and current.get("pid") == pid:
+        path.unlink(missing_ok=True)
 
 
 async def _bind_with_retry(runner: web.AppRunner, config: NodeConfig) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from ..constants import REQUEST_ID_HEADER
-from ..errors import DVAIError, InvalidRequestError, PayloadTooLargeError
+from ..errors import DVAIError, InvalidRequestError, PayloadTooLargeError, PermissionDeniedError
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
-def cors_middleware(origins: tuple[str, ...]) -> Callable[..., Any]:
-    """Answer preflights and tag responses for allowed origins; no CORS at all when unset."""
+def origin_middleware(origins: tuple[str, ...]) -> Callable[..., Any]:
+    """CORS for allowed origins; browsers from any other origin may not POST at all.
+
+    A web page can send a "simple" cross-site POST without a preflight. Refusing
+    state-changing requests that carry a foreign ``Origin`` keeps pages the user
+    visits from spending this device's compute (or approving a pairing).
+    """
     allow_any = "*" in origins
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         origin = request.headers.get("Origin")
         allowed = origin is not None and (allow_any or origin in origins)
+        if origin is not None and not allowed and request.method not in ("GET", "HEAD", "OPTIONS"):
+            raise PermissionDeniedError(
+                f"requests from the web origin {origin[:100]!r} are not allowed; add it to cors_origin",
+                code="origin_not_allowed",
+            )
         if request.method == "OPTIONS" and allowed and "Access-Control-Request-Method" in request.headers:
             response: web.StreamResponse = web.Response(status=204)
         else:

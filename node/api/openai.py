@@ -10,6 +10,7 @@ from aiohttp import web
 
 from ..context import CONTEXT
 from ..inference import UsageRecord
+from ..security import AUDIT_DETAILS_KEY
 from .middlewares import read_json
 from .schemas import parse_chat_request, parse_completion_request, parse_embedding_request
 from .sse import stream_events
@@ -22,9 +23,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     parsed = parse_chat_request(await read_json(request))
     service = request.app[CONTEXT].inference
     usage = UsageRecord(model=parsed.model)
-    if parsed.stream:
-        return await stream_events(request, service.chat_stream(parsed, usage))
-    return web.json_response(await service.chat(parsed, usage))
+    details = audit_details(request, parsed.model)
+    try:
+        if parsed.stream:
+            return await stream_events(request, service.chat_stream(parsed, usage), details=details)
+        return web.json_response(await service.chat(parsed, usage))
+    finally:
+        record_usage(details, usage)
 
 
 @routes.post("/v1/completions")
@@ -32,17 +37,38 @@ async def completions(request: web.Request) -> web.StreamResponse:
     parsed = parse_completion_request(await read_json(request))
     service = request.app[CONTEXT].inference
     usage = UsageRecord(model=parsed.model)
-    if parsed.stream:
-        return await stream_events(request, service.completion_stream(parsed, usage))
-    return web.json_response(await service.completion(parsed, usage))
+    details = audit_details(request, parsed.model)
+    try:
+        if parsed.stream:
+            return await stream_events(request, service.completion_stream(parsed, usage), details=details)
+        return web.json_response(await service.completion(parsed, usage))
+    finally:
+        record_usage(details, usage)
 
 
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
     parsed = parse_embedding_request(await read_json(request))
-    return web.json_response(await request.app[CONTEXT].inference.embeddings(parsed))
+    usage = UsageRecord(model=parsed.model)
+    details = audit_details(request, parsed.model)
+    try:
+        return web.json_response(await request.app[CONTEXT].inference.embeddings(parsed, usage))
+    finally:
+        record_usage(details, usage)
 
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
     return web.json_response(request.app[CONTEXT].inference.list_models())
+
+
+def audit_details(request: web.Request, model: str) -> dict[str, object]:
+    """The audit row's details for this request (a throwaway dict when audit is off)."""
+    details: dict[str, object] = request.get(AUDIT_DETAILS_KEY, {})
+    details["model_requested"] = model
+    return details
+
+
+def record_usage(details: dict[str, object], usage: UsageRecord, served_by: str = "local") -> None:
+    details.update(model_served=usage.model, prompt_tokens=usage.prompt_tokens,
+                   completion_tokens=usage.completion_tokens, served_by=served_by)

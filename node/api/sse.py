@@ -30,6 +30,7 @@ async def stream_events(
     events: AsyncIterator[dict[str, Any]],
     *,
     headers: dict[str, str] | None = None,
+    details: dict[str, object] | None = None,
 ) -> web.StreamResponse:
     """Relay ``events`` as SSE.
 
@@ -53,9 +54,13 @@ async def stream_events(
                 await response.write(encode_event(event))
         except DVAIError as exc:
             log.warning("stream ended with an error: %s", exc.message)
+            if details is not None:
+                details["error_code"] = str(exc.code)
             await response.write(encode_event(exc.to_body()))
         except Exception:  # noqa: BLE001 - the client gets a clean error event, the log the trace
             log.exception("stream failed")
+            if details is not None:
+                details["error_code"] = "internal_error"
             await response.write(
                 encode_event({"error": {"message": "internal error while streaming", "type": "server_error",
                                         "code": "internal_error", "param": None}})

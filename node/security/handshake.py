@@ -128,7 +128,8 @@ async def pair_with(
     ``PermissionDeniedError`` / ``RateLimitedError`` / ``InvalidRequestError``, anything else
     as ``UpstreamError``.
     """
-    base = base_url.rstrip("/")
+    # Accept the node root or its OpenAI base URL (``…/v1``, the Peer type's baseUrl).
+    base = base_url.rstrip("/").removesuffix("/v1")
     # a peer still loading its model answers 503 with the same body; its deviceId is all we need
     health = await _request_json(session, "GET", base + HEALTH_PATH, None, 10.0, ok_statuses=(503,))
     peer_id = health.get("deviceId")
@@ -154,7 +155,7 @@ async def pair_with(
         via=LAN_HANDSHAKE,
         paired_at=paired_at if isinstance(paired_at, int) and not isinstance(paired_at, bool) else now(),
         role="outbound",
-        base_url=base,
+        base_url=base + "/v1",
     )
     return await store.add(pairing)
 

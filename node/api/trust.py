@@ -1,0 +1,131 @@
+"""Pairing and audit endpoints of the mesh plane.
+
+``/v1/dvai/handshake`` is public (it is how a peer asks to pair). Everything
+else here is an admin endpoint: loopback callers (the ``dvai-node`` CLI) or a
+pairing marked admin; the security middleware enforces that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ..context import CONTEXT, NodeContext
+from ..errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from ..security import handle_handshake, pair_with
+from .middlewares import read_json
+
+routes = web.RouteTableDef()
+
+ADMIN_PATHS = frozenset({
+    "/v1/dvai/audit",
+    "/v1/dvai/pairings",
+    "/v1/dvai/pairings/",
+    "/v1/dvai/pairing-requests",
+    "/v1/dvai/pairing-requests/",
+    "/v1/dvai/pair-qr",
+    "/v1/dvai/pair-qr/",
+    "/v1/dvai/pair-scan",
+})
+
+
+def _trust(request: web.Request) -> NodeContext:
+    context = request.app[CONTEXT]
+    if context.pairings is None or context.approver is None:
+        raise ServiceUnavailableError("pairing is not available on this node")
+    return context
+
+
+@routes.post("/v1/dvai/handshake")
+async def handshake(request: web.Request) -> web.Response:
+    context = _trust(request)
+    body = await read_json(request)
+    assert context.approver is not None and context.pairings is not None
+    result = await handle_handshake(body, remote=request.remote or "", approver=context.approver,
+                                    store=context.pairings)
+    return web.json_response(result)
+
+
+@routes.get("/v1/dvai/pairings")
+async def list_pairings(request: web.Request) -> web.Response:
+    context = _trust(request)
+    assert context.pairings is not None
+    return web.json_response({"object": "list", "data": [p.to_public_json() for p in context.pairings.list()]})
+
+
+@routes.post("/v1/dvai/pairings")
+async def pair(request: web.Request) -> web.Response:
+    """Pair with a peer by URL or by a discovered device id: ``{"url": …}`` or ``{"deviceId": …}``."""
+    context = _trust(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise InvalidRequestError("expected a JSON object with 'url' or 'deviceId'")
+    url = body.get("url")
+    if url is None and isinstance(body.get("deviceId"), str):
+        url = context.peer_base_url(body["deviceId"])
+        if url is None:
+            raise NotFoundError(f"no discovered peer has device id {body['deviceId']}", param="deviceId")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise InvalidRequestError("'url' must be the peer's http(s) base URL", param="url")
+    app_id = body.get("appId")
+    if app_id is not None and not isinstance(app_id, str):
+        raise InvalidRequestError("'appId' must be a string", param="appId")
+    assert context.pairings is not None and context.http is not None
+    pairing = await pair_with(context.http, url, my_device_id=context.identity.device_id,
+                              my_device_name=context.device_name, app_id=app_id, store=context.pairings)
+    return web.json_response(pairing.to_public_json())
+
+
+@routes.delete("/v1/dvai/pairings/{device_id}")
+async def revoke(request: web.Request) -> web.Response:
+    context = _trust(request)
+    assert context.pairings is not None
+    device_id = request.match_info["device_id"]
+    await context.pairings.revoke(device_id)  # NotFoundError (404) when there is none
+    return web.json_response({"revoked": True, "peerDeviceId": device_id})
+
+
+@routes.get("/v1/dvai/pairing-requests")
+async def pending(request: web.Request) -> web.Response:
+    context = _trust(request)
+    assert context.approver is not None
+    return web.json_response({"object": "list", "data": [r.to_json() for r in context.approver.pending()]})
+
+
+@routes.post("/v1/dvai/pairing-requests/{device_id}/{verdict:approve|deny}")
+async def decide_request(request: web.Request) -> web.Response:
+    context = _trust(request)
+    assert context.approver is not None
+    device_id, verdict = request.match_info["device_id"], request.match_info["verdict"]
+    settle = context.approver.approve if verdict == "approve" else context.approver.deny
+    settle(device_id)  # NotFoundError (404) when nothing is pending for that device
+    return web.json_response({"peerDeviceId": device_id, "approved": verdict == "approve"})
+
+
+@routes.get("/v1/dvai/audit")
+async def audit(request: web.Request) -> web.Response:
+    context = request.app[CONTEXT]
+    if context.audit is None:
+        raise ServiceUnavailableError("the audit log is disabled (audit.enabled = false)")
+    query = request.query
+    filters: dict[str, Any] = {
+        "since": _int(query, "since"),
+        "until": _int(query, "until"),
+        "status": _int(query, "status"),
+        "app_id": query.get("app_id") or query.get("appId"),
+        "peer": query.get("peer"),
+        "limit": min(_int(query, "limit") or 100, 10_000),
+    }
+    rows = await context.audit.query(**filters)
+    return web.json_response({"object": "list", "data": [row.to_json() for row in rows]})
+
+
+def _int(query: Any, name: str) -> int | None:
+    value = query.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidRequestError(f"query parameter '{name}' must be an integer", param=name) from None
