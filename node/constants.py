@@ -127,3 +127,82 @@ OBSERVED_MIN_TOKENS = 8
 
 MAX_TRACKED_PEERS = 1024
 """peers whose health counters are kept; bounds memory a flood of device ids can force."""
+
+# --- Discovery (mDNS, static, custom, health) ---------------------------------
+MDNS_SERVICE_TYPE = "_dvai._tcp.local."
+MDNS_TXT_FORMAT_VERSION = "1"
+"""value of the ``v`` TXT key; bumped when the TXT fields change meaning."""
+
+MAX_PEERS = 256
+"""peer table entries; bounds the memory a LAN full of (fake) devices can force."""
+
+MAX_PENDING_PEERS = 64
+"""entries never yet confirmed by a health answer; a flood of fake announcements
+churns only these slots and cannot push out confirmed peers."""
+
+MAX_PEER_ADDRESSES = 4
+"""verified alternate addresses kept per peer (LAN + VPN, IPv4 + IPv6)."""
+
+MAX_PEER_MODELS = 64
+"""models kept per peer from a TXT record or a health answer; extra ones are dropped."""
+
+MAX_MODEL_ID_CHARS = 128
+"""characters in one advertised model id; longer ids are dropped."""
+
+MAX_DEVICE_NAME_CHARS = 63
+"""characters of a peer's device name we keep (the DNS-SD instance label limit)."""
+
+MAX_VERSION_CHARS = 32
+"""characters of a peer's version string we keep."""
+
+MAX_CLAIMED_TOK_PER_S = 100_000.0
+"""tokens/s; a peer claiming more (or a negative, NaN or infinite rate) is not believed."""
+
+MAX_CLAIMED_QUEUE_DEPTH = 1_000_000
+"""requests; a larger claimed queue depth is not believed."""
+
+MAX_TXT_BYTES = 1300
+"""bytes of a whole TXT record we accept or send (RFC 6763 §6.2: fits one packet)."""
+
+MAX_TXT_ITEM_BYTES = 255
+"""bytes of one ``key=value`` TXT string (RFC 6763 §6.1: one length byte)."""
+
+MAX_TXT_ITEMS = 64
+"""``key=value`` strings per TXT record we look at."""
+
+MDNS_RESOLVE_TIMEOUT_S = 1.5
+"""seconds to wait for a service's SRV/TXT/A records after it is announced."""
+
+MAX_CONCURRENT_RESOLVES = 16
+"""mDNS resolutions in flight at once; more announcements wait or are dropped."""
+
+MAX_TRACKED_SERVICES = 512
+"""mDNS service names remembered (name → device id) so a goodbye can be matched."""
+
+MDNS_UPDATE_MIN_INTERVAL_S = 2.0
+"""seconds between two TXT re-announcements; faster changes are coalesced (queue depth
+moves quickly, and every announcement is several multicast packets)."""
+
+HEALTH_CHECK_TIMEOUT_S = 1.0
+"""seconds one health request may take (capped by the health interval)."""
+
+MAX_HEALTH_BODY_BYTES = 64 * 1024
+"""bytes of a health answer we read; a larger answer counts as a failed check."""
+
+MAX_CONCURRENT_HEALTH_CHECKS = 32
+"""health requests in flight at once, so many dead peers cannot stall a round."""
+
+HEALTH_POKE_MIN_INTERVAL_S = 0.2
+"""seconds; an immediate out-of-round check of one address happens at most this often."""
+
+MAX_CUSTOM_PEERS = 64
+"""peers taken from one custom discovery call; the rest are dropped with a warning."""
+
+CUSTOM_DISCOVERY_TIMEOUT_S = 10.0
+"""seconds a custom discovery call may take (capped by its interval)."""
+
+MAX_WARNING_KEYS = 1024
+"""distinct (source, problem) pairs remembered to log a warning once, then at debug."""
+
+MAX_PEER_WATCH_QUEUE = 256
+"""change events buffered per ``PeerTable.watch()`` consumer; older ones are dropped."""

@@ -7,14 +7,20 @@ unique per install, and checkable by anyone who sees the key.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
+import logging
+import os
+import secrets
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .fsutil import atomic_write_bytes, ensure_private_dir
+from .fsutil import atomic_write_bytes, atomic_write_json, ensure_private_dir, read_json
 
 DEVICE_ID_PREFIX = "dv"
 KEY_FILE = "identity.key"
@@ -86,3 +92,263 @@ def load_or_create_identity(state_dir: Path) -> DeviceIdentity:
     if len(raw) != 32:
         raise ValueError(f"{path} is not a 32-byte Ed25519 private key")
     return DeviceIdentity.from_private_key(Ed25519PrivateKey.from_private_bytes(raw))
+
+
+# --------------------------------------------------------------------------
+# The running node's identity: device key + name + per-start instance id, and
+# detection of two nodes started from copies of one state dir.
+
+INSTANCE_FILE = "instance.json"
+LOCK_FILE = "node.lock"
+DEVICE_NAME_MAX_CHARS = 63
+"""characters; a DNS-SD instance label is at most 63 bytes, names longer than that are cut."""
+HEALTH_PROOF_CONTEXT = b"dvai-health-v1"
+HEALTH_CHALLENGE_MAX_CHARS = 64
+"""characters of the ``challenge`` query parameter a health handler accepts (hex)."""
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    """Who this node is: its long-term key, a human name, and this process's instance id.
+
+    ``instance_id`` is random per process start. Two processes with the same device id
+    but different instance ids are two copies of one state dir (or one dir used twice).
+    """
+
+    device: DeviceIdentity
+    device_name: str
+    instance_id: str
+
+    @property
+    def device_id(self) -> str:
+        return self.device.device_id
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """What ``instance.json`` remembers about the last process that used a state dir."""
+
+    device_id: str
+    state_dir: str
+    host: str
+    machine_id: str
+    pid: int
+    started_at: int
+    """unix ms"""
+    instance_id: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "deviceId": self.device_id,
+            "stateDir": self.state_dir,
+            "host": self.host,
+            "machineId": self.machine_id,
+            "pid": self.pid,
+            "startedAt": self.started_at,
+            "instanceId": self.instance_id,
+        }
+
+    @classmethod
+    def from_json(cls, value: object) -> InstanceRecord | None:
+        """The record, or None when the file content is not a record (never raises)."""
+        if not isinstance(value, dict):
+            return None
+        try:
+            record = cls(
+                device_id=str(value["deviceId"]),
+                state_dir=str(value["stateDir"]),
+                host=str(value["host"]),
+                machine_id=str(value["machineId"]),
+                pid=int(value["pid"]),
+                started_at=int(value["startedAt"]),
+                instance_id=str(value["instanceId"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        return record
+
+
+def default_device_name(hostname: str | None = None) -> str:
+    """The host name without its domain, cut to 63 characters; ``dvai-node`` if empty."""
+    name = (hostname if hostname is not None else socket.gethostname()).split(".")[0]
+    name = "".join(ch for ch in name if ch.isprintable()).strip()
+    return name[:DEVICE_NAME_MAX_CHARS] or "dvai-node"
+
+
+def new_instance_id() -> str:
+    return secrets.token_hex(8)
+
+
+def copied_state_dir_warnings(previous: InstanceRecord | None, current: InstanceRecord) -> tuple[str, ...]:
+    """Warnings when ``instance.json`` shows the state dir was last used elsewhere (pure).
+
+    A copy carries ``instance.json`` along, so a copied dir remembers another path or
+    another machine. A moved dir looks the same; the message says so.
+    """
+    if previous is None or previous.device_id != current.device_id:
+        return ()
+    where = []
+    if previous.machine_id != current.machine_id:
+        where.append(f"on another machine ({previous.host})")
+    if previous.state_dir != current.state_dir:
+        where.append(f"at another path ({previous.state_dir})")
+    if not where:
+        return ()
+    return (
+        f"state dir {current.state_dir} was last used {' and '.join(where)}. If that copy is still "
+        f"running, two nodes share device id {current.device_id} and peers will see one device flip "
+        f"between two addresses. Fix: stop one of them, delete identity.key in its state dir, and "
+        f"start it again (it gets a new device id; re-pair it). Ignore this if the dir was moved.",
+    )
+
+
+class IdentityHandle:
+    """The opened identity of a running node; holds the state dir lock until ``close()``."""
+
+    def __init__(self, identity: NodeIdentity, warnings: tuple[str, ...], lock_fd: int | None) -> None:
+        self.identity = identity
+        self.warnings = warnings
+        self._lock_fd = lock_fd
+
+    def close(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
+
+
+def open_node_identity(
+    state_dir: Path,
+    device_name: str | None = None,
+    *,
+    host: str | None = None,
+    machine_id: str | None = None,
+    now_ms: int | None = None,
+) -> IdentityHandle:
+    """Load or create the key, lock the state dir, record ``instance.json``, warn about copies.
+
+    Blocking (file I/O): call it from a thread (``asyncio.to_thread``) when a loop runs.
+    Each warning is logged once at WARNING level and kept in ``handle.warnings``.
+    """
+    state_dir = ensure_private_dir(Path(state_dir))
+    device = load_or_create_identity(state_dir)
+    host = host if host is not None else socket.gethostname()
+    identity = NodeIdentity(device, device_name or default_device_name(host), new_instance_id())
+    current = InstanceRecord(
+        device_id=device.device_id,
+        state_dir=str(state_dir.resolve()),
+        host=host,
+        machine_id=machine_id if machine_id is not None else _machine_id(host),
+        pid=os.getpid(),
+        started_at=now_ms if now_ms is not None else int(time.time() * 1000),
+        instance_id=identity.instance_id,
+    )
+    warnings: list[str] = []
+    lock_fd, holder = _lock_state_dir(state_dir)
+    if lock_fd is None and holder is not None:
+        warnings.append(
+            f"another dvai-node process ({holder}) is running from state dir {state_dir} right now: "
+            f"both use device id {device.device_id}. Give each node its own state_dir."
+        )
+    previous = InstanceRecord.from_json(_read_json_quietly(state_dir / INSTANCE_FILE))
+    warnings.extend(copied_state_dir_warnings(previous, current))
+    atomic_write_json(state_dir / INSTANCE_FILE, current.to_json())
+    for message in warnings:
+        _log.warning("%s", message)
+    return IdentityHandle(identity, tuple(warnings), lock_fd)
+
+
+def health_proof_message(challenge: str, device_id: str, instance_id: str) -> bytes:
+    """What a node signs to prove, in its health answer, that it holds ``device_id``'s key."""
+    return b"\n".join(
+        (HEALTH_PROOF_CONTEXT, challenge.encode(), device_id.encode(), instance_id.encode())
+    )
+
+
+def make_health_proof(identity: NodeIdentity, challenge: str) -> dict[str, str] | None:
+    """The ``identityProof`` object for a health answer, or None for a bad challenge.
+
+    A health handler calls this with the ``challenge`` query parameter (1-64 hex chars).
+    """
+    if not is_valid_health_challenge(challenge):
+        return None
+    message = health_proof_message(challenge, identity.device_id, identity.instance_id)
+    return {
+        "publicKey": _b64url(identity.device.public_key),
+        "signature": _b64url(identity.device.sign(message)),
+    }
+
+
+def check_health_proof(proof: object, challenge: str, device_id: str, instance_id: str) -> bool:
+    """True when ``proof`` (from a health answer) was made by ``device_id``'s key for ``challenge``."""
+    if not isinstance(proof, dict):
+        return False
+    public_key, signature = proof.get("publicKey"), proof.get("signature")
+    if not isinstance(public_key, str) or not isinstance(signature, str):
+        return False
+    if len(public_key) > 64 or len(signature) > 128:
+        return False
+    try:
+        public_raw, signature_raw = _unb64url(public_key), _unb64url(signature)
+    except ValueError:
+        return False
+    message = health_proof_message(challenge, device_id, instance_id)
+    return verify_device_signature(device_id, public_raw, signature_raw, message)
+
+
+def is_valid_health_challenge(challenge: object) -> bool:
+    return (
+        isinstance(challenge, str)
+        and 0 < len(challenge) <= HEALTH_CHALLENGE_MAX_CHARS
+        and all(ch in "0123456789abcdef" for ch in challenge)
+    )
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64url(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("not base64url") from exc
+
+
+def _machine_id(host: str) -> str:
+    """A short stable id of this machine (hashed /etc/machine-id), the host name if absent."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            raw = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if raw:
+            return hashlib.sha256(raw.encode()).hexdigest()[:16]
+    return "host:" + host
+
+
+def _lock_state_dir(state_dir: Path) -> tuple[int | None, str | None]:
+    """(fd holding an exclusive flock, None) or (None, "pid N on HOST") when someone holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock on this platform
+        return None, None
+    path = state_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown pid"
+        os.close(fd)
+        return None, holder
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    return fd, None
+
+
+def _read_json_quietly(path: Path) -> object:
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
