@@ -20,7 +20,9 @@ from .identity import DeviceIdentity
 from .inference import InferenceService
 
 if TYPE_CHECKING:
+    from .capability import CapabilityService
     from .security import AuditLog, NonceCache, PairingApprover, PairingStore
+    from .security.qr_service import QrPairingService
 
 
 @dataclass(slots=True)
@@ -36,8 +38,11 @@ class NodeContext:
     nonces: NonceCache | None = None
     approver: PairingApprover | None = None
     audit: AuditLog | None = None
+    qr: QrPairingService | None = None
     http: aiohttp.ClientSession | None = None
     """The node's outgoing HTTP client (pairing, health checks, forwarding)."""
+    capability: CapabilityService | None = None
+    """Local tok/s scores per model (node/capability); inert unless offload is enabled."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Components added by optional features (discovery, router, …)."""
 

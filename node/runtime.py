@@ -21,6 +21,7 @@ from aiohttp import web
 
 from .api.schemas import parse_chat_request, parse_completion_request, parse_embedding_request
 from .app import build_app
+from .capability import CapabilityScore, CapabilityService, CapabilityStore
 from .config import NodeConfig, load_config
 from .context import NodeContext
 from .engine.registry import ModelRegistry
@@ -30,6 +31,10 @@ from .identity import load_or_create_identity
 from .inference import InferenceLimits, InferenceService
 from .security import AUDIT_FILE, AuditLog, NonceCache, PairingApprover, PairingStore, exposure_warnings
 from .security.approval import PairingHook
+from .security.pairing import Pairing
+from .security.qr_pairing import PairingResult
+from .security.qr_service import QrPairingService
+from .security.rendezvous_client import Approver as QrApprover
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +47,15 @@ class Node:
         config: NodeConfig | None = None,
         *,
         on_pairing_request: PairingHook | None = None,
+        on_qr_pairing: QrApprover | None = None,
         **overrides: Any,
     ) -> None:
-        """``on_pairing_request(request)`` decides LAN pairing requests (see docs/security.md)."""
+        """Hooks: ``on_pairing_request(request)`` decides LAN pairing requests;
+        ``on_qr_pairing(prompt)`` sees the peer and short code of a QR pairing and approves it
+        (unset: QR pairings complete once both sides' key confirmations verify). See docs/security.md.
+        """
         self.on_pairing_request = on_pairing_request
+        self.on_qr_pairing = on_qr_pairing
         if config is None:
             config = load_config(overrides=overrides) if overrides else NodeConfig()
         elif overrides:
@@ -70,9 +80,12 @@ class Node:
         self.context = context = await asyncio.to_thread(self._build_context)
         try:
             context.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5))
+            context.qr = self._qr_service(context)
             if context.audit is not None:
                 await context.audit.start()
             await context.registry.start(wait=False)
+            if context.capability is not None:
+                await context.capability.start()  # probes (if any) run in the background
             if self.config.transport == "http":
                 await self._serve_http(context)
             if wait_ready:
@@ -80,6 +93,21 @@ class Node:
         except BaseException:
             await self.close()
             raise
+
+    def _qr_service(self, context: NodeContext) -> QrPairingService:
+        pairings = context.pairings
+        assert pairings is not None
+
+        async def store(result: PairingResult) -> None:
+            await pairings.add(Pairing(
+                peer_device_id=result.peer_device_id, peer_device_name=result.peer_device_name,
+                app_id=result.peer_device_id, key=result.pairing_key, via="rendezvous",
+                paired_at=result.paired_at, role="mutual",
+            ))
+
+        return QrPairingService(identity=context.identity, device_name=context.device_name,
+                                rendezvous_url=self.config.offload.rendezvous_url, store_result=store,
+                                approve=self.on_qr_pairing, http=context.http)
 
     def _build_context(self) -> NodeContext:
         config = self.config
@@ -99,6 +127,7 @@ class Node:
             device_name=config.device_name or socket.gethostname(),
             registry=registry,
             inference=InferenceService(registry, limits),
+            capability=CapabilityService(config, registry, CapabilityStore(state_dir)),
             pairings=PairingStore.load_sync(state_dir),
             nonces=NonceCache(),
             approver=PairingApprover.from_config(config.security, hook=self.on_pairing_request),
@@ -126,6 +155,10 @@ class Node:
         if context is not None:
             if context.approver is not None:
                 context.approver.close()
+            if context.qr is not None:
+                await context.qr.close()
+            if context.capability is not None:
+                await context.capability.stop()
             await context.registry.stop()
             if context.audit is not None:
                 await context.audit.close()
@@ -177,6 +210,54 @@ class Node:
         body = {"model": model or self._embedding_model(), "input": inputs}
         result = await self._require().inference.embeddings(parse_embedding_request(body))
         return [item["embedding"] for item in result["data"]]
+
+    # -- capability ------------------------------------------------------------
+    async def probe_capability(self, model: str | None = None) -> CapabilityScore | None:
+        """Run a fresh probe of ``model`` (default: the default model) and persist the score.
+
+        As in the reference, a no-op returning ``None`` when offload is disabled.
+        """
+        service = self._require().capability
+        return None if service is None else await service.probe_capability(model)
+
+    async def get_capability(self, model_id: str | None = None) -> CapabilityScore | None:
+        """The cached probe or observed score, else a heuristic estimate (``source`` says which);
+        ``None`` when offload is disabled."""
+        service = self._require().capability
+        return None if service is None else service.get_capability(model_id)
+
+    # -- pairing -------------------------------------------------------------
+    async def pair_qr(self) -> dict[str, Any]:
+        """Start a QR pairing: the ``pair-qr`` body (payload, QR as text/SVG/PNG, session id)."""
+        from .security.qr_service import offer_to_json
+
+        qr = self._qr()
+        offer, _ = await qr.offer()
+        return offer_to_json(offer, rendezvous_url=self.config.offload.rendezvous_url or "")
+
+    async def wait_qr_pairing(self, session_id: str) -> dict[str, Any]:
+        """Wait until a QR offer is scanned and completed (or fails); its final status."""
+        return (await self._qr().wait(session_id)).to_json()
+
+    async def cancel_qr_pairing(self, session_id: str) -> dict[str, Any]:
+        return (await self._qr().cancel(session_id)).to_json()
+
+    async def pair_scan(self, payload: str) -> dict[str, Any]:
+        """Complete a QR pairing from a scanned ``dvai://pair?…`` payload."""
+        from .api.trust import pairing_error
+        from .security.qr_pairing import PairingFailedError
+        from .security.qr_service import result_to_json
+
+        try:
+            return result_to_json(await self._qr().scan(payload))
+        except PairingFailedError as exc:
+            raise pairing_error(exc) from exc
+
+    def _qr(self) -> QrPairingService:
+        qr = self._require().qr
+        if qr is None:
+            raise RuntimeError("QR pairing is not available")
+        return qr
 
     def _embedding_model(self) -> str:
         for model in self.config.models:

@@ -12,8 +12,11 @@ from typing import Any
 from aiohttp import web
 
 from ..context import CONTEXT, NodeContext
-from ..errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from ..errors import ConflictError, DVAIError, InvalidRequestError, NotFoundError, ServiceUnavailableError, UpstreamError
 from ..security import handle_handshake, pair_with
+from ..security.qr_pairing import PairingFailedError
+from ..security.qr_service import QrPairingService, offer_to_json, result_to_json
+from ..security.rendezvous_client import PairingExpiredError, RendezvousError
 from .middlewares import read_json
 
 routes = web.RouteTableDef()
@@ -129,3 +132,60 @@ def _int(query: Any, name: str) -> int | None:
         return int(value)
     except ValueError:
         raise InvalidRequestError(f"query parameter '{name}' must be an integer", param=name) from None
+
+
+# --- QR pairing through the rendezvous ---------------------------------------
+
+
+def _qr(request: web.Request) -> QrPairingService:
+    service = request.app[CONTEXT].qr
+    if service is None:
+        raise ServiceUnavailableError("QR pairing is not available on this node")
+    return service
+
+
+class PairingGoneError(DVAIError):
+    status = 410
+    error_type = "invalid_request_error"
+    code = "pairing_expired"
+
+
+def pairing_error(exc: PairingFailedError) -> DVAIError:
+    """How a failed QR exchange is reported: never with the key, always with the reason."""
+    if isinstance(exc, PairingExpiredError):
+        return PairingGoneError(f"the pairing session expired: {exc}")
+    if isinstance(exc, RendezvousError) and exc.status == 0:
+        return UpstreamError(f"cannot reach the rendezvous: {exc}", code="rendezvous_unreachable")
+    return ConflictError(f"pairing failed: {exc}", code="pairing_failed")
+
+
+@routes.post("/v1/dvai/pair-qr")
+async def pair_qr(request: web.Request) -> web.Response:
+    service = _qr(request)
+    offer, _ = await service.offer()
+    url = request.app[CONTEXT].config.offload.rendezvous_url or ""
+    return web.json_response(offer_to_json(offer, rendezvous_url=url))
+
+
+@routes.get("/v1/dvai/pair-qr/{session_id}")
+async def pair_qr_status(request: web.Request) -> web.Response:
+    return web.json_response(_qr(request).status(request.match_info["session_id"]).to_json())
+
+
+@routes.delete("/v1/dvai/pair-qr/{session_id}")
+async def pair_qr_cancel(request: web.Request) -> web.Response:
+    status = await _qr(request).cancel(request.match_info["session_id"])
+    return web.json_response(status.to_json())
+
+
+@routes.post("/v1/dvai/pair-scan")
+async def pair_scan(request: web.Request) -> web.Response:
+    service = _qr(request)
+    body = await read_json(request)
+    if not isinstance(body, dict) or not isinstance(body.get("payload"), str):
+        raise InvalidRequestError("expected {\"payload\": \"dvai://pair?...\"}", param="payload")
+    try:
+        result = await service.scan(body["payload"])
+    except PairingFailedError as exc:
+        raise pairing_error(exc) from exc
+    return web.json_response(result_to_json(result))
