@@ -66,7 +66,7 @@ def node_url(args: argparse.Namespace, config: NodeConfig) -> str:
     )
 
 
-async def call(method: str, url: str, body: Any = None, *, timeout: float = 30.0) -> Any:
+async def call(method: str, url: str, body: Any = None, *, timeout: float = 30.0) -> Any:  # noqa: ASYNC109
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         try:
             async with session.request(method, url, json=body) as response:

@@ -206,3 +206,25 @@ MAX_WARNING_KEYS = 1024
 
 MAX_PEER_WATCH_QUEUE = 256
 """change events buffered per ``PeerTable.watch()`` consumer; older ones are dropped."""
+
+# --- Capability (local tok/s scores) --------------------------------------------
+CAPABILITY_PROBE_MAX_TOKENS = 1024
+"""tokens one probe may ask for; bounds how long a probe holds its model's queue."""
+
+CAPABILITY_OBSERVED_ALPHA = 0.25
+"""EWMA weight of the newest served decode rate in the local ``observed`` score: a step
+change is 90 % reflected after 8 requests (1 − 0.75⁸), while one odd request moves the
+score by only a quarter of its deviation."""
+
+CAPABILITY_NOTIFY_MIN_CHANGE = 0.05
+"""relative change in a model's tok/s before capability subscribers (mDNS re-advertising)
+are told; smaller drifts from served traffic would only cause multicast churn."""
+
+CAPABILITY_MAX_TOK_PER_S = 100_000.0
+"""tok/s above which a rate is treated as garbage (from disk or a broken timer)."""
+
+CAPABILITY_STORE_MAX_ENTRIES = 256
+"""(model id, library version) scores kept in capability.json; the oldest go first."""
+
+CAPABILITY_FILE_MAX_BYTES = 1 << 20
+"""bytes; a larger capability.json is ignored (it is not ours, or it was tampered with)."""

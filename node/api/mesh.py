@@ -7,8 +7,11 @@ from typing import Any
 
 from aiohttp import web
 
+from ..capability import CapabilityDisabledError, CapabilityService, check_probe_tokens
 from ..context import CONTEXT, NodeContext
+from ..errors import InvalidRequestError
 from ..version import __version__
+from .middlewares import read_json
 
 routes = web.RouteTableDef()
 
@@ -44,3 +47,51 @@ async def health(request: web.Request) -> web.Response:
     status = 200 if body["status"] == "ok" else 503
     headers = {"Retry-After": "1"} if status == 503 else None
     return web.json_response(body, status=status, headers=headers)
+
+
+# -- capability ----------------------------------------------------------------------
+# Only meaningful with offload enabled (the reference's probeCapability is a no-op
+# otherwise): both routes answer 404 ``offload_disabled`` then, saying how to enable it.
+
+
+def capability_service(context: NodeContext) -> CapabilityService:
+    service = context.capability
+    if service is None or not service.enabled:
+        raise CapabilityDisabledError()
+    return service
+
+
+def capability_body(context: NodeContext, service: CapabilityService) -> dict[str, Any]:
+    return {
+        "deviceId": context.identity.device_id,
+        "models": {model_id: score.to_json() for model_id, score in service.scores().items()},
+        "minLocalCapability": context.config.offload.min_local_capability,
+    }
+
+
+def parse_probe_request(body: Any) -> tuple[str | None, int | None]:
+    """``{"model"?: id, "tokens"?: n}`` → (model, tokens); ``InvalidRequestError`` otherwise."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the probe body must be a JSON object: {\"model\"?: id, \"tokens\"?: n}")
+    unknown = sorted(set(body) - {"model", "tokens"})
+    if unknown:
+        raise InvalidRequestError(f"unknown probe parameter {unknown[0][:40]!r}", param=unknown[0][:40])
+    model, tokens = body.get("model"), body.get("tokens")
+    if model is not None and (not isinstance(model, str) or not 0 < len(model) <= 256):
+        raise InvalidRequestError("model must be a model id (a non-empty string)", param="model")
+    return model, None if tokens is None else check_probe_tokens(tokens)
+
+
+@routes.get("/v1/dvai/capability")
+async def capability(request: web.Request) -> web.Response:
+    context = request.app[CONTEXT]
+    return web.json_response(capability_body(context, capability_service(context)))
+
+
+@routes.post("/v1/dvai/probe")
+async def probe(request: web.Request) -> web.Response:
+    """Run a fresh probe (it waits its turn in the model's queue) and return the score."""
+    service = capability_service(request.app[CONTEXT])
+    model, tokens = parse_probe_request(await read_json(request) if request.body_exists else {})
+    score = await service.run_probe(model, tokens)
+    return web.json_response(score.to_json())

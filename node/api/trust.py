@@ -12,7 +12,14 @@ from typing import Any
 from aiohttp import web
 
 from ..context import CONTEXT, NodeContext
-from ..errors import ConflictError, DVAIError, InvalidRequestError, NotFoundError, ServiceUnavailableError, UpstreamError
+from ..errors import (
+    ConflictError,
+    DVAIError,
+    InvalidRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+    UpstreamError,
+)
 from ..security import handle_handshake, pair_with
 from ..security.qr_pairing import PairingFailedError
 from ..security.qr_service import QrPairingService, offer_to_json, result_to_json
