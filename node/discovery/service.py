@@ -72,15 +72,19 @@ class DiscoveryService:
             interval=self.config.health_interval, warn=self._warn, monotonic=self._monotonic,
         )
         self._health.start()
-        self._health.set_seeds("static", static_seeds)
-        if spec and function is not None:
-            self._custom = CustomDiscovery(
-                spec=spec, function=function, interval=self.config.custom_discovery_interval,
-                on_seeds=self._on_custom_seeds, warn=self._warn,
-            )
-            self._custom.start()
-        if self.config.discover_lan:
-            await self._start_mdns()
+        try:
+            self._health.set_seeds("static", static_seeds)
+            if spec and function is not None:
+                self._custom = CustomDiscovery(
+                    spec=spec, function=function, interval=self.config.custom_discovery_interval,
+                    on_seeds=self._on_custom_seeds, warn=self._warn,
+                )
+                self._custom.start()
+            if self.config.discover_lan:
+                await self._start_mdns()
+        except BaseException:
+            await self.stop()  # nothing started here outlives a failed start
+            raise
 
     async def update_advertisement(self) -> None:
         """Re-read ``advertised_info_provider()`` and re-announce if the TXT record changed."""
