@@ -92,6 +92,14 @@ class OffloadConfig:
     verify_max_age: float = 600.0
     """seconds a verified peer capability stays valid before it is re-checked."""
     circuit_break_s: float = 30.0
+    """seconds a failing peer is skipped (doubling on repeated failures, up to 600 s)."""
+    verify_timeout: float = 10.0
+    """seconds a verification probe of a peer may run; a request waits at most this long
+    for the probes that could change where it runs."""
+    forward_connect_timeout: float = 3.0
+    """seconds to connect to a peer before it counts as failed (the next peer is tried)."""
+    forward_read_timeout: float = 30.0
+    """seconds without a byte from a peer in the middle of an answer before it counts as failed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +115,9 @@ class SecurityConfig:
     trust_loopback: bool = True
     """loopback callers may call unsigned and reach admin endpoints; set false when a reverse
     proxy on this host forwards remote traffic (every caller would look like loopback)."""
+    public_metrics: bool = False
+    """serve ``GET /metrics`` to unsigned callers from the network (a Prometheus server on
+    another host); off: loopback callers and paired devices only, as any non-public path."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +130,8 @@ class AuditConfig:
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     state_dir: Path | None = None
+    cache_dir: Path | None = None
+    """where the built-in model is assembled; unset: the platform's user cache dir."""
     device_name: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     transport: Literal["http", "none"] = "http"
@@ -164,10 +177,29 @@ def load_config(
     merged: dict[str, Any] = {}
     if file is not None:
         merged = deep_merge(merged, read_toml(file))
-    merged = deep_merge(merged, env_to_mapping(os.environ if env is None else env))
+    from_env = env_to_mapping(os.environ if env is None else env)
+    if isinstance(from_env.get("models"), dict):
+        known = merged.get("models") if isinstance(merged.get("models"), dict) else {DEFAULT_MODEL_ID: {}}
+        merged["models"] = known
+        from_env["models"] = _match_env_models(from_env["models"], known)
+    merged = deep_merge(merged, from_env)
     if overrides:
-        merged = deep_merge(merged, dict(overrides))
+        overrides = dict(overrides)
+        if "models" in overrides:  # a flag (--model) replaces the model table outright
+            merged["models"] = overrides.pop("models")
+        merged = deep_merge(merged, overrides)
     return config_from_mapping(merged)
+
+
+def env_model_name(model_id: str) -> str:
+    """The environment spelling of a model id: ``gemma3-270m`` → ``GEMMA3_270M``."""
+    return model_id.upper().replace("-", "_").replace(".", "_")
+
+
+def _match_env_models(env_models: dict[str, Any], known: Mapping[str, Any]) -> dict[str, Any]:
+    """Environment names cannot hold ``-``: ``DVAI_MODELS__GEMMA3_270M__…`` means ``gemma3-270m``."""
+    by_env_name = {env_model_name(str(model_id)).lower(): str(model_id) for model_id in known}
+    return {by_env_name.get(name, name): value for name, value in env_models.items()}
 
 
 def read_toml(file: str | Path) -> dict[str, Any]:
@@ -223,7 +255,7 @@ class _EnvString(str):
 
 
 def _models_from_mapping(value: Any) -> tuple[ModelConfig, ...]:
-    if isinstance(value, (list, tuple)) and all(isinstance(v, ModelConfig) for v in value):
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, ModelConfig) for v in value):
         return tuple(value)
     if isinstance(value, _EnvString):
         value = _parse_json(value, "models")
@@ -366,3 +398,6 @@ def _check(config: NodeConfig) -> None:
         raise ConfigError("max_blank_chunks: expected a positive integer")
     if config.offload.probe_tokens < 2:
         raise ConfigError("offload.probe_tokens: expected an integer of at least 2")
+    for key in ("verify_timeout", "forward_connect_timeout", "forward_read_timeout", "circuit_break_s"):
+        if not getattr(config.offload, key) > 0:
+            raise ConfigError(f"offload.{key}: expected a positive number of seconds")

@@ -128,10 +128,6 @@ class QueueFullError(ServiceUnavailableError):
     code = "queue_full"
 
 
-class ModelLoadingError(ServiceUnavailableError):
-    code = "model_loading"
-
-
 class ModelUnavailableError(ServiceUnavailableError):
     code = "model_unavailable"
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .api.schemas import ChatRequest, CompletionRequest, EmbeddingRequest
+from .config import env_model_name
 from .engine.base import GenerationOutcome
 from .engine.registry import ModelRegistry
 from .engine.slot import GenerationJob, ModelSlot
@@ -193,7 +194,7 @@ class InferenceService:
 
             raise InvalidRequestError(
                 f"model '{slot.info.id}' does not serve embeddings; enable them with `embedding = true` "
-                f"under [models.{slot.info.id}] (or DVAI_MODELS__{slot.info.id.upper().replace('-', '_')}"
+                f"under [models.{slot.info.id}] (or DVAI_MODELS__{env_model_name(slot.info.id)}"
                 "__EMBEDDING=true), or use a model listed with 'embedding' in /v1/models",
                 param="model",
                 code="embeddings_not_enabled",

@@ -45,7 +45,28 @@ def test_state_dir_and_models_from_env(tmp_path: Path) -> None:
     config = load_config(env={"DVAI_STATE_DIR": str(tmp_path), "DVAI_MODELS__TINY__CTX_SIZE": "2048",
                               "DVAI_MODELS__TINY__EMBEDDING": "yes"})
     assert config.state_dir == tmp_path
-    assert config.models[0].id == "tiny" and config.models[0].ctx_size == 2048 and config.models[0].embedding
+    tiny = config.models[1]  # added beside the built-in default, not instead of it
+    assert [m.id for m in config.models] == ["gemma3-270m", "tiny"]
+    assert tiny.ctx_size == 2048 and tiny.embedding
+
+
+def test_env_names_reach_model_ids_with_dashes(tmp_path: Path) -> None:
+    config = load_config(env={"DVAI_MODELS__GEMMA3_270M__EMBEDDING": "true"})
+    assert [(m.id, m.embedding) for m in config.models] == [("gemma3-270m", True)]
+    file = write(tmp_path, "[models.my-chat]\nctx_size = 1024\n")
+    config = load_config(file, env={"DVAI_MODELS__MY_CHAT__CTX_SIZE": "2048"})
+    assert [(m.id, m.ctx_size) for m in config.models] == [("my-chat", 2048)]
+
+
+def test_model_flag_replaces_the_model_table(tmp_path: Path) -> None:
+    file = write(tmp_path, "[models.a]\n[models.b]\n")
+    config = load_config(file, env={}, overrides={"models": {"other": {"path": "/m/other.gguf"}}})
+    assert [m.id for m in config.models] == ["other"]
+
+
+def test_empty_model_table_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="models"):
+        load_config(write(tmp_path, "models = []\n"), env={})
 
 
 def test_model_tables_and_lists(tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ async def test_a_missing_model_file_is_reported_not_crashed(tmp_path: Path) -> N
     async with Node(cfg) as node, aiohttp.ClientSession() as session:
         health = await session.get(node.base_url[:-3] + "/v1/dvai/health")
         body = await health.json()
-        assert health.status == 503 and body["status"] == "degraded"
+        assert health.status == 503 and body["status"] == "failed"
         assert "not found" in body["models"][0]["error"]
         response = await session.post(node.base_url + "/completions", json={"model": "ghost", "prompt": "x"})
         assert response.status == 503

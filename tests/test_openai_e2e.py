@@ -256,3 +256,28 @@ async def test_health_reports_models_and_identity(real_node: NodeProcess) -> Non
     assert {m["id"] for m in body["models"]} == {"gemma3-270m", "gemma-embed"}
     assert all(m["loaded"] and m["queueDepth"] >= 0 for m in body["models"])
     assert body["uptimeS"] > 0
+
+
+async def test_stream_carries_request_id_and_context_errors_name_the_field(real_node: NodeProcess) -> None:
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(real_node.base_url + "/completions", headers={"X-Request-Id": "req-42"},
+                                      json={"model": "gemma3-270m", "prompt": "Hi", "max_tokens": 2, "stream": True})
+        await response.read()
+        assert response.headers["X-Request-Id"] == "req-42"
+        huge = "word " * 5000  # beyond the 4096-token context
+        too_long = await session.post(real_node.base_url + "/completions",
+                                      json={"model": "gemma3-270m", "prompt": huge, "max_tokens": 2})
+        error = (await too_long.json())["error"]
+        assert too_long.status == 400 and error["code"] == "context_length_exceeded"
+        assert error["param"] == "prompt"
+        chat = await session.post(real_node.base_url + "/chat/completions",
+                                  json={"model": "gemma3-270m", "max_tokens": 2,
+                                        "messages": [{"role": "user", "content": huge}]})
+        assert (await chat.json())["error"]["param"] == "messages"
+
+
+async def test_seed_makes_sampling_repeatable(real_node: NodeProcess) -> None:
+    async with client(real_node) as api:
+        runs = [await api.completions.create(model="gemma3-270m", prompt="Once upon a time", max_tokens=12,
+                                             temperature=1.0, seed=1234) for _ in range(2)]
+    assert runs[0].choices[0].text == runs[1].choices[0].text

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.engine.textstream import StopMatcher, ThinkFilter
+from node.engine.textstream import ReasoningBudget, StopMatcher, ThinkFilter
 
 
 def run(filter_: StopMatcher | ThinkFilter, pieces: list[str]) -> str:
@@ -53,3 +53,27 @@ def test_think_filter_ignores_chunk_boundaries(before: str, after: str, data: st
     text = f"{before}<think>hidden</think>{after}"
     pieces = data.draw(splits(text))
     assert run(ThinkFilter(), pieces) == before + after
+
+
+def test_reasoning_budget_zero_closes_as_soon_as_thinking_starts() -> None:
+    budget = ReasoningBudget(0)
+    assert budget.feed("Sure. ") == "Sure. " and not budget.should_close()
+    assert budget.feed("<think>") == ""
+    assert budget.should_close()
+    assert budget.force_close() == ""
+    assert not budget.should_close()
+    assert budget.feed("The answer is 4.") + budget.flush() == "The answer is 4."
+
+
+def test_reasoning_budget_allows_n_tokens_of_thought_then_closes() -> None:
+    budget = ReasoningBudget(3)
+    seen = [budget.feed(t) for t in ["<think>", "a", "b"]]
+    assert seen == ["", "", ""] and budget.should_close()  # 3 tokens inside: the budget is spent
+    budget.force_close()
+    assert budget.feed("done") == "done"
+
+
+def test_reasoning_budget_closed_by_the_model_itself() -> None:
+    budget = ReasoningBudget(100)
+    text = "".join(budget.feed(t) for t in ["<think>", "hmm", "</think>", "\n", "Yes"]) + budget.flush()
+    assert text == "Yes" and not budget.should_close()

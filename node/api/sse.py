@@ -9,7 +9,9 @@ from typing import Any
 
 from aiohttp import web
 
+from ..constants import REQUEST_ID_HEADER
 from ..errors import DVAIError
+from .middlewares import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ async def stream_events(
         except StopAsyncIteration:
             first = None
         response = web.StreamResponse(headers={**SSE_HEADERS, **(headers or {})})
+        request_id = request.get(REQUEST_ID)
+        if request_id:
+            response.headers[REQUEST_ID_HEADER] = request_id
         await response.prepare(request)
         try:
             if first is not None:

@@ -123,7 +123,7 @@ async def audit(request: web.Request) -> web.Response:
         "since": _int(query, "since"),
         "until": _int(query, "until"),
         "status": _int(query, "status"),
-        "app_id": query.get("app_id") or query.get("appId"),
+        "app_id": query.get("app_id") or query.get("appId") or query.get("app"),
         "peer": query.get("peer"),
         "limit": min(_int(query, "limit") or 100, 10_000),
     }

@@ -19,7 +19,7 @@ _CHUNK = 1 << 20
 def default_cache_dir() -> Path:
     from platformdirs import user_cache_dir
 
-    return Path(os.environ.get("DVAI_CACHE_DIR") or user_cache_dir("dvai-mesh"))
+    return Path(user_cache_dir("dvai-mesh"))
 
 
 def default_model_path(cache_dir: Path | None = None, *, progress: bool | None = None) -> Path:

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import env_model_name
 from ..errors import EngineError, InvalidRequestError
 from .base import ChatMessage, EmbeddingResult, GenerationOutcome, ModelInfo, SamplingParams, TokenSink
-from .chat_format import render_gemma, render_named_format, render_template
-from .textstream import StopMatcher, ThinkFilter
+from .chat_format import known_chat_formats, render_gemma, render_named_format, render_template
+from .textstream import ReasoningBudget, StopMatcher
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class LlamaEngine:
         self._chat_mode: str = "gemma"
         self._template: str | None = None
         self._eog_ban: Any = None
+        self._close_tokens: list[int] | None = None
 
     # -- lifecycle -----------------------------------------------------------
     def load(self) -> None:
@@ -81,6 +83,12 @@ class LlamaEngine:
     def _choose_chat_mode(self) -> None:
         metadata = self._llm.metadata or {}
         if self.info.chat_format:
+            known = known_chat_formats()
+            if self.info.chat_format not in known:
+                raise EngineError(
+                    f"unknown chat_format '{self.info.chat_format}' for model '{self.info.id}'; "
+                    f"known formats: {', '.join(known)}"
+                )
             self._chat_mode = self.info.chat_format
         elif metadata.get("tokenizer.chat_template"):
             self._chat_mode = "template"
@@ -137,12 +145,17 @@ class LlamaEngine:
             )
         room = n_ctx - len(tokens)
         limit = room if params.max_tokens is None else min(params.max_tokens, room)
-        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        if params.seed is not None:
+            # Reusing a cached prompt prefix changes the logits' rounding; a seeded request
+            # evaluates its whole prompt so the same request samples the same text.
+            llm.reset()
+        seed = params.seed if params.seed is not None else self._seed
+        llm.set_seed(seed if seed is not None else random.getrandbits(31))
         vocab = llm._model.vocab
         outcome = GenerationOutcome(prompt_tokens=len(tokens), finish_reason="length")
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(params.stop)
-        think = ThinkFilter() if self._reasoning_budget == 0 else None
+        reasoning = ReasoningBudget(self._reasoning_budget) if self._reasoning_budget is not None else None
         processors = self._eog_processor() if params.ignore_eos else None
         generator = llm.generate(
             tokens,
@@ -156,9 +169,8 @@ class LlamaEngine:
             logits_processor=processors,
         )
         try:
-            for token in generator:
-                if cancel.is_set():
-                    break
+            token = next(generator)
+            while not cancel.is_set():
                 if not params.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
                     outcome.finish_reason = "stop"
                     break
@@ -169,24 +181,39 @@ class LlamaEngine:
                 if record_token_times:
                     outcome.token_times.append(now)
                 outcome.completion_tokens += 1
-                text = decoder.decode(llm.detokenize([token]))
-                if think is not None:
-                    text = think.feed(text)
-                sink(stops.feed(text))
+                raw = decoder.decode(llm.detokenize([token]))
+                visible = reasoning.feed(raw) if reasoning is not None else raw
+                inject = None
+                if reasoning is not None and reasoning.should_close():
+                    inject = self._close_reasoning_tokens()
+                    outcome.completion_tokens += len(inject)
+                    visible += reasoning.force_close()
+                visible = stops.feed(visible)
+                if visible or not raw:
+                    sink(visible)  # "" only for a token that decodes to nothing (max_blank_chunks)
                 if stops.stopped:
                     outcome.finish_reason = "stop"
                     break
                 if outcome.completion_tokens >= limit:
                     break
+                token = generator.send(inject)
+        except StopIteration:
+            pass
         finally:
             generator.close()
         tail = decoder.decode(b"", final=True)
-        if think is not None:
-            tail = think.feed(tail) + think.flush()
+        if reasoning is not None:
+            tail = reasoning.feed(tail) + reasoning.flush()
         tail = stops.feed(tail) + stops.flush()
         if tail:
             sink(tail)
         return outcome
+
+    def _close_reasoning_tokens(self) -> list[int]:
+        if self._close_tokens is None:
+            text = ReasoningBudget.CLOSE_TEXT.encode()
+            self._close_tokens = list(self._llm.tokenize(text, add_bos=False, special=True))
+        return self._close_tokens
 
     def _eog_processor(self) -> Any:
         if self._eog_ban is None:
@@ -198,7 +225,7 @@ class LlamaEngine:
         if not self.info.embedding:
             raise InvalidRequestError(
                 f"model '{self.info.id}' is not in embedding mode; set `embedding = true` "
-                f"in its [models.{self.info.id}] config (or DVAI_MODELS__{self.info.id.upper()}"
+                f"in its [models.{self.info.id}] config (or DVAI_MODELS__{env_model_name(self.info.id)}"
                 "__EMBEDDING=true) to serve /v1/embeddings",
                 param="model",
                 code="embeddings_not_enabled",

@@ -58,10 +58,10 @@ class ModelRegistry:
         self.started_at = time.time()
 
     @classmethod
-    def from_config(cls, config: NodeConfig, *, cache_dir: Path | None = None) -> ModelRegistry:
+    def from_config(cls, config: NodeConfig) -> ModelRegistry:
         slots = []
         for model in config.models:
-            engine = build_engine(model, cache_dir=cache_dir)
+            engine = build_engine(model, cache_dir=config.cache_dir)
             slots.append(
                 (model, ModelSlot(engine, queue_depth=model.queue_depth, keep_alive=model.keep_alive))
             )
@@ -88,6 +88,15 @@ class ModelRegistry:
         """Every preloaded model is loaded (the health endpoint's ``ok`` vs ``loading``)."""
         return all(
             self._slots[model_id].state == "ready"
+            for model_id, cfg in self._configs.items()
+            if cfg.preload
+        )
+
+    @property
+    def loading(self) -> bool:
+        """A preloaded model is still on its way (not yet ready, not failed)."""
+        return any(
+            self._slots[model_id].state in ("unloaded", "loading")
             for model_id, cfg in self._configs.items()
             if cfg.preload
         )

@@ -102,7 +102,13 @@ class Generation:
                         params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *stops))))
                 else:
                     prompt, params = job.prompt or "", job.params
-                return engine.generate(prompt, params, sink, cancel, record_token_times=job.record_token_times)
+                try:
+                    return engine.generate(prompt, params, sink, cancel,
+                                           record_token_times=job.record_token_times)
+                except DVAIError as exc:
+                    if exc.param in ("messages", "prompt"):  # name the field the client sent
+                        exc.param = "messages" if job.messages is not None else "prompt"
+                    raise
 
             future = loop.run_in_executor(slot.executor, work)
             future.add_done_callback(lambda _f: queue.put_nowait(None))

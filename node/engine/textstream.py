@@ -48,9 +48,13 @@ class ThinkFilter:
     def __init__(self) -> None:
         self._held = ""
         self._inside = False
+        self._after_close = False
 
     def feed(self, text: str) -> str:
         buffer = self._held + text
+        if self._after_close and not self._inside:
+            buffer = buffer.lstrip("\n")  # the blank line a model puts after its reasoning
+            self._after_close = not buffer
         out: list[str] = []
         while buffer:
             tag = self.CLOSE if self._inside else self.OPEN
@@ -62,6 +66,7 @@ class ThinkFilter:
                 self._inside = not self._inside
                 if not self._inside:
                     buffer = buffer.lstrip("\n")
+                    self._after_close = not buffer
                 continue
             keep = _longest_partial_suffix(buffer, (tag,))
             if not self._inside:
@@ -71,9 +76,48 @@ class ThinkFilter:
         self._held = buffer
         return "".join(out)
 
+    @property
+    def inside(self) -> bool:
+        """True while the stream is inside a reasoning block."""
+        return self._inside
+
     def flush(self) -> str:
         held, self._held = self._held, ""
         return "" if self._inside else held
+
+
+class ReasoningBudget:
+    """Hides reasoning blocks and ends them after ``budget`` tokens (0: as soon as one opens).
+
+    The engine asks :meth:`should_close` after each token; when it says so, the
+    engine feeds :attr:`CLOSE_TEXT` to the model as if generated (so the model
+    moves on to its answer) and calls :meth:`force_close`.
+    """
+
+    CLOSE_TEXT = "</think>\n\n"
+
+    def __init__(self, budget: int) -> None:
+        if budget < 0:
+            raise ValueError("a reasoning budget is a number of tokens, 0 or more")
+        self.budget = budget
+        self.think_tokens = 0
+        self._filter = ThinkFilter()
+
+    def feed(self, text: str) -> str:
+        """One token's text in; the visible part out."""
+        visible = self._filter.feed(text)
+        if self._filter.inside:
+            self.think_tokens += 1
+        return visible
+
+    def should_close(self) -> bool:
+        return self._filter.inside and self.think_tokens >= self.budget
+
+    def force_close(self) -> str:
+        return self._filter.feed(self.CLOSE_TEXT)
+
+    def flush(self) -> str:
+        return self._filter.flush()
 
 
 def _first_match(buffer: str, stops: tuple[str, ...]) -> int | None:
