@@ -139,6 +139,7 @@ def _models(args: argparse.Namespace, config: NodeConfig) -> int:
 
 
 from . import cli_admin  # noqa: E402,F401 - registers pair / pairing / audit
+from .capability import command as _capability_command  # noqa: E402,F401 - registers probe
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())

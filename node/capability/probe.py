@@ -1,0 +1,145 @@
+"""The probe: a cold run of N decode tokens on a model's slot, timed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from ..constants import CAPABILITY_MAX_TOK_PER_S, CAPABILITY_PROBE_MAX_TOKENS, DEFAULT_GENERATION_TIMEOUT
+from ..engine.base import GenerationOutcome, SamplingParams
+from ..engine.slot import ModelSlot
+from ..errors import DVAIError, EngineError, GenerationTimeoutError, InvalidRequestError
+from ..inference import decode_rate
+from .score import CapabilityScore, library_version_for, prompt_rate
+
+log = logging.getLogger(__name__)
+
+PROBE_PROMPT = (
+    "Note {salt}. The following is a short description of an ordinary day in a small coastal "
+    "town, written in plain and simple language for a general audience. In the morning, the"
+)
+"""A few dozen tokens of plain prose any text model can continue. The leading salt defeats
+llama.cpp's prompt-prefix cache, so every probe evaluates its whole prompt (a cold run)."""
+
+WARM_UP_TOKENS = 2
+"""decode tokens of the untimed run before the timed one (see ``probe``)."""
+
+
+async def probe(
+    slot: ModelSlot,
+    tokens: int = 50,
+    *,
+    library_version: str | None = None,
+    prompt: str | None = None,
+    time_limit: float = DEFAULT_GENERATION_TIMEOUT,
+    on_token: Callable[[], None] | None = None,
+    now: Callable[[], float] = time.time,
+) -> CapabilityScore:
+    """Time ``tokens`` decode tokens on ``slot``, after waiting its turn in the model's queue.
+
+    End of sequence is suppressed, so exactly ``tokens`` tokens are produced (fewer only
+    when the context fills). Greedy sampling keeps runs comparable; a 2-token untimed run
+    precedes the timed one. ``on_token`` is called on the event loop as each timed token
+    arrives (for progress displays).
+    """
+    check_probe_tokens(tokens)
+    if slot.info.embedding:
+        raise InvalidRequestError(
+            f"model '{slot.info.id}' serves embeddings; only text-generation models can be probed",
+            param="model",
+        )
+    salt = random.randrange(10**6)
+    text = prompt if prompt is not None else PROBE_PROMPT.format(salt=salt)
+    params = SamplingParams(
+        max_tokens=tokens, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, seed=0, ignore_eos=True
+    )
+    async with slot.turn():
+        await slot.ensure_loaded()
+        # A short untimed run first: one-off first-use costs of a freshly loaded model (compute
+        # buffers, first touch of the weights) would otherwise read 5-15 % slow on decode and
+        # ~2x slow on the prompt. Its different salt keeps the timed prompt uncached.
+        warm_up = replace(params, max_tokens=WARM_UP_TOKENS)
+        await _run_on_worker(slot, PROBE_PROMPT.format(salt=salt + 1), warm_up, time_limit, None)
+        started, outcome = await _run_on_worker(slot, text, params, time_limit, on_token)
+    if library_version is None:
+        library_version = await asyncio.to_thread(library_version_for, slot.engine)
+    return score_from_outcome(
+        slot.info.id, outcome, started, library_version=library_version, measured_at=now()
+    )
+
+
+def check_probe_tokens(tokens: object) -> int:
+    """``tokens`` if it is a usable probe length, else ``InvalidRequestError``."""
+    if (
+        not isinstance(tokens, int)
+        or isinstance(tokens, bool)
+        or not 2 <= tokens <= CAPABILITY_PROBE_MAX_TOKENS
+    ):
+        raise InvalidRequestError(
+            f"tokens must be an integer from 2 to {CAPABILITY_PROBE_MAX_TOKENS}", param="tokens"
+        )
+    return tokens
+
+
+def score_from_outcome(
+    model_id: str, outcome: GenerationOutcome, started: float, *, library_version: str, measured_at: float
+) -> CapabilityScore:
+    """The probe score of one timed run (``started``: ``perf_counter()`` when the engine began)."""
+    rate = decode_rate(outcome)
+    if rate is None:
+        raise EngineError(f"the probe of '{model_id}' produced too few tokens to time")
+    return CapabilityScore(
+        model_id=model_id,
+        tok_per_s=min(rate, CAPABILITY_MAX_TOK_PER_S),
+        prompt_tok_per_s=prompt_rate(outcome.prompt_tokens, started, outcome.first_token_at),
+        measured_at=measured_at,
+        library_version=library_version,
+        source="probe",
+        samples=outcome.completion_tokens,
+    )
+
+
+async def _run_on_worker(
+    slot: ModelSlot,
+    prompt: str,
+    params: SamplingParams,
+    time_limit: float,
+    on_token: Callable[[], None] | None,
+) -> tuple[float, GenerationOutcome]:
+    """Run the engine on the model's thread; the caller holds the slot's turn.
+
+    Not through ``ModelSlot.generate``: the probe needs the moment the engine starts (for
+    the prompt rate), and its run must not reach the slot's listeners as served traffic.
+    """
+    loop = asyncio.get_running_loop()
+    cancel = threading.Event()
+
+    def sink(_text: str) -> None:
+        if on_token is not None:
+            loop.call_soon_threadsafe(on_token)
+
+    def work() -> tuple[float, GenerationOutcome]:
+        started = time.perf_counter()
+        return started, slot.engine.generate(prompt, params, sink, cancel, record_token_times=True)
+
+    future = loop.run_in_executor(slot.executor, work)
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), time_limit)
+    except TimeoutError:
+        raise GenerationTimeoutError(f"the capability probe took longer than {time_limit:g} s") from None
+    except DVAIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - engine internals never reach the client
+        log.exception("capability probe failed")
+        raise EngineError("the engine failed during the capability probe; see the node log") from exc
+    finally:
+        if not future.done():
+            cancel.set()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(future)
