@@ -57,7 +57,9 @@ def node_config(tmp_path: Path, *, enabled: bool = True, probe_on_start: bool = 
         # One thread: two llama.cpp threads on a busy 2-core machine stall on each other and
         # make every figure (and the heuristic's comparison with the probe) erratic.
         "models": models or {"gemma3-270m": {"ctx_size": 512, "threads": 1}},
-        "offload": {"enabled": enabled, "probe_on_start": probe_on_start, "probe_tokens": PROBE_TOKENS},
+        # No mDNS: these tests stay on loopback (discovery has its own tests).
+        "offload": {"enabled": enabled, "probe_on_start": probe_on_start, "probe_tokens": PROBE_TOKENS,
+                    "discover_lan": False},
     })
 
 

@@ -98,9 +98,7 @@ class CapabilityService:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- reading -------------------------------------------------------------------
     def get_capability(self, model_id: str | None = None) -> CapabilityScore | None:
