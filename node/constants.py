@@ -228,3 +228,19 @@ CAPABILITY_STORE_MAX_ENTRIES = 256
 
 CAPABILITY_FILE_MAX_BYTES = 1 << 20
 """bytes; a larger capability.json is ignored (it is not ours, or it was tampered with)."""
+
+# --- Metrics (GET /metrics) -----------------------------------------------------
+# Prometheus keeps every label value it has seen for the life of the process: a label
+# whose values come from the network needs a cap. Past a cap, values share "other".
+MAX_METRIC_PEER_LABELS = 32
+"""distinct peer device ids with their own ``peer`` label in the offload metrics; each costs
+4 series for the life of the process, so a churning LAN cannot grow the scrape without bound."""
+
+MAX_METRIC_REMOTE_MODELS = 16
+"""distinct model ids served by peers (unknown to this node) with their own ``model`` label."""
+
+MAX_METRIC_ERROR_CODES = 64
+"""distinct error ``code`` label values (ours are a fixed set; relayed peer codes are not)."""
+
+MAX_METRIC_LABEL_CHARS = 128
+"""characters of one label value; longer values are cut."""
