@@ -59,10 +59,12 @@ def start_node_process(
     args: list[str] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 60.0,
+    prefix: list[str] | None = None,
 ) -> NodeProcess:
     """Run ``dvai-node serve`` as a real process; wait until it prints ``ready``."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "node", "serve", "--state-dir", str(state_dir), "--port", "0"]
+    command = [*(prefix or []), sys.executable, "-m", "node", "serve", "--state-dir", str(state_dir),
+               "--port", "0"]
     if config_text is not None:
         config = state_dir / "node.toml"
         config.write_text(config_text)
