@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .api import mesh, openai, trust
+from .api import mesh, offload, openai, trust
 from .api.middlewares import REQUEST_ID, error_middleware, origin_middleware
 from .context import CONTEXT, NodeContext
 from .security import make_audit_middleware, make_security_middleware
@@ -34,6 +34,7 @@ def build_app(
     app.add_routes(openai.routes)
     app.add_routes(mesh.routes)
     app.add_routes(trust.routes)
+    app.add_routes(offload.routes)
     for table in route_tables:
         app.add_routes(table)
     return app

@@ -244,3 +244,32 @@ MAX_METRIC_ERROR_CODES = 64
 
 MAX_METRIC_LABEL_CHARS = 128
 """characters of one label value; longer values are cut."""
+
+# --- Offload: verification probes and forwarding --------------------------------
+VERIFY_PROBE_TOKENS = 32
+"""tokens a verification probe asks a peer for: 31 timed intervals give a rate within a few
+per cent on a LAN, and cost a 40 tok/s peer under a second of its engine."""
+
+VERIFY_MIN_TOKENS = 4
+"""content events a probe must deliver before its rate counts (fewer: inconclusive)."""
+
+MAX_CONCURRENT_VERIFICATIONS = 4
+"""verification probes in flight at once; more wait their turn, so a LAN full of peers
+cannot make this node open unbounded connections or spend a peer's engine all at once."""
+
+VERIFY_RETRY_AFTER_S = 30.0
+"""seconds before a peer whose probe was inconclusive (too few tokens, a bad stream) is
+probed again; a peer that refused the connection is circuit-broken instead."""
+
+VERIFY_REFRESH_FRACTION = 0.8
+"""a verification older than this fraction of ``verify_max_age`` is renewed in the
+background while the peer keeps serving, so a busy route never waits for a re-probe."""
+
+MAX_VERIFICATIONS = 4096
+"""(peer, model) verification results kept; bounds memory a flood of device ids can force."""
+
+FORWARD_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+"""bytes of a non-streamed answer we take from a peer; more is a broken or hostile peer."""
+
+FORWARD_MAX_EVENT_BYTES = 1024 * 1024
+"""bytes of one server-sent event from a peer (a token is a few hundred bytes at most)."""

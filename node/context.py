@@ -21,6 +21,7 @@ from .inference import InferenceService
 
 if TYPE_CHECKING:
     from .capability import CapabilityService
+    from .offload.router import OffloadRouter
     from .security import AuditLog, NonceCache, PairingApprover, PairingStore
     from .security.qr_service import QrPairingService
 
@@ -43,6 +44,8 @@ class NodeContext:
     """The node's outgoing HTTP client (pairing, health checks, forwarding)."""
     capability: CapabilityService | None = None
     """Local tok/s scores per model (node/capability); inert unless offload is enabled."""
+    router: OffloadRouter | None = None
+    """Decides per request: local, forwarded to a peer, or refused (offload enabled, HTTP only)."""
     extras: dict[str, Any] = field(default_factory=dict)
     """Components added by optional features (discovery, router, …)."""
 

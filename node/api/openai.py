@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..constants import SERVED_BY_HEADER
 from ..context import CONTEXT
 from ..inference import UsageRecord
 from ..security import AUDIT_DETAILS_KEY
-from .middlewares import read_json
+from .middlewares import REQUEST_ID, read_json
 from .schemas import parse_chat_request, parse_completion_request, parse_embedding_request
 from .sse import stream_events
 
@@ -21,13 +22,18 @@ routes = web.RouteTableDef()
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     parsed = parse_chat_request(await read_json(request))
+    details = audit_details(request, parsed.model)
+    forwarded = await offload(request, parsed.model, parsed.stream)
+    if forwarded is not None:
+        return forwarded
     service = request.app[CONTEXT].inference
     usage = UsageRecord(model=parsed.model)
-    details = audit_details(request, parsed.model)
+    headers = served_by_header(request)
     try:
         if parsed.stream:
-            return await stream_events(request, service.chat_stream(parsed, usage), details=details)
-        return web.json_response(await service.chat(parsed, usage))
+            return await stream_events(request, service.chat_stream(parsed, usage), headers=headers,
+                                       details=details)
+        return web.json_response(await service.chat(parsed, usage), headers=headers)
     finally:
         record_usage(details, usage)
 
@@ -35,13 +41,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     parsed = parse_completion_request(await read_json(request))
+    details = audit_details(request, parsed.model)
+    forwarded = await offload(request, parsed.model, parsed.stream)
+    if forwarded is not None:
+        return forwarded
     service = request.app[CONTEXT].inference
     usage = UsageRecord(model=parsed.model)
-    details = audit_details(request, parsed.model)
+    headers = served_by_header(request)
     try:
         if parsed.stream:
-            return await stream_events(request, service.completion_stream(parsed, usage), details=details)
-        return web.json_response(await service.completion(parsed, usage))
+            return await stream_events(request, service.completion_stream(parsed, usage), headers=headers,
+                                       details=details)
+        return web.json_response(await service.completion(parsed, usage), headers=headers)
     finally:
         record_usage(details, usage)
 
@@ -51,8 +62,9 @@ async def embeddings(request: web.Request) -> web.Response:
     parsed = parse_embedding_request(await read_json(request))
     usage = UsageRecord(model=parsed.model)
     details = audit_details(request, parsed.model)
-    try:
-        return web.json_response(await request.app[CONTEXT].inference.embeddings(parsed, usage))
+    try:  # always local: embeddings are not offloaded (docs/offload.md)
+        return web.json_response(await request.app[CONTEXT].inference.embeddings(parsed, usage),
+                                 headers=served_by_header(request))
     finally:
         record_usage(details, usage)
 
@@ -60,6 +72,23 @@ async def embeddings(request: web.Request) -> web.Response:
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
     return web.json_response(request.app[CONTEXT].inference.list_models())
+
+
+async def offload(request: web.Request, model: str, stream: bool) -> web.StreamResponse | None:
+    """Let the offload router place the request: the forwarded answer, or None to serve it here.
+
+    Without a router (offload disabled) ``X-DVAI-Offload`` is ignored: the node behaves exactly
+    as a single node, as the reference's library does with offload unset.
+    """
+    router = request.app[CONTEXT].router
+    if router is None:
+        return None
+    return await router.route(request, model, stream=stream, request_id=request.get(REQUEST_ID, ""))
+
+
+def served_by_header(request: web.Request) -> dict[str, str]:
+    """``X-DVAI-Served-By``: this device's id on answers served here."""
+    return {SERVED_BY_HEADER: request.app[CONTEXT].identity.device_id}
 
 
 def audit_details(request: web.Request, model: str) -> dict[str, object]:

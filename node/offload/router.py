@@ -1,0 +1,423 @@
+"""The offload router: per request, run it here, forward it to a peer, or refuse.
+
+It gathers what :func:`node.offload.policy.decide` needs (the local capability from the
+``CapabilityService``, one ``PeerCandidate`` per peer in the ``PeerTable`` with pairing,
+verification and health filled in), verifies peers when the decision says it could
+matter, and forwards with the :class:`~node.offload.forward.Forwarder`, falling back to
+the next peer (or this device under ``prefer``) when a peer fails before its first byte.
+
+Integration (``node/runtime.py`` and ``node/api/openai.py``)::
+
+    router = OffloadRouter.from_context(context, on_offload=callback)   # offload enabled, HTTP
+    await router.start()            # after discovery started (needs context.peers)
+    ...
+    response = await router.route(request, model, stream=..., request_id=...)
+    if response is not None: return response      # forwarded
+    ...local path...                               # None: serve locally
+    await router.stop()             # before the HTTP client session closes
+
+``route`` raises ``InvalidRequestError`` (400) for a bad ``X-DVAI-Offload`` header and
+``NoCapableDeviceError`` (503) under ``require`` when no device qualifies.
+
+Hop marker: a request carrying ``X-DVAI-Hop`` was forwarded to us. Signed by a paired
+device it is served here whatever its ``X-DVAI-Offload`` (decision rule 1). Unsigned, the
+marker proves nothing: the request is handled as a normal request that may not be
+forwarded (``require`` is then judged on the local score alone), so an anonymous client
+can neither make a ring loop nor skip the threshold by adding the header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from node.config import NodeConfig
+from node.constants import HOP_HEADER, OFFLOAD_HEADER, VERIFY_REFRESH_FRACTION
+from node.discovery.peers import Peer, PeerChange, PeerChangeKind, PeerTable
+from node.engine.registry import ModelRegistry
+from node.errors import DVAIError
+from node.security import AUDIT_DETAILS_KEY, PairingStore, attribution_of
+
+from .forward import Forwarder, ForwardResult, ForwardSettings, ForwardStatus, ForwardTarget
+from .health import BreakerSettings, PeerAttempt, PeerHealthBook, apply_health
+from .policy import (
+    LocalState,
+    NoCapableDeviceError,
+    OffloadAction,
+    OffloadDecision,
+    OffloadMode,
+    PeerCandidate,
+    PolicySettings,
+    decide,
+    parse_offload_header,
+)
+from .verify import PeerVerifier, ProbeTarget, measure_decode_rate
+
+if TYPE_CHECKING:
+    from node.capability import CapabilityService
+    from node.context import NodeContext
+
+__all__ = ["OffloadCallback", "OffloadRouter"]
+
+log = logging.getLogger(__name__)
+
+OffloadCallback = Callable[[Peer], object]
+"""``on_offload(peer)``: called when a peer starts serving a forwarded request (the reference's
+``onOffload``). Runs on the event loop; it must not block. A returned awaitable is run as a
+task; exceptions are logged and ignored."""
+
+
+class OffloadRouter:
+    """Routes requests of a node with offload enabled; one per node."""
+
+    def __init__(
+        self,
+        *,
+        config: NodeConfig,
+        device_id: str,
+        registry: ModelRegistry,
+        capability: CapabilityService | None,
+        peers: PeerTable,
+        pairings: PairingStore,
+        session: aiohttp.ClientSession,
+        on_offload: OffloadCallback | None = None,
+        metrics: Callable[[], Any] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._device_id = device_id
+        self._registry = registry
+        self._capability = capability
+        self._peers = peers
+        self._pairings = pairings
+        self._on_offload = on_offload
+        self._metrics = metrics
+        self._clock = clock
+        offload = config.offload
+        self.settings = PolicySettings.from_config(offload)
+        self.health = PeerHealthBook(BreakerSettings(break_s=offload.circuit_break_s))
+        self._forwarder = Forwarder(session, device_id=device_id, settings=ForwardSettings.from_config(config))
+
+        async def measure(target: ProbeTarget) -> tuple[float | None, int]:
+            return await measure_decode_rate(session, target, self_device_id=device_id,
+                                             time_limit=offload.verify_timeout,
+                                             connect_timeout=offload.forward_connect_timeout,
+                                             give_up_below=offload.min_local_capability or None)
+
+        self.verifier = PeerVerifier(measure, on_unreachable=self._probe_unreachable, clock=clock)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._unsubscribe: Callable[[], None] | None = None
+
+    @classmethod
+    def from_context(cls, context: NodeContext, *, on_offload: OffloadCallback | None = None) -> OffloadRouter:
+        if context.peers is None or context.pairings is None or context.http is None:
+            raise RuntimeError("the offload router needs the peer table, the pairing store and the HTTP client")
+        return cls(config=context.config, device_id=context.identity.device_id, registry=context.registry,
+                   capability=context.capability, peers=context.peers, pairings=context.pairings,
+                   session=context.http, on_offload=on_offload,
+                   metrics=lambda: getattr(context, "metrics", None))
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        """Follow the peers' queue depths from their health reports."""
+        if self._unsubscribe is None:
+            for peer in self._peers.snapshot():
+                self._record_report(peer)
+            self._unsubscribe = self._peers.subscribe(self._on_peer_change)
+
+    async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        await self.verifier.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+    # -- the request path --------------------------------------------------------------
+    async def route(self, request: web.Request, model: str, *, stream: bool,
+                    request_id: str = "") -> web.StreamResponse | None:
+        """The forwarded answer, or None to serve the request locally (see the module docs)."""
+        mode = parse_offload_header(request.headers.get(OFFLOAD_HEADER))
+        marked = HOP_HEADER in request.headers
+        hop = marked and attribution_of(request).signed
+        forwardable = not marked
+        decision = self.decide(mode, model, hop=hop, forwardable=forwardable)
+        decision = await self._verify_if_useful(decision, mode, model, hop=hop, forwardable=forwardable)
+        body: bytes | None = None
+        attempts = 0
+        while decision.action is OffloadAction.FORWARD and attempts < self.settings.max_forward_attempts:
+            body = await request.read() if body is None else body
+            attempts += 1
+            response = await self._forward(request, decision.peers[0], model, body, stream)
+            if response is not None:
+                return response
+            decision = self.decide(mode, model, hop=hop, forwardable=forwardable)  # the failed peer is now skipped
+        if decision.action is OffloadAction.REFUSE or (
+                decision.action is OffloadAction.FORWARD and mode is OffloadMode.REQUIRE):
+            raise self._refusal(decision, model, request_id)
+        return None
+
+    def decide(self, mode: OffloadMode, model: str, *, hop: bool = False, forwardable: bool = True,
+               ) -> OffloadDecision:
+        """The policy's decision for ``model`` right now (pure apart from reading current state)."""
+        now = self._clock()
+        local = self._local_state(model)
+        candidates = [self._candidate(peer, model, now) for peer in self._peers.snapshot()] if forwardable else []
+        return decide(mode, local, candidates, model, self.settings, now, hop=hop)
+
+    # -- state for the policy ----------------------------------------------------------
+    def _local_state(self, model: str) -> LocalState:
+        try:
+            slot = self._registry.resolve(model)
+        except DVAIError:
+            return LocalState(self._device_id, model, None, "none")
+        score = self._capability.get_capability(model) if self._capability is not None else None
+        if score is None:
+            return LocalState(self._device_id, slot.info.id, None, "none", queue_depth=slot.queue_depth)
+        return LocalState(self._device_id, slot.info.id, score.tok_per_s, score.source,
+                          queue_depth=slot.queue_depth)
+
+    def _candidate(self, peer: Peer, model: str, now: float) -> PeerCandidate:
+        wire = self._wire_model(model, peer)
+        verification = self.verifier.get(peer.device_id, wire or model)
+        claimed = peer.capability.get(wire or model)
+        candidate = PeerCandidate(
+            device_id=peer.device_id,
+            device_name=peer.device_name,
+            paired=self._pairings.get(peer.device_id, direction="outbound") is not None,
+            reachable=peer.reachable,
+            models=frozenset((model,)) if wire is not None else frozenset(),
+            claimed_tok_per_s=claimed,
+            verified_tok_per_s=verification.tok_per_s if verification is not None else None,
+            verified_at=verification.at if verification is not None else None,
+            observed_tok_per_s=None,
+            queue_depth=0,
+            in_flight=0,
+            circuit_open_until=None,
+            via=peer.via,
+        )
+        return apply_health(candidate, self.health.snapshot(peer.device_id, now))
+
+    def _wire_model(self, model: str, peer: Peer) -> str | None:
+        """The name the peer serves the requested model under: the name itself, or, for a
+        local alias, our canonical id when the peer lists that; None when it serves neither."""
+        if model in peer.loaded_models:
+            return model
+        try:
+            canonical = self._registry.resolve(model).info.id
+        except DVAIError:
+            return None
+        return canonical if canonical in peer.loaded_models else None
+
+    # -- verification ------------------------------------------------------------------
+    async def _verify_if_useful(self, decision: OffloadDecision, mode: OffloadMode, model: str, *,
+                                hop: bool, forwardable: bool) -> OffloadDecision:
+        """Probe the peers the decision could use once verified: in the background when the
+        request goes to a peer anyway, else waiting (at most ``verify_timeout``) and deciding again."""
+        if decision.action is OffloadAction.FORWARD:
+            self._refresh_if_ageing(decision.peers[0].device_id, model)
+        targets = self._probe_targets(decision.needs_verification, model)
+        if not targets:
+            return decision
+        if decision.action is OffloadAction.FORWARD:
+            for target in targets:
+                self.verifier.start(target)
+            return decision
+        def forwardable_now() -> bool:
+            return self.decide(mode, model, hop=hop, forwardable=forwardable).action is OffloadAction.FORWARD
+
+        await self.verifier.verify(targets, wait=self._config.offload.verify_timeout, enough=forwardable_now)
+        return self.decide(mode, model, hop=hop, forwardable=forwardable)
+
+    def _probe_targets(self, device_ids: tuple[str, ...], model: str) -> list[ProbeTarget]:
+        now = self._clock()
+        targets = []
+        for device_id in device_ids:
+            peer = self._peers.get(device_id)
+            pairing = self._pairings.get(device_id, direction="outbound")
+            wire = self._wire_model(model, peer) if peer is not None else None
+            if peer is None or pairing is None or wire is None or not self.verifier.may_probe(device_id, wire, now):
+                continue
+            targets.append(ProbeTarget(device_id, peer.base_url, pairing, wire))
+        return targets
+
+    def _refresh_if_ageing(self, device_id: str, model: str) -> None:
+        peer = self._peers.get(device_id)
+        if peer is None:
+            return
+        wire = self._wire_model(model, peer) or model
+        verification = self.verifier.get(device_id, wire)
+        age_limit = self.settings.verify_max_age * VERIFY_REFRESH_FRACTION
+        if verification is not None and self._clock() - verification.at > age_limit:
+            targets = self._probe_targets((device_id,), model)
+            for target in targets:
+                self.verifier.start(target)
+
+    def _probe_unreachable(self, device_id: str) -> None:
+        """A probe could not reach the peer: skip it like a failed request would."""
+        self.health.get(device_id).breaker.record_failure(self._clock())
+
+    # -- forwarding --------------------------------------------------------------------
+    async def _forward(self, request: web.Request, candidate: PeerCandidate, model: str, body: bytes,
+                       stream: bool) -> web.StreamResponse | None:
+        """Try one peer: its answer, or None when it failed before the first byte."""
+        peer = self._peers.get(candidate.device_id)
+        pairing = self._pairings.get(candidate.device_id, direction="outbound")
+        wire = self._wire_model(model, peer) if peer is not None else None
+        if peer is None or pairing is None or wire is None:
+            return None
+        attempt = self.health.begin(peer.device_id, self._clock())
+        if attempt is None:
+            return None
+        if wire != model:
+            body = _with_model(body, wire)
+        self._metric("offload_started", peer.device_id)
+        target = ForwardTarget(peer.device_id, peer.base_url, pairing)
+        try:
+            result = await self._forwarder.forward(request, target, body, stream=stream,
+                                                   on_first_byte=lambda: self._notify(peer))
+        except asyncio.CancelledError:
+            attempt.cancelled(self._clock())
+            self._metric("offload_finished", peer.device_id, True, 0)
+            log.info("offload of %s to %s cancelled: the client went away", request.path, _short(peer.device_id))
+            raise
+        self._account(attempt, result)
+        if result.status is ForwardStatus.FAILED:
+            log.warning("offload of %s to %s failed before the first byte (%s); trying elsewhere",
+                        request.path, _short(peer.device_id), result.error)
+            return None
+        self._audit(request, peer.device_id, wire, result)
+        rate = result.tokens / result.decode_seconds if result.decode_seconds > 0 else None
+        log.info("offloaded %s (%s) to %s %s via %s: %s, %d tokens%s, first byte %.0f ms%s",
+                 request.path, model, _short(peer.device_id), peer.device_name or "", peer.via, result.status.value,
+                 result.tokens, f" at {rate:.1f} tok/s" if rate else "", (result.first_byte_s or 0) * 1000,
+                 f" ({result.error})" if result.error else "")
+        return result.response
+
+    def _account(self, attempt: PeerAttempt, result: ForwardResult) -> None:
+        now = self._clock()
+        if result.status is ForwardStatus.SERVED:
+            attempt.succeeded(now, tokens=result.tokens, decode_seconds=result.decode_seconds)
+        elif result.status is ForwardStatus.CANCELLED:
+            attempt.cancelled(now, tokens=result.tokens)
+        else:
+            attempt.failed(now, tokens=result.tokens)
+        ok = result.status is not ForwardStatus.FAILED and result.status is not ForwardStatus.BROKEN
+        self._metric("offload_finished", attempt.device_id, ok, result.tokens)
+
+    def _audit(self, request: web.Request, device_id: str, model: str, result: ForwardResult) -> None:
+        details = request.get(AUDIT_DETAILS_KEY)
+        if not isinstance(details, dict):
+            return
+        rate = result.tokens / result.decode_seconds if result.decode_seconds > 0 else None
+        details.update(model_served=model, prompt_tokens=result.prompt_tokens, completion_tokens=result.tokens,
+                       served_by=device_id, first_token_s=result.first_byte_s, decode_tok_per_s=rate)
+        if result.status is ForwardStatus.BROKEN:
+            details["error_code"] = result.peer_error_code or "peer_failed"
+
+    def _notify(self, peer: Peer) -> None:
+        if self._on_offload is None:
+            return
+        try:
+            outcome = self._on_offload(peer)
+            if inspect.isawaitable(outcome):
+                task = asyncio.ensure_future(outcome)
+                self._tasks.add(task)
+                task.add_done_callback(self._callback_done)
+        except Exception:  # noqa: BLE001 - a diagnostic hook never breaks a request
+            log.exception("on_offload callback failed")
+
+    def _callback_done(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("on_offload callback failed: %r", task.exception())
+
+    def _metric(self, name: str, *args: object) -> None:
+        metrics = self._metrics()
+        if metrics is not None:
+            try:
+                getattr(metrics, name)(*args)
+            except Exception:  # noqa: BLE001 - metrics never break a request
+                log.debug("metrics hook %s failed", name, exc_info=True)
+
+    def _refusal(self, decision: OffloadDecision, model: str, request_id: str) -> NoCapableDeviceError:
+        paired = {p.peer_device_id for p in self._pairings.list() if p.may_call_peer}
+        local = self._local_state(model)
+        return NoCapableDeviceError.from_decision(
+            decision, model=model, local_capability=local.capability,
+            required_at_least=self.settings.min_local_capability,
+            rendezvous_configured=bool(self._config.offload.rendezvous_url),
+            paired_remote_peers=len(paired), request_id=request_id,
+        )
+
+    # -- peer reports ------------------------------------------------------------------
+    def _on_peer_change(self, change: PeerChange) -> None:
+        if change.kind is PeerChangeKind.REMOVED:
+            return
+        self._record_report(change.peer)
+
+    def _record_report(self, peer: Peer) -> None:
+        depth = sum(v for v in peer.queue_depth.values() if isinstance(v, int) and v > 0)
+        if depth or peer.device_id in self.health:  # idle peers we never used need no entry
+            self.health.record_report(peer.device_id, self._clock(), depth)
+
+    # -- introspection -------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """``GET /v1/dvai/offload``: per-peer counters, circuits and verified rates."""
+        now = self._clock()
+        verified: dict[str, list[dict[str, Any]]] = {}
+        for result in self.verifier.results():
+            verified.setdefault(result.device_id, []).append(result.to_json())
+        peers = []
+        for snapshot in self.health.snapshots(now):
+            peers.append({
+                "deviceId": snapshot.device_id,
+                "requests": snapshot.requests,
+                "failures": snapshot.failures,
+                "cancelled": snapshot.cancelled,
+                "tokens": snapshot.tokens,
+                "inFlight": snapshot.in_flight,
+                "observedTokPerS": None if snapshot.observed_tok_per_s is None
+                else round(snapshot.observed_tok_per_s, 2),
+                "queueDepthOthers": snapshot.queue_depth_others,
+                "circuit": snapshot.circuit_state.value,
+                "circuitOpenUntil": snapshot.circuit_open_until,
+                "verified": verified.pop(snapshot.device_id, []),
+            })
+        peers += [{"deviceId": device_id, "requests": 0, "failures": 0, "cancelled": 0, "tokens": 0,
+                   "inFlight": 0, "observedTokPerS": None, "queueDepthOthers": 0, "circuit": "closed",
+                   "circuitOpenUntil": None, "verified": results} for device_id, results in verified.items()]
+        return {
+            "deviceId": self._device_id,
+            "minLocalCapability": self.settings.min_local_capability,
+            "verifyMaxAge": self.settings.verify_max_age,
+            "peers": peers,
+        }
+
+
+def _with_model(body: bytes, model: str) -> bytes:
+    """The request body with ``model`` replaced (a local alias → the id the peer knows)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(payload, dict):
+        return body
+    return json.dumps({**payload, "model": model}).encode()
+
+
+def _short(device_id: str) -> str:
+    return device_id[:16]
