@@ -7,10 +7,11 @@ from typing import Any
 
 from aiohttp import web
 
-from .api import mesh, offload, openai, trust
+from .api import mesh, metrics, offload, openai, peers, trust
 from .api.middlewares import REQUEST_ID, error_middleware, origin_middleware
 from .context import CONTEXT, NodeContext
-from .security import make_audit_middleware, make_security_middleware
+from .metrics import make_metrics_middleware
+from .security import DEFAULT_PUBLIC_PATHS, make_audit_middleware, make_security_middleware
 
 
 def build_app(
@@ -21,12 +22,17 @@ def build_app(
 ) -> web.Application:
     """The node's HTTP application. ``middlewares`` run inside the error middleware."""
     config = context.config
-    # Outermost first: errors → CORS/origin → audit (sees refusals too) → signatures and exposure.
-    stack: list[Any] = [error_middleware, origin_middleware(config.cors_origin)]
+    # Outermost first: errors → metrics (sees every status) → CORS/origin → audit (sees refusals
+    # too) → signatures and exposure.
+    stack: list[Any] = [error_middleware]
+    if context.metrics is not None:
+        stack.append(make_metrics_middleware(context.metrics))
+    stack.append(origin_middleware(config.cors_origin))
     if context.audit is not None:
         stack.append(make_audit_middleware(context.audit, request_id=lambda r: r.get(REQUEST_ID, "")))
     if context.pairings is not None and context.nonces is not None:
-        stack.append(make_security_middleware(config, context.pairings, context.nonces,
+        public = DEFAULT_PUBLIC_PATHS | ({metrics.METRICS_PATH} if config.security.public_metrics else set())
+        stack.append(make_security_middleware(config, context.pairings, context.nonces, public_paths=public,
                                               loopback_only_paths=trust.ADMIN_PATHS, render_errors=False))
     stack.extend(middlewares)
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=stack)
@@ -34,6 +40,8 @@ def build_app(
     app.add_routes(openai.routes)
     app.add_routes(mesh.routes)
     app.add_routes(trust.routes)
+    app.add_routes(peers.routes)
+    app.add_routes(metrics.routes)
     app.add_routes(offload.routes)
     for table in route_tables:
         app.add_routes(table)

@@ -46,6 +46,10 @@ def _add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     audit.add_argument("--limit", type=int, default=50)
 
 
+    peers = sub.add_parser("peers", parents=[admin], help="show the peers this node has discovered")
+    peers.add_argument("--fresh", action="store_true", help="health-check every peer before listing")
+
+
 _EXTRA_PARSERS.append(_add_parsers)
 
 
@@ -186,6 +190,33 @@ def _audit(args: argparse.Namespace, config: NodeConfig) -> int:
             print_table(rows, ["TIME", "ENDPOINT", "STATUS", "APP", "PEER", "MODEL", "TOKENS", "MS", "SERVED BY"])
         else:
             print("(no rows)")
+        return 0
+
+    return _run(go())
+
+
+@command("peers")
+def _peers(args: argparse.Namespace, config: NodeConfig) -> int:
+    async def go() -> int:
+        base = node_url(args, config)
+        result = await call("GET", f"{base}/dvai/peers" + ("?fresh=1" if args.fresh else ""))
+        if args.json:
+            print(json.dumps(result["data"], indent=2))
+            return 0
+        now_ms = time.time() * 1000
+        rows = []
+        for peer in result["data"]:
+            speeds = ", ".join(f"{m} {v:g}" for m, v in sorted(peer.get("capability", {}).items())) or "-"
+            seen = peer.get("lastSeenAt")
+            ago = f"{max(0.0, (now_ms - seen) / 1000):.1f}s ago" if isinstance(seen, (int, float)) else "-"
+            rows.append([peer.get("deviceName", ""), peer["deviceId"], peer.get("address", ""),
+                         ",".join(peer.get("loadedModels", [])) or "-", speeds, peer.get("via", ""),
+                         peer.get("state", ""), ago])
+        if rows:
+            print_table(rows, ["NAME", "DEVICE ID", "ADDRESS", "MODELS", "TOK/S (claimed)", "VIA", "STATE",
+                               "LAST SEEN"])
+        else:
+            print("(no peers)")
         return 0
 
     return _run(go())

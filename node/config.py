@@ -179,7 +179,8 @@ def load_config(
         merged = deep_merge(merged, read_toml(file))
     from_env = env_to_mapping(os.environ if env is None else env)
     if isinstance(from_env.get("models"), dict):
-        known = merged.get("models") if isinstance(merged.get("models"), dict) else {DEFAULT_MODEL_ID: {}}
+        file_models = merged.get("models")
+        known: dict[str, Any] = file_models if isinstance(file_models, dict) else {DEFAULT_MODEL_ID: {}}
         merged["models"] = known
         from_env["models"] = _match_env_models(from_env["models"], known)
     merged = deep_merge(merged, from_env)
@@ -306,7 +307,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:  # noqa: C901 - one branch 
         if value not in args:
             raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
         return str(value)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
         if isinstance(value, _EnvString):

@@ -16,11 +16,13 @@ from aiohttp import web
 
 from .config import NodeConfig
 from .engine.registry import ModelRegistry
-from .identity import DeviceIdentity
+from .identity import DeviceIdentity, NodeIdentity
 from .inference import InferenceService
 
 if TYPE_CHECKING:
     from .capability import CapabilityService
+    from .discovery import DiscoveryService, PeerTable
+    from .metrics import NodeMetrics
     from .offload.router import OffloadRouter
     from .security import AuditLog, NonceCache, PairingApprover, PairingStore
     from .security.qr_service import QrPairingService
@@ -40,10 +42,16 @@ class NodeContext:
     approver: PairingApprover | None = None
     audit: AuditLog | None = None
     qr: QrPairingService | None = None
+    node_identity: NodeIdentity | None = None
+    """identity plus this process's instance id (health proofs, clone detection)."""
+    peers: PeerTable | None = None
+    discovery: DiscoveryService | None = None
     http: aiohttp.ClientSession | None = None
     """The node's outgoing HTTP client (pairing, health checks, forwarding)."""
     capability: CapabilityService | None = None
     """Local tok/s scores per model (node/capability); inert unless offload is enabled."""
+    metrics: NodeMetrics | None = None
+    """Prometheus instruments of this node (node/metrics.py), served at ``GET /metrics``."""
     router: OffloadRouter | None = None
     """Decides per request: local, forwarded to a peer, or refused (offload enabled, HTTP only)."""
     extras: dict[str, Any] = field(default_factory=dict)
@@ -51,9 +59,8 @@ class NodeContext:
 
     def peer_base_url(self, device_id: str) -> str | None:
         """A discovered peer's base URL, when discovery knows the device."""
-        table = self.extras.get("peers")
-        peer = table.get(device_id) if table is not None else None
-        return getattr(peer, "base_url", None)
+        peer = self.peers.get(device_id) if self.peers is not None else None
+        return peer.base_url if peer is not None else None
 
 
 CONTEXT = web.AppKey("dvai_context", NodeContext)

@@ -8,10 +8,10 @@ it serves the same calls in-process without opening a port.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,23 @@ from .app import build_app
 from .capability import CapabilityScore, CapabilityService, CapabilityStore
 from .config import NodeConfig, load_config
 from .context import NodeContext
+from .discovery import AdvertisedInfo, DiscoveryService, Peer, PeerTable
 from .engine.registry import ModelRegistry
 from .errors import ConfigError
 from .fsutil import atomic_write_json, read_json
-from .identity import load_or_create_identity
+from .identity import IdentityHandle, open_node_identity
 from .inference import InferenceLimits, InferenceService
-from .security import AUDIT_FILE, AuditLog, NonceCache, PairingApprover, PairingStore, exposure_warnings
+from .metrics import NodeMetrics
+from .offload.router import OffloadCallback, OffloadRouter
+from .security import (
+    AUDIT_FILE,
+    AuditLog,
+    NonceCache,
+    PairingApprover,
+    PairingStore,
+    exposure_warnings,
+    is_loopback,
+)
 from .security.approval import PairingHook
 from .security.pairing import Pairing
 from .security.qr_pairing import PairingResult
@@ -48,20 +59,26 @@ class Node:
         *,
         on_pairing_request: PairingHook | None = None,
         on_qr_pairing: QrApprover | None = None,
+        on_offload: OffloadCallback | None = None,
         **overrides: Any,
     ) -> None:
         """Hooks: ``on_pairing_request(request)`` decides LAN pairing requests;
         ``on_qr_pairing(prompt)`` sees the peer and short code of a QR pairing and approves it
         (unset: QR pairings complete once both sides' key confirmations verify). See docs/security.md.
+        ``on_offload(peer)`` is called when a peer starts serving a request this node forwarded
+        (the reference's ``onOffload``; see docs/offload.md).
         """
         self.on_pairing_request = on_pairing_request
         self.on_qr_pairing = on_qr_pairing
+        self.on_offload = on_offload
         if config is None:
             config = load_config(overrides=overrides) if overrides else NodeConfig()
         elif overrides:
             config = config.replace(**overrides)
         self.config = config
         self.context: NodeContext | None = None
+        self._identity_handle: IdentityHandle | None = None
+        self._background: set[asyncio.Task[Any]] = set()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -88,11 +105,57 @@ class Node:
                 await context.capability.start()  # probes (if any) run in the background
             if self.config.transport == "http":
                 await self._serve_http(context)
+                if self.config.offload.enabled:
+                    await self._start_discovery(context)
+                    context.router = OffloadRouter.from_context(context, on_offload=self.on_offload)
+                    await context.router.start()
             if wait_ready:
                 await context.registry.wait_preloaded()
         except BaseException:
             await self.close()
             raise
+
+    async def _start_discovery(self, context: NodeContext) -> None:
+        """Find peers and announce this node (offload enabled, HTTP transport only)."""
+        config = self.config
+        assert context.node_identity is not None and context.http is not None and self._port is not None
+        offload = config.offload
+        if is_loopback(config.http_bind_host) and not offload.discover_interfaces:
+            # A loopback-only node must not announce 127.0.0.1 to the whole LAN.
+            offload = dataclasses.replace(offload, discover_interfaces=("127.0.0.1",))
+        context.peers = PeerTable.from_config(offload, self_device_id=context.identity.device_id)
+        port, registry, capability = self._port, context.registry, context.capability
+        wildcard = config.http_bind_host in ("0.0.0.0", "::", "")
+
+        def advertised() -> AdvertisedInfo:
+            return AdvertisedInfo(
+                port=port,
+                loaded_models=tuple(s.info.id for s in registry.slots() if s.state == "ready"),
+                capability=capability.snapshot() if capability is not None and capability.enabled else {},
+                queue_depth={s.info.id: s.queue_depth for s in registry.slots()},
+                addresses=() if wildcard else (config.http_bind_host,),
+            )
+
+        context.discovery = DiscoveryService(offload, context.node_identity, context.peers, context.http,
+                                             advertised)
+        await context.discovery.start()
+        discovery = context.discovery
+
+        def readvertise(*_args: object) -> None:
+            task = asyncio.get_running_loop().create_task(discovery.update_advertisement())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        if capability is not None:
+            capability.subscribe(readvertise)
+        preload = asyncio.create_task(self._readvertise_after_preload(context), name="readvertise")
+        self._background.add(preload)
+        preload.add_done_callback(self._background.discard)
+
+    async def _readvertise_after_preload(self, context: NodeContext) -> None:
+        await context.registry.wait_preloaded()
+        if context.discovery is not None:
+            await context.discovery.update_advertisement()
 
     def _qr_service(self, context: NodeContext) -> QrPairingService:
         pairings = context.pairings
@@ -112,8 +175,9 @@ class Node:
     def _build_context(self) -> NodeContext:
         config = self.config
         state_dir = config.resolved_state_dir()
-        identity = load_or_create_identity(state_dir)
-        registry = ModelRegistry.from_config(config, cache_dir=None)
+        self._identity_handle = handle = open_node_identity(state_dir, config.device_name)
+        identity = handle.identity.device
+        registry = ModelRegistry.from_config(config)
         limits = InferenceLimits(config.generation_timeout, config.max_blank_chunks)
         for warning in exposure_warnings(config):
             log.warning("%s", warning)
@@ -121,10 +185,11 @@ class Node:
         if config.audit.enabled:
             audit = AuditLog(state_dir / AUDIT_FILE, retention_days=config.audit.retention_days,
                              max_rows=config.audit.max_rows, enabled=True)
-        return NodeContext(
+        context = NodeContext(
             config=config,
             identity=identity,
-            device_name=config.device_name or socket.gethostname(),
+            device_name=handle.identity.device_name,
+            node_identity=handle.identity,
             registry=registry,
             inference=InferenceService(registry, limits),
             capability=CapabilityService(config, registry, CapabilityStore(state_dir)),
@@ -133,6 +198,8 @@ class Node:
             approver=PairingApprover.from_config(config.security, hook=self.on_pairing_request),
             audit=audit,
         )
+        context.metrics = NodeMetrics.for_context(context)
+        return context
 
     async def _serve_http(self, context: NodeContext) -> None:
         config = self.config
@@ -148,6 +215,15 @@ class Node:
         await asyncio.to_thread(_write_endpoint, config.resolved_state_dir(), context.base_url)
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.context is not None and self.context.router is not None:
+            await self.context.router.stop()
+        if self.context is not None and self.context.discovery is not None:
+            # Say goodbye while the node still answers its health checks.
+            await self.context.discovery.stop()
+            self.context.discovery = None
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -166,6 +242,9 @@ class Node:
                 await context.http.close()
             if self._port is not None:
                 await asyncio.to_thread(_remove_endpoint, self.config.resolved_state_dir(), os.getpid())
+        handle, self._identity_handle = self._identity_handle, None
+        if handle is not None:
+            handle.close()
 
     # -- addresses -----------------------------------------------------------
     @property
@@ -210,6 +289,12 @@ class Node:
         body = {"model": model or self._embedding_model(), "input": inputs}
         result = await self._require().inference.embeddings(parse_embedding_request(body))
         return [item["embedding"] for item in result["data"]]
+
+    # -- peers -----------------------------------------------------------------
+    def get_peers(self) -> tuple[Peer, ...]:
+        """A snapshot of the peer table (empty when offload, and so discovery, is off)."""
+        peers = self._require().peers
+        return peers.snapshot() if peers is not None else ()
 
     # -- capability ------------------------------------------------------------
     async def probe_capability(self, model: str | None = None) -> CapabilityScore | None:

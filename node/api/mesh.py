@@ -10,6 +10,7 @@ from aiohttp import web
 from ..capability import CapabilityDisabledError, CapabilityService, check_probe_tokens
 from ..context import CONTEXT, NodeContext
 from ..errors import InvalidRequestError
+from ..identity import make_health_proof
 from ..version import __version__
 from .middlewares import read_json
 
@@ -18,7 +19,13 @@ routes = web.RouteTableDef()
 
 def health_body(context: NodeContext) -> dict[str, Any]:
     registry = context.registry
-    status = "ok" if registry.ready else ("degraded" if registry.failed else "loading")
+    failed = registry.failed
+    if registry.ready:
+        status = "ok"
+    elif registry.loading:
+        status = "loading"
+    else:
+        status = "failed" if len(failed) == len(registry.slots()) else "degraded"
     models = [
         {
             "id": slot.info.id,
@@ -43,8 +50,17 @@ def health_body(context: NodeContext) -> dict[str, Any]:
 
 @routes.get("/v1/dvai/health")
 async def health(request: web.Request) -> web.Response:
-    body = health_body(request.app[CONTEXT])
-    status = 200 if body["status"] == "ok" else 503
+    context = request.app[CONTEXT]
+    body = health_body(context)
+    if context.node_identity is not None:
+        body["instanceId"] = context.node_identity.instance_id
+        challenge = request.query.get("challenge")
+        if challenge:
+            proof = make_health_proof(context.node_identity, challenge)
+            if proof is not None:
+                body["identityProof"] = proof
+    # Callers wait on this: 503 while loading (or when nothing can serve), 200 once it can.
+    status = 200 if body["status"] in ("ok", "degraded") else 503
     headers = {"Retry-After": "1"} if status == 503 else None
     return web.json_response(body, status=status, headers=headers)
 

@@ -93,11 +93,14 @@ def served_by_header(request: web.Request) -> dict[str, str]:
 
 def audit_details(request: web.Request, model: str) -> dict[str, object]:
     """The audit row's details for this request (a throwaway dict when audit is off)."""
-    details: dict[str, object] = request.get(AUDIT_DETAILS_KEY, {})
+    details: dict[str, object] | None = request.get(AUDIT_DETAILS_KEY)
+    if details is None:
+        details = request[AUDIT_DETAILS_KEY] = {}
     details["model_requested"] = model
     return details
 
 
 def record_usage(details: dict[str, object], usage: UsageRecord, served_by: str = "local") -> None:
     details.update(model_served=usage.model, prompt_tokens=usage.prompt_tokens,
-                   completion_tokens=usage.completion_tokens, served_by=served_by)
+                   completion_tokens=usage.completion_tokens, served_by=served_by,
+                   first_token_s=usage.first_token_s, decode_tok_per_s=usage.decode_tok_per_s)

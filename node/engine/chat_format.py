@@ -7,6 +7,8 @@ template (the built-in default model).
 
 from __future__ import annotations
 
+from typing import Any
+
 from .base import ChatMessage
 
 GEMMA_END_OF_TURN = "<end_of_turn>"
@@ -38,7 +40,7 @@ def render_template(
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     formatter = Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token)
-    result = formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+    result = formatter(messages=_as_dicts(messages))
     return result.prompt, _stops(result.stop, eos_token)
 
 
@@ -51,7 +53,7 @@ def render_named_format(name: str, messages: list[ChatMessage]) -> tuple[str, tu
     formatter = getattr(llama_chat_format, "format_" + name.replace("-", "_"), None)
     if formatter is None:
         raise ValueError(f"unknown chat_format '{name}'")
-    result = formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+    result = formatter(messages=_as_dicts(messages))
     return result.prompt, _stops(result.stop)
 
 
@@ -70,3 +72,7 @@ def _stops(stop: str | list[str] | None, *extra: str) -> tuple[str, ...]:
     else:
         values = list(stop)
     return tuple(dict.fromkeys(v for v in (*values, *extra) if v))
+
+
+def _as_dicts(messages: list[ChatMessage]) -> Any:
+    return [{"role": m.role, "content": m.content} for m in messages]

@@ -1,0 +1,40 @@
+"""``GET /v1/dvai/peers``: the peer table (discovery runs only with offload enabled)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ..context import CONTEXT, NodeContext
+from ..errors import NotFoundError
+
+routes = web.RouteTableDef()
+
+
+class DiscoveryDisabledError(NotFoundError):
+    code = "offload_disabled"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "peer discovery runs only with offload enabled; set `enabled = true` under [offload] "
+            "(or DVAI_OFFLOAD__ENABLED=true) and restart the node"
+        )
+
+
+def peers_body(context: NodeContext) -> dict[str, Any]:
+    if context.peers is None:
+        raise DiscoveryDisabledError()
+    return {
+        "object": "list",
+        "deviceId": context.identity.device_id,
+        "data": [peer.to_json() for peer in context.peers.snapshot()],
+    }
+
+
+@routes.get("/v1/dvai/peers")
+async def peers(request: web.Request) -> web.Response:
+    context = request.app[CONTEXT]
+    if request.query.get("fresh") in ("1", "true") and context.discovery is not None:
+        await context.discovery.check_now()
+    return web.json_response(peers_body(context))
