@@ -6,6 +6,9 @@ inference service, shape the HTTP response.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
 from aiohttp import web
 
 from ..constants import SERVED_BY_HEADER
@@ -13,46 +16,50 @@ from ..context import CONTEXT
 from ..inference import UsageRecord
 from ..security import AUDIT_DETAILS_KEY
 from .middlewares import REQUEST_ID, read_json
-from .schemas import parse_chat_request, parse_completion_request, parse_embedding_request
+from .schemas import (
+    ChatRequest,
+    CompletionRequest,
+    parse_chat_request,
+    parse_completion_request,
+    parse_embedding_request,
+)
 from .sse import stream_events
 
 routes = web.RouteTableDef()
+ParsedRequest = ChatRequest | CompletionRequest
 
 
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     parsed = parse_chat_request(await read_json(request))
-    details = audit_details(request, parsed.model)
-    forwarded = await offload(request, parsed.model, parsed.stream)
-    if forwarded is not None:
-        return forwarded
     service = request.app[CONTEXT].inference
-    usage = UsageRecord(model=parsed.model)
-    headers = served_by_header(request)
-    try:
-        if parsed.stream:
-            return await stream_events(request, service.chat_stream(parsed, usage), headers=headers,
-                                       details=details)
-        return web.json_response(await service.chat(parsed, usage), headers=headers)
-    finally:
-        record_usage(details, usage)
+    return await generate(request, parsed, service.chat, service.chat_stream)
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     parsed = parse_completion_request(await read_json(request))
+    service = request.app[CONTEXT].inference
+    return await generate(request, parsed, service.completion, service.completion_stream)
+
+
+async def generate(
+    request: web.Request,
+    parsed: ParsedRequest,
+    whole: Callable[[Any, UsageRecord], Awaitable[dict[str, Any]]],
+    streamed: Callable[[Any, UsageRecord], AsyncIterator[dict[str, Any]]],
+) -> web.StreamResponse:
+    """Offload it, or run it here: one JSON answer or an SSE stream, audited either way."""
     details = audit_details(request, parsed.model)
     forwarded = await offload(request, parsed.model, parsed.stream)
     if forwarded is not None:
         return forwarded
-    service = request.app[CONTEXT].inference
     usage = UsageRecord(model=parsed.model)
     headers = served_by_header(request)
     try:
         if parsed.stream:
-            return await stream_events(request, service.completion_stream(parsed, usage), headers=headers,
-                                       details=details)
-        return web.json_response(await service.completion(parsed, usage), headers=headers)
+            return await stream_events(request, streamed(parsed, usage), headers=headers, details=details)
+        return web.json_response(await whole(parsed, usage), headers=headers)
     finally:
         record_usage(details, usage)
 
