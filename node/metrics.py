@@ -17,7 +17,6 @@ registry (``other`` otherwise), peers and error codes by first-come caps from
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -40,8 +39,7 @@ from .constants import (
     SERVED_BY_HEADER,
 )
 from .discovery.model import Peer, PeerState
-from .errors import DVAIError
-from .security.audit_middleware import AUDIT_DETAILS_KEY, CLIENT_CLOSED_STATUS
+from .security.audit_middleware import AUDIT_DETAILS_KEY, HandlerOutcome
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -249,27 +247,15 @@ def make_metrics_middleware(metrics: NodeMetrics, *, prefix: str = API_PATH + "/
     async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith(prefix):
             return await handler(request)
-        status: int = 500
-        code: str | None = "internal_error"
-        response: web.StreamResponse | None = None
+        outcome = HandlerOutcome()
         try:
-            response = await handler(request)
-            status, code = response.status, None
-            return response
-        except DVAIError as exc:
-            status, code = exc.status, str(exc.code)
-            raise
-        except web.HTTPException as exc:
-            status, code = exc.status, None
-            raise
-        except asyncio.CancelledError:
-            status, code = CLIENT_CLOSED_STATUS, "client_closed_request"
-            raise
+            return await outcome.run(handler, request)
         finally:
+            response = outcome.response
             try:
                 metrics.observe_request(
-                    endpoint=route_label(request), method=request.method, status=status, error_code=code,
-                    details=request.get(AUDIT_DETAILS_KEY),
+                    endpoint=route_label(request), method=request.method, status=outcome.status,
+                    error_code=outcome.code, details=request.get(AUDIT_DETAILS_KEY),
                     served_by_header=response.headers.get(SERVED_BY_HEADER) if response is not None else None)
             except Exception:  # noqa: BLE001 - metrics never break a request
                 log.exception("metrics observation failed")

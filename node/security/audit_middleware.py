@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -59,25 +60,38 @@ def make_audit_middleware(
         details: dict[str, Any] = {}
         request[AUDIT_DETAILS_KEY] = details
         arrived_ms, started = now_ms(), time.monotonic()
-        status: int = 500
-        code: str | None = "internal_error"
+        outcome = HandlerOutcome()
         try:
-            response = await handler(request)
-            status, code = response.status, None
-            return response
-        except DVAIError as exc:
-            status, code = exc.status, str(exc.code)
-            raise
-        except web.HTTPException as exc:
-            status, code = exc.status, None
-            raise
-        except asyncio.CancelledError:
-            status, code = CLIENT_CLOSED_STATUS, "client_closed_request"
-            raise
+            return await outcome.run(handler, request)
         finally:
-            audit.record(_row(request, details, arrived_ms, started, status, code, request_id))
+            audit.record(_row(request, details, arrived_ms, started, outcome.status, outcome.code, request_id))
 
     return audit_middleware
+
+
+@dataclass(slots=True)
+class HandlerOutcome:
+    """How a request ended, as middlewares that observe it (audit, metrics) need to know it."""
+
+    status: int = 500
+    code: str | None = "internal_error"
+    response: web.StreamResponse | None = None
+
+    async def run(self, handler: Handler, request: web.Request) -> web.StreamResponse:
+        """Call ``handler``, recording the status and error code whether it answers or raises."""
+        try:
+            self.response = await handler(request)
+            self.status, self.code = self.response.status, None
+            return self.response
+        except DVAIError as exc:
+            self.status, self.code = exc.status, str(exc.code)
+            raise
+        except web.HTTPException as exc:
+            self.status, self.code = exc.status, None
+            raise
+        except asyncio.CancelledError:
+            self.status, self.code = CLIENT_CLOSED_STATUS, "client_closed_request"
+            raise
 
 
 def _row(request: web.Request, details: dict[str, Any], arrived_ms: int, started: float, status: int,
