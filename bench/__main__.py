@@ -3,7 +3,16 @@
 import runpy
 import sys
 
-for name in ("bench.node_bench", "bench.offload_bench"):
+BENCHMARKS = (
+    "bench.node_bench",  # issue 2: node overhead vs in-process llama-cpp-python
+    "bench.probe_bench",  # issue 3: 50-token probe vs 256-token measurement
+    "bench.discovery_bench",  # issue 3: join / leave / crash detection times
+    "bench.offload_bench",  # issue 5: one hop vs direct, router vs baselines on real nodes
+    "bench.mesh_sim",  # issue 5: SIMULATED mesh, router vs baselines on a virtual clock
+    "bench.rendezvous_bench",  # issue 6: pairings per second, memory per idle session
+)
+
+for name in BENCHMARKS:
     print(f"== {name}", flush=True)
     sys.argv = [name]
     runpy.run_module(name, run_name="__main__")
