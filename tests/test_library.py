@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 
@@ -69,3 +70,24 @@ async def test_a_missing_model_file_is_reported_not_crashed(tmp_path: Path) -> N
         response = await session.post(node.base_url + "/completions", json={"model": "ghost", "prompt": "x"})
         assert response.status == 503
         assert (await response.json())["error"]["code"] == "model_unavailable"
+
+
+async def test_lazy_model_loads_on_first_use_and_idle_model_unloads(tmp_path: Path) -> None:
+    # SIMULATED engines: this is about the registry's lifecycle, not inference.
+    cfg = config(tmp_path, transport="none", models={
+        "eager": {"engine": "simulated", "simulated_tok_per_s": 500},
+        "lazy": {"engine": "simulated", "simulated_tok_per_s": 500, "preload": False, "keep_alive": 0.3}})
+    async with Node(cfg) as node:
+        assert node.context is not None
+        registry = node.context.registry
+        assert registry.resolve("eager").state == "ready" and registry.resolve("lazy").state == "unloaded"
+        await node.completion("x", model="lazy", max_tokens=2)
+        assert registry.resolve("lazy").state == "ready"
+        for _ in range(40):
+            if registry.resolve("lazy").state == "unloaded":
+                break
+            await asyncio.sleep(0.05)
+        assert registry.resolve("lazy").state == "unloaded"  # idle past keep_alive
+        assert registry.resolve("eager").state == "ready"  # no keep_alive: stays loaded
+        again = await node.completion("x", model="lazy", max_tokens=2)
+        assert again["usage"]["completion_tokens"] == 2 and registry.resolve("lazy").state == "ready"

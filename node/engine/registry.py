@@ -136,8 +136,10 @@ class ModelRegistry:
             await slot.close()
 
     async def _reap_idle(self) -> None:
+        keep_alives = [s.keep_alive for s in self._slots.values() if s.keep_alive is not None]
+        interval = min([REAP_INTERVAL_S, *(max(0.05, k / 2) for k in keep_alives)])
         while True:
-            await asyncio.sleep(REAP_INTERVAL_S)
+            await asyncio.sleep(interval)
             now = time.monotonic()
             for slot in self._slots.values():
                 if slot.keep_alive is not None and slot.state == "ready":
