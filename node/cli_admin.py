@@ -145,9 +145,9 @@ def _pairing(args: argparse.Namespace, config: NodeConfig) -> int:
             header = ["NAME", "DEVICE ID", "ROLE", "VIA", "APP", "PAIRED AT"]
         elif args.action == "pending":
             result = await call("GET", f"{base}/dvai/pairing-requests")
-            rows = [[r.get("peerDeviceName") or "", r["peerDeviceId"], r.get("remote", ""),
-                     r.get("appId") or "", _ago(r.get("receivedAt"))] for r in result["data"]]
-            header = ["NAME", "DEVICE ID", "FROM", "APP", "RECEIVED"]
+            rows = [[r.get("peerDeviceName") or "", r["peerDeviceId"], "yes" if r.get("proven") else "NO",
+                     r.get("remote", ""), r.get("appId") or "", _ago(r.get("receivedAt"))] for r in result["data"]]
+            header = ["NAME", "DEVICE ID", "ID PROVEN", "FROM", "APP", "RECEIVED"]
         elif args.action == "revoke":
             result = await call("DELETE", f"{base}/dvai/pairings/{args.device_id}")
             print(f"revoked {args.device_id}") if not args.json else print(json.dumps(result))

@@ -25,11 +25,15 @@ SIMULATED = '[models.m]\nengine = "simulated"\nsimulated_tok_per_s = 500\n'  # S
 NODE_ADDRESS = "10.211.0.1"  # only exists inside the test's own namespace
 
 CLIENT = textwrap.dedent("""
-    import asyncio, json, sys
+    import asyncio, json, sys, time
     import aiohttp
-    from node.security import decode_key, sign_request_headers
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from node.identity import DeviceIdentity
+    from node.security import decode_key, make_handshake_proof, sign_request_headers
 
-    async def main(port, me):
+    async def main(port, secret):
+        identity = DeviceIdentity.from_private_key(Ed25519PrivateKey.from_private_bytes(bytes.fromhex(secret)))
+        me = identity.device_id
         body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
         out = {}
         async with aiohttp.ClientSession() as session:
@@ -39,10 +43,20 @@ CLIENT = textwrap.dedent("""
                     out[name] = [r.status, (await r.json()).get("error", {}).get("code")]
             await post("loopback", "127.0.0.1")
             await post("lan_unsigned", "%(address)s")
-            async with session.post(f"http://%(address)s:{port}/v1/dvai/handshake",
-                                    json={"peerDeviceId": me, "peerDeviceName": "t", "via": "lan-handshake"}) as r:
-                out["handshake"] = r.status
-                key = decode_key((await r.json())["pairingKey"]) if r.status == 200 else None
+            async with session.get(f"http://%(address)s:{port}/v1/dvai/health") as r:
+                node_id = (await r.json())["deviceId"]
+
+            async def shake(name, proof):
+                claim = {"peerDeviceId": me, "peerDeviceName": "t", "via": "lan-handshake", **proof}
+                async with session.post(f"http://%(address)s:{port}/v1/dvai/handshake", json=claim) as r:
+                    answer = await r.json()
+                    out[name] = [r.status, answer.get("error", {}).get("code")]
+                    return decode_key(answer["pairingKey"]) if r.status == 200 else None
+
+            now = time.time_ns() // 1_000_000
+            await shake("handshake_unproven", {})  # claiming the allowlisted id is not enough
+            await shake("handshake_other_key", make_handshake_proof(DeviceIdentity.generate(), node_id, now))
+            key = await shake("handshake", make_handshake_proof(identity, node_id, now))
             if key is not None:
                 await post("lan_signed", "%(address)s",
                            sign_request_headers(key, me, me, "POST", "/v1/chat/completions", body))
@@ -84,16 +98,18 @@ def namespace() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def run_client(namespace: str, port: int, device_id: str) -> dict[str, object]:
-    done = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c", CLIENT, str(port), device_id],
+def run_client(namespace: str, port: int, device: DeviceIdentity) -> dict[str, object]:
+    """Run CLIENT in the namespace as ``device`` (its private key is passed on the command line)."""
+    secret = device.private_bytes().hex()
+    done = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c", CLIENT, str(port), secret],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def test_exposed_node_requires_signatures_from_the_lan(namespace: str, tmp_path: Path) -> None:
-    device = DeviceIdentity.generate().device_id
-    config = SIMULATED + f'[security]\npairing_policy = "allowlist"\npairing_allowlist = ["{device}"]\n'
+    device = DeviceIdentity.generate()
+    config = SIMULATED + f'[security]\npairing_policy = "allowlist"\npairing_allowlist = ["{device.device_id}"]\n'
     node = start_node_process(tmp_path / "n", config_text=config, args=["--host", "0.0.0.0"],
                               prefix=["ip", "netns", "exec", namespace])
     try:
@@ -103,7 +119,9 @@ def test_exposed_node_requires_signatures_from_the_lan(namespace: str, tmp_path:
         node.stop()
     assert results["loopback"] == [200, None]
     assert results["lan_unsigned"] == [401, "signature_required"]
-    assert results["handshake"] == 200  # the allowlisted device may pair over the LAN …
+    assert results["handshake_unproven"] == [403, "device_proof_required"]  # a claimed id is not enough
+    assert results["handshake_other_key"] == [401, "device_proof_invalid"]
+    assert results["handshake"] == [200, None]  # the allowlisted device, proven, may pair over the LAN …
     assert results["lan_signed"] == [200, None]  # … and then sign its requests
     assert results["admin_from_lan"] in (401, 403)
     assert results["rebinding"] == 403
@@ -115,7 +133,7 @@ def test_operator_can_open_the_lan_explicitly(namespace: str, tmp_path: Path) ->
                               prefix=["ip", "netns", "exec", namespace])
     try:
         port = int(node.base_url.rsplit(":", 1)[1].split("/")[0])
-        results = run_client(namespace, port, DeviceIdentity.generate().device_id)
+        results = run_client(namespace, port, DeviceIdentity.generate())
         log = "".join(node.output)
     finally:
         node.stop()

@@ -12,17 +12,20 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.config import SecurityConfig
 from node.errors import (
+    AuthenticationError,
     DVAIError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitedError,
 )
+from node.identity import DeviceIdentity
 from node.security.approval import PairingApprover, PairingRequest, TokenBuckets
-from node.security.handshake import handle_handshake, pair_with
+from node.security.handshake import handle_handshake, handshake_proof_message, make_handshake_proof, pair_with
 from node.security.pairing import (
     PAIRINGS_FILE,
     Pairing,
@@ -36,6 +39,15 @@ from node.security.signing import NonceCache, sign_request_headers, verify_signe
 NOW = 1_778_184_673_778
 PEER = "phone-pixel-9"
 BODY = {"peerDeviceId": PEER, "peerDeviceName": "Pixel 9", "appId": "com.acme.chat", "via": "lan-handshake"}
+NODE_ID = "dvthisnodeaaaaaaaaaaaaaaaaaaaaaaaa"
+"""the device id of the node answering the handshakes (proofs must name it)."""
+PHONE = DeviceIdentity.from_private_key(Ed25519PrivateKey.from_private_bytes(b"\x01" * 32))
+OTHER = DeviceIdentity.from_private_key(Ed25519PrivateKey.from_private_bytes(b"\x02" * 32))
+
+
+def proven_body(identity: DeviceIdentity = PHONE, target: str = NODE_ID, at: int = NOW, **extra: Any) -> dict[str, Any]:
+    """A handshake from ``identity`` with a proof bound to ``target`` at ``at`` (unix ms)."""
+    return {**BODY, "peerDeviceId": identity.device_id, **make_handshake_proof(identity, target, at), **extra}
 
 
 def clock() -> int:
@@ -50,7 +62,7 @@ def make_pairing(device: str = PEER, role: str = "inbound", key: bytes = b"k" * 
 async def handshake(approver: PairingApprover, store: PairingStore, body: object = None,
                     remote: str = "192.168.1.20") -> dict[str, Any]:
     return await handle_handshake(BODY if body is None else body, remote=remote, approver=approver,
-                                  store=store, now=clock)
+                                  store=store, node_device_id=NODE_ID, now=clock)
 
 
 @pytest.fixture
@@ -175,23 +187,75 @@ async def test_deny_is_the_default(store: PairingStore) -> None:
     assert store.list() == []
 
 
-async def test_allowlist(store: PairingStore) -> None:
-    approver = PairingApprover.from_config(SecurityConfig(pairing_policy="allowlist", pairing_allowlist=(PEER,)))
-    answer = await handshake(approver, store)
-    assert answer["paired"] is True and answer["peerDeviceId"] == PEER and answer["via"] == "lan-handshake"
-    assert answer["pairedAt"] == NOW
-    stored = store.get(PEER)
+async def test_allowlist_with_a_valid_proof(store: PairingStore) -> None:
+    approver = PairingApprover.from_config(
+        SecurityConfig(pairing_policy="allowlist", pairing_allowlist=(PHONE.device_id,)))
+    answer = await handshake(approver, store, proven_body())
+    assert answer["paired"] is True and answer["peerDeviceId"] == PHONE.device_id
+    assert answer["via"] == "lan-handshake" and answer["pairedAt"] == NOW
+    stored = store.get(PHONE.device_id)
     assert stored is not None and stored.key == decode_key(answer["pairingKey"]) and stored.role == "inbound"
     assert stored.app_id == "com.acme.chat"
+    # the window is +-300 s inclusive
+    for at in (NOW - 300_000, NOW + 300_000):
+        assert (await handshake(approver, store, proven_body(at=at)))["paired"]
+    padded = proven_body()  # clients whose base64url encoder pads are understood
+    padded.update(publicKey=padded["publicKey"] + "=", proof=padded["proof"] + "==")
+    assert (await handshake(approver, store, padded))["paired"]
+    # a proven id that is not listed is still refused
     with pytest.raises(PermissionDeniedError) as caught:
-        await handshake(approver, store, {**BODY, "peerDeviceId": "stranger"})
+        await handshake(approver, store, proven_body(OTHER))
     assert caught.value.code == "not_in_allowlist"
 
 
+async def test_allowlist_refuses_a_claimed_id_without_proof(store: PairingStore) -> None:
+    approver = PairingApprover(policy="allowlist", allowlist=[PHONE.device_id, PEER])
+    for device in (PHONE.device_id, PEER, "stranger"):  # listed or not: the same answer, nothing leaks
+        with pytest.raises(PermissionDeniedError) as caught:
+            await handshake(approver, store, {**BODY, "peerDeviceId": device})
+        assert caught.value.status == 403 and caught.value.code == "device_proof_required"
+        assert "prove" in str(caught.value) and "proof" in str(caught.value)
+    assert store.list() == []
+
+
+def _swap(body: dict[str, Any], name: str, value: object) -> dict[str, Any]:
+    return {**body, name: value}
+
+
+@pytest.mark.parametrize("make_body,code", [
+    # OTHER's key and signature, PHONE's id: the key does not derive the id
+    (lambda: _swap(proven_body(OTHER), "peerDeviceId", PHONE.device_id), "device_proof_invalid"),
+    # PHONE's public key, a signature made by OTHER
+    (lambda: _swap(proven_body(), "proof", make_handshake_proof(OTHER, NODE_ID, NOW)["proof"]),
+     "device_proof_invalid"),
+    (lambda: proven_body(target="dvsomeothernodeaaaaaaaaaaaaaaaaaaa"), "device_proof_invalid"),  # replayed
+    (lambda: _swap(proven_body(), "proofTimestamp", NOW + 1), "device_proof_invalid"),  # not what was signed
+    (lambda: proven_body(at=NOW - 300_001), "device_proof_expired"),
+    (lambda: proven_body(at=NOW + 300_001), "device_proof_expired"),
+    (lambda: _swap(proven_body(), "proof", "!" * 86), "device_proof_invalid"),
+    (lambda: _swap(proven_body(), "proof", proven_body()["proof"][:40] + "." + proven_body()["proof"][41:]),
+     "device_proof_invalid"),
+    (lambda: _swap(proven_body(), "proof", proven_body()["proof"] + "==="), "device_proof_invalid"),
+    (lambda: _swap(proven_body(), "proof", proven_body()["proof"][:-4]), "device_proof_invalid"),
+    (lambda: _swap(proven_body(), "publicKey", "A" * 5000), "device_proof_invalid"),
+    (lambda: _swap(proven_body(), "publicKey", "not base64 at all"), "device_proof_invalid"),
+])
+async def test_bad_proofs_are_refused(store: PairingStore, make_body: Any, code: str) -> None:
+    approver = PairingApprover(policy="allowlist", allowlist=[PHONE.device_id])
+    with pytest.raises(AuthenticationError) as caught:
+        await handshake(approver, store, make_body())
+    assert caught.value.status == 401 and caught.value.code == code and store.list() == []
+
+
+def test_proof_message_layout_is_fixed() -> None:
+    assert handshake_proof_message("dva", "dvb", 1778184673778) == b"dvai-handshake-v1\ndva\ndvb\n1778184673778"
+
+
 async def test_app_id_falls_back_to_device_id(store: PairingStore) -> None:
-    approver = PairingApprover(policy="allowlist", allowlist=[PEER])
-    await handshake(approver, store, {"peerDeviceId": PEER, "peerDeviceName": "Pixel 9"})
-    assert store.get(PEER).app_id == PEER  # type: ignore[union-attr]
+    approver = PairingApprover(policy="allowlist", allowlist=[PHONE.device_id])
+    body = {k: v for k, v in proven_body().items() if k != "appId"}
+    await handshake(approver, store, body)
+    assert store.get(PHONE.device_id).app_id == PHONE.device_id  # type: ignore[union-attr]
 
 
 async def wait_pending(approver: PairingApprover) -> PairingRequest:
@@ -207,11 +271,21 @@ async def test_prompt_approve(store: PairingStore) -> None:
     task = asyncio.create_task(handshake(approver, store))
     request = await wait_pending(approver)
     assert request.id == PEER and request.remote == "192.168.1.20" and request.to_json()["appId"] == "com.acme.chat"
+    assert request.proven is False and request.to_json()["proven"] is False
     approver.approve(request.id)
     answer = await task
     assert answer["paired"] and store.get(PEER) is not None and approver.pending() == []
     with pytest.raises(NotFoundError):
         approver.approve(PEER)
+
+
+async def test_prompt_shows_a_proven_id(store: PairingStore) -> None:
+    approver = PairingApprover(policy="prompt")
+    task = asyncio.create_task(handshake(approver, store, proven_body()))
+    request = await wait_pending(approver)
+    assert request.id == PHONE.device_id and request.proven is True and request.to_json()["proven"] is True
+    approver.approve(request.id)
+    assert (await task)["paired"]
 
 
 async def test_prompt_deny(store: PairingStore) -> None:
@@ -277,7 +351,14 @@ async def test_sync_hook(store: PairingStore, answer: object, approved: bool) ->
     else:
         with pytest.raises(PermissionDeniedError):
             await handshake(approver, store)
-    assert seen[0].peer_device_id == PEER and seen[0].peer_device_name == "Pixel 9"
+    assert seen[0].peer_device_id == PEER and seen[0].peer_device_name == "Pixel 9" and not seen[0].proven
+
+
+async def test_hook_sees_a_proven_id(store: PairingStore) -> None:
+    seen: list[PairingRequest] = []
+    approver = PairingApprover(hook=lambda request: seen.append(request) is None)
+    await handshake(approver, store, proven_body())
+    assert seen[0].peer_device_id == PHONE.device_id and seen[0].proven is True
 
 
 async def test_async_hook_with_host_key(store: PairingStore) -> None:
@@ -334,11 +415,17 @@ async def test_slow_hook_times_out(store: PairingStore) -> None:
     ({**BODY, "peerDeviceName": "bad\nname"}, "peerDeviceName"),
     ({**BODY, "appId": "a\tb"}, "appId"),
     ({**BODY, "via": "rendezvous"}, "via"),
+    ({**BODY, "publicKey": "AAAA"}, "proofTimestamp"),  # a proof is all three fields or none
+    ({k: v for k, v in proven_body().items() if k != "proof"}, "proof"),
+    (proven_body(proofTimestamp="1778184673778"), "proofTimestamp"),
+    (proven_body(proofTimestamp=True), "proofTimestamp"),
+    (proven_body(proof=12), "proof"),
 ])
 async def test_bad_handshake_bodies_are_400(store: PairingStore, body: object, param: str | None) -> None:
     approver = PairingApprover(policy="allowlist", allowlist=[PEER])
     with pytest.raises(InvalidRequestError) as caught:
-        await handle_handshake(body, remote="10.0.0.9", approver=approver, store=store, now=clock)
+        await handle_handshake(body, remote="10.0.0.9", approver=approver, store=store, node_device_id=NODE_ID,
+                               now=clock)
     assert caught.value.status == 400 and caught.value.param == param
 
 
@@ -373,16 +460,18 @@ def test_token_buckets_refill_and_stay_bounded() -> None:
 
 async def test_pair_with_a_real_peer(aiohttp_server: Any, tmp_path: Path) -> None:
     peer_store = PairingStore(tmp_path / "peer" / PAIRINGS_FILE)
-    approver = PairingApprover(policy="allowlist", allowlist=["dv-me"])
+    me, stranger = DeviceIdentity.generate(), DeviceIdentity.generate()
+    approver = PairingApprover(policy="allowlist", allowlist=[me.device_id])
     app = web.Application()
+    reported = {"deviceId": "dv-peer", "deviceName": "Big Box"}  # what health says; the handler is "dv-peer"
 
     async def health(request: web.Request) -> web.Response:
-        return web.json_response({"status": "loading", "deviceId": "dv-peer", "deviceName": "Big Box"}, status=503)
+        return web.json_response({"status": "loading", **reported}, status=503)
 
     async def handshake_handler(request: web.Request) -> web.Response:
         try:
             answer = await handle_handshake(await request.json(), remote=request.remote or "",
-                                            approver=approver, store=peer_store)
+                                            approver=approver, store=peer_store, node_device_id="dv-peer")
         except DVAIError as exc:
             return web.json_response(exc.to_body(), status=exc.status, headers=exc.headers)
         return web.json_response(answer)
@@ -392,18 +481,24 @@ async def test_pair_with_a_real_peer(aiohttp_server: Any, tmp_path: Path) -> Non
     server = await aiohttp_server(app)
     my_store = PairingStore(tmp_path / "me" / PAIRINGS_FILE)
     async with aiohttp.ClientSession() as session:
-        pairing = await pair_with(session, str(server.make_url("")), my_device_id="dv-me",
+        pairing = await pair_with(session, str(server.make_url("")), identity=me,
                                   my_device_name="Laptop", app_id="dvai-node", store=my_store)
         assert pairing.peer_device_id == "dv-peer" and pairing.peer_device_name == "Big Box"
         assert pairing.role == "outbound" and my_store.get("dv-peer", direction="outbound") == pairing
-        inbound = peer_store.get("dv-me")
+        inbound = peer_store.get(me.device_id)
         assert inbound is not None and inbound.key == pairing.key and inbound.app_id == "dvai-node"
         # the stored key signs requests the peer accepts
-        headers = sign_request_headers(pairing.key, "dv-me", pairing.app_id, "GET", "/v1/models", b"")
+        headers = sign_request_headers(pairing.key, me.device_id, pairing.app_id, "GET", "/v1/models", b"")
         attribution = verify_signed_request(headers, "GET", "/v1/models", b"", lookup_key=peer_store.get,
                                             nonces=NonceCache(), now_ms=int(headers["X-DVAI-Nonce"].split(".")[0]))
         assert attribution.signed and attribution.app_id == "dvai-node"
         with pytest.raises(PermissionDeniedError) as caught:
-            await pair_with(session, str(server.make_url("")), my_device_id="dv-stranger",
+            await pair_with(session, str(server.make_url("")), identity=stranger,
                             my_device_name="?", store=my_store)
         assert caught.value.code == "not_in_allowlist"
+        # the proof names the device id health reported: a node with another id refuses it (401)
+        reported["deviceId"] = "dv-elsewhere"
+        with pytest.raises(AuthenticationError) as refused:
+            await pair_with(session, str(server.make_url("")), identity=me, my_device_name="Laptop",
+                            store=my_store)
+        assert refused.value.status == 401 and refused.value.code == "device_proof_invalid"

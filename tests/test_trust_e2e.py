@@ -74,7 +74,7 @@ async def test_pair_by_prompt_sign_audit_restart_revoke(tmp_path: Path, default_
             if pending:
                 break
             time.sleep(0.1)
-        assert [p["peerDeviceId"] for p in pending] == [b_id]
+        assert [(p["peerDeviceId"], p["proven"]) for p in pending] == [(b_id, True)]  # B proved its id
         assert cli(a_state, "pairing", "approve", b_id).returncode == 0
         out, err = pairing.communicate(timeout=30)
         assert pairing.returncode == 0, err

@@ -53,7 +53,7 @@ async def handshake(request: web.Request) -> web.Response:
     body = await read_json(request)
     assert context.approver is not None and context.pairings is not None
     result = await handle_handshake(body, remote=request.remote or "", approver=context.approver,
-                                    store=context.pairings)
+                                    store=context.pairings, node_device_id=context.identity.device_id)
     return web.json_response(result)
 
 
@@ -82,7 +82,7 @@ async def pair(request: web.Request) -> web.Response:
     if app_id is not None and not isinstance(app_id, str):
         raise InvalidRequestError("'appId' must be a string", param="appId")
     assert context.pairings is not None and context.http is not None
-    pairing = await pair_with(context.http, url, my_device_id=context.identity.device_id,
+    pairing = await pair_with(context.http, url, identity=context.identity,
                               my_device_name=context.device_name, app_id=app_id, store=context.pairings)
     return web.json_response(pairing.to_public_json())
 

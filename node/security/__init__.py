@@ -6,7 +6,8 @@ Integration surface (see docs/security.md, "Integration"):
   ``NonceCache()``, ``AuditLog.open(state_dir, config.audit)`` at start;
   ``approver.close()`` and ``await audit.close()`` at shutdown.
 - ``make_security_middleware(config, store, nonces, loopback_only_paths=...)`` on the app.
-- ``await handle_handshake(body, remote=..., approver=..., store=...)`` in the handshake handler.
+- ``await handle_handshake(body, remote=..., approver=..., store=..., node_device_id=...)`` in the
+  handshake handler; ``await pair_with(session, url, identity=..., ...)`` to pair with a peer.
 - ``make_audit_middleware(audit, ...)`` outside the security middleware: one audit row per
   inference request, served or refused; handlers fill ``request[AUDIT_DETAILS_KEY]``.
 """
@@ -31,7 +32,16 @@ from .guard import (
     make_security_middleware,
     pairing_required,
 )
-from .handshake import HANDSHAKE_PATH, handle_handshake, pair_with, parse_handshake_body
+from .handshake import (
+    HANDSHAKE_PATH,
+    DeviceSigner,
+    check_handshake_proof,
+    handle_handshake,
+    handshake_proof_message,
+    make_handshake_proof,
+    pair_with,
+    parse_handshake_body,
+)
 from .pairing import PAIRINGS_FILE, Pairing, PairingStore, PairingStoreError, decode_key, encode_key
 from .signing import (
     ANONYMOUS,
@@ -82,6 +92,10 @@ __all__ = [
     "encode_key",
     "exposure_warnings",
     "handle_handshake",
+    "handshake_proof_message",
+    "make_handshake_proof",
+    "check_handshake_proof",
+    "DeviceSigner",
     "host_allowed",
     "is_exposed",
     "is_loopback",

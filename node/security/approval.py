@@ -3,7 +3,8 @@
 Policies (``SecurityConfig.pairing_policy``):
 
 - ``deny`` (default): every handshake is refused.
-- ``allowlist``: approved when the claimed device id is in ``pairing_allowlist``.
+- ``allowlist``: approved when the device id is in ``pairing_allowlist`` *and* the caller proved
+  it holds that id's Ed25519 key (the handshake's ``proof``); an unproven id is refused.
 - ``prompt``: the request waits (up to ``PAIRING_PROMPT_TIMEOUT_S``) until the operator runs
   ``dvai-node pairing approve|deny <device-id>``; silence means deny.
 
@@ -48,6 +49,8 @@ class PairingRequest:
     remote: str
     received_at: int
     """unix ms."""
+    proven: bool = False
+    """True when the handshake carried a valid proof that the caller holds ``peer_device_id``'s key."""
 
     @property
     def id(self) -> str:
@@ -63,6 +66,7 @@ class PairingRequest:
             "via": self.via,
             "remote": self.remote,
             "receivedAt": self.received_at,
+            "proven": self.proven,
         }
 
 
@@ -170,6 +174,8 @@ class PairingApprover:
         if self.hook is None and self.policy == "deny":
             return PairingDecision(False, "pairing_denied")
         if self.hook is None and self.policy == "allowlist":
+            if not request.proven:  # checked first: an unproven caller learns nothing about the list
+                return PairingDecision(False, "device_proof_required")
             if request.peer_device_id in self.allowlist:
                 return PairingDecision(True, "approved_by_allowlist")
             return PairingDecision(False, "not_in_allowlist")
@@ -212,9 +218,10 @@ class PairingApprover:
     async def _ask_operator(self, request: PairingRequest) -> PairingDecision:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._pending[request.id] = _Pending(request, future, self._clock() + self.prompt_timeout_s)
-        logger.warning("pairing request from %s (%s, app %s) at %s: approve with "
+        logger.warning("pairing request from %s (%s, app %s, device id %s) at %s: approve with "
                        "`dvai-node pairing approve %s`", request.peer_device_id, request.peer_device_name,
-                       request.app_id, request.remote, request.peer_device_id)
+                       request.app_id, "proven" if request.proven else "NOT proven", request.remote,
+                       request.peer_device_id)
         try:
             approved = await asyncio.wait_for(future, self.prompt_timeout_s)
         except TimeoutError:

@@ -4,7 +4,16 @@ Request (the reference's v3.1 shape)::
 
     {"peerDeviceId": "phone-pixel-9", "peerDeviceName": "Pixel 9",
      "appId": "com.acme.chat",            # optional; falls back to peerDeviceId
-     "via": "lan-handshake"}              # optional; only "lan-handshake" is accepted here
+     "via": "lan-handshake",              # optional; only "lan-handshake" is accepted here
+     "publicKey": "<base64url, 32 bytes>", # optional (our extension, all three or none): the
+     "proofTimestamp": 1778184673000,      #   caller's raw Ed25519 public key, unix ms, and the
+     "proof": "<base64url, 64 bytes>"}     #   signature over handshake_proof_message(...)
+
+The proof shows the caller holds the key its ``peerDeviceId`` is derived from. A present proof
+must verify (else 401); the ``allowlist`` policy requires one; ``prompt`` shows whether the id
+was proven. Signed message (device ids are printable ASCII without spaces, so ``\n`` is safe)::
+
+    b"dvai-handshake-v1" \n <caller's device id> \n <this node's device id> \n <proofTimestamp, decimal>
 
 Response::
 
@@ -17,33 +26,48 @@ reference's LAN trust model (docs/security.md). QR pairing through a rendezvous 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import aiohttp
 
-from ..constants import MESH_PATH, PAIRING_CLIENT_TIMEOUT_S, PAIRING_FIELD_MAX_CHARS, PAIRING_KEY_BYTES
+from ..constants import (
+    MESH_PATH,
+    PAIRING_CLIENT_TIMEOUT_S,
+    PAIRING_FIELD_MAX_CHARS,
+    PAIRING_KEY_BYTES,
+    SIGNATURE_WINDOW_S,
+)
 from ..errors import (
+    AuthenticationError,
     DVAIError,
     InvalidRequestError,
     PermissionDeniedError,
     RateLimitedError,
     UpstreamError,
 )
+from ..identity import device_id_from_public_key, verify_device_signature
 from .approval import PairingApprover, PairingRequest
 from .pairing import Pairing, PairingStore, decode_key, encode_key
 
 HANDSHAKE_PATH = f"{MESH_PATH}/handshake"
 HEALTH_PATH = f"{MESH_PATH}/health"
 LAN_HANDSHAKE: Final = "lan-handshake"
+HANDSHAKE_PROOF_CONTEXT: Final = b"dvai-handshake-v1"
+PROOF_FIELDS: Final = ("publicKey", "proofTimestamp", "proof")
 
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]+={0,2}")  # padding tolerated (Java's encoder adds it)
 _ID_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: used in headers later
 _DENIAL_MESSAGES = {
     "pairing_denied": "this node does not accept pairing requests (pairing_policy = deny)",
     "not_in_allowlist": "this device is not in the node's pairing allowlist",
+    "device_proof_required": "this node pairs allowlisted devices only when the client proves its device id: "
+                             "send publicKey, proofTimestamp and proof (docs/security.md)",
     "denied_by_operator": "the node's operator denied the pairing request",
     "pairing_timed_out": "the pairing request was not approved in time",
     "denied_by_hook": "the pairing request was denied",
@@ -55,8 +79,67 @@ def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def parse_handshake_body(body: object, *, remote: str, now_ms: int) -> PairingRequest:
-    """Validate a handshake body; ``InvalidRequestError`` (400) names the bad field."""
+class DeviceSigner(Protocol):
+    """What the handshake client needs of this device; ``DeviceIdentity`` is one."""
+
+    @property
+    def device_id(self) -> str: ...
+
+    @property
+    def public_key(self) -> bytes: ...
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
+def handshake_proof_message(peer_device_id: str, target_device_id: str, timestamp_ms: int) -> bytes:
+    """What a caller signs: context, its own device id, the target node's device id, unix ms."""
+    return b"\n".join((HANDSHAKE_PROOF_CONTEXT, peer_device_id.encode(), target_device_id.encode(),
+                       str(timestamp_ms).encode()))
+
+
+def make_handshake_proof(signer: DeviceSigner, target_device_id: str, timestamp_ms: int) -> dict[str, Any]:
+    """The ``publicKey``/``proofTimestamp``/``proof`` fields to add to a handshake body."""
+    message = handshake_proof_message(signer.device_id, target_device_id, timestamp_ms)
+    return {"publicKey": _b64url(signer.public_key), "proofTimestamp": timestamp_ms,
+            "proof": _b64url(signer.sign(message))}
+
+
+def check_handshake_proof(body: Mapping[str, Any], *, device_id: str, node_device_id: str, now_ms: int) -> bool:
+    """False when ``body`` carries no proof, True when its proof verifies; raises otherwise.
+
+    ``InvalidRequestError`` (400) for an incomplete set or a wrong JSON type; ``AuthenticationError``
+    (401, ``device_proof_invalid`` / ``device_proof_expired``) for a proof that does not verify.
+    """
+    present = [name for name in PROOF_FIELDS if body.get(name) is not None]
+    if not present:
+        return False
+    missing = [name for name in PROOF_FIELDS if name not in present]
+    if missing:
+        raise InvalidRequestError(f"'{missing[0]}' is required: a device proof is publicKey, proofTimestamp "
+                                  "and proof together", param=missing[0])
+    timestamp = body["proofTimestamp"]
+    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
+        raise InvalidRequestError("'proofTimestamp' must be an integer (unix ms)", param="proofTimestamp")
+    public_key = _proof_bytes(body, "publicKey", 32)
+    signature = _proof_bytes(body, "proof", 64)
+    if abs(now_ms - timestamp) > SIGNATURE_WINDOW_S * 1000:
+        raise AuthenticationError(f"'proofTimestamp' is more than {SIGNATURE_WINDOW_S} s away from this node's "
+                                  "clock; check both clocks", param="proofTimestamp", code="device_proof_expired")
+    if device_id_from_public_key(public_key) != device_id:
+        raise AuthenticationError("'publicKey' is not the key 'peerDeviceId' is derived from",
+                                  param="publicKey", code="device_proof_invalid")
+    message = handshake_proof_message(device_id, node_device_id, timestamp)
+    if not verify_device_signature(device_id, public_key, signature, message):
+        raise AuthenticationError("'proof' does not verify: it must sign this node's device id with "
+                                  "peerDeviceId's key", param="proof", code="device_proof_invalid")
+    return True
+
+
+def parse_handshake_body(body: object, *, remote: str, now_ms: int, node_device_id: str) -> PairingRequest:
+    """Validate a handshake body and its optional device proof (``check_handshake_proof``).
+
+    ``InvalidRequestError`` (400) names the bad field; a proof that does not verify is 401.
+    """
     if not isinstance(body, Mapping):
         raise InvalidRequestError("the handshake body must be a JSON object")
     device_id = _field(body, "peerDeviceId", required=True, identifier=True)
@@ -66,8 +149,9 @@ def parse_handshake_body(body: object, *, remote: str, now_ms: int) -> PairingRe
     via = body.get("via", LAN_HANDSHAKE)
     if via != LAN_HANDSHAKE:
         raise InvalidRequestError(f"'via' must be '{LAN_HANDSHAKE}' on this endpoint", param="via")
+    proven = check_handshake_proof(body, device_id=device_id, node_device_id=node_device_id, now_ms=now_ms)
     return PairingRequest(peer_device_id=device_id, peer_device_name=name or device_id, app_id=app_id,
-                          via=LAN_HANDSHAKE, remote=remote, received_at=now_ms)
+                          via=LAN_HANDSHAKE, remote=remote, received_at=now_ms, proven=proven)
 
 
 async def handle_handshake(
@@ -76,15 +160,17 @@ async def handle_handshake(
     remote: str,
     approver: PairingApprover,
     store: PairingStore,
+    node_device_id: str,
     now: Callable[[], int] = _wall_clock_ms,
 ) -> dict[str, Any]:
     """Run one handshake: rate limit, validate, decide, store an inbound pairing, answer.
 
-    Raises ``InvalidRequestError`` (400), ``PermissionDeniedError`` (403, ``code`` says why)
-    or ``RateLimitedError`` (429 with ``Retry-After``).
+    ``node_device_id`` is this node's own device id: a caller's proof must name it.
+    Raises ``InvalidRequestError`` (400), ``AuthenticationError`` (401, a proof that does not
+    verify), ``PermissionDeniedError`` (403, ``code`` says why) or ``RateLimitedError`` (429).
     """
     approver.check_rate(f"address:{remote}")
-    request = parse_handshake_body(body, remote=remote, now_ms=now())
+    request = parse_handshake_body(body, remote=remote, now_ms=now(), node_device_id=node_device_id)
     approver.check_rate(f"device:{request.peer_device_id}")
     decision = await approver.decide(request)
     if not decision.approved:
@@ -114,7 +200,7 @@ async def pair_with(
     session: aiohttp.ClientSession,
     base_url: str,
     *,
-    my_device_id: str,
+    identity: DeviceSigner,
     my_device_name: str,
     app_id: str | None = None,
     store: PairingStore,
@@ -123,7 +209,8 @@ async def pair_with(
 ) -> Pairing:
     """Ask the node at ``base_url`` to pair with us; store and return the outbound pairing.
 
-    The peer's device id comes from its ``GET /v1/dvai/health`` (``deviceId``). May wait up
+    The peer's device id comes from its ``GET /v1/dvai/health`` (``deviceId``); the request
+    carries a proof, signed with ``identity``, bound to that id. May wait up
     to ``timeout_s`` while the peer's operator decides. Raises the peer's refusal as
     ``PermissionDeniedError`` / ``RateLimitedError`` / ``InvalidRequestError``, anything else
     as ``UpstreamError``.
@@ -136,9 +223,10 @@ async def pair_with(
     if not isinstance(peer_id, str) or not _ID_RE.fullmatch(peer_id) or len(peer_id) > PAIRING_FIELD_MAX_CHARS:
         raise UpstreamError(f"{base}{HEALTH_PATH} did not report a usable deviceId")
     peer_name = health.get("deviceName")
+    my_device_id = identity.device_id
     bound_app_id = app_id or my_device_id
     request = {"peerDeviceId": my_device_id, "peerDeviceName": my_device_name,
-               "appId": bound_app_id, "via": LAN_HANDSHAKE}
+               "appId": bound_app_id, "via": LAN_HANDSHAKE, **make_handshake_proof(identity, peer_id, now())}
     answer = await _request_json(session, "POST", base + HANDSHAKE_PATH, request, timeout_s)
     if answer.get("paired") is not True or answer.get("peerDeviceId") != my_device_id:
         raise UpstreamError(f"{base} answered the handshake without pairing this device")
@@ -158,6 +246,27 @@ async def pair_with(
         base_url=base + "/v1",
     )
     return await store.add(pairing)
+
+
+def _proof_bytes(body: Mapping[str, Any], name: str, size: int) -> bytes:
+    value = body[name]
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"'{name}' must be a base64url string", param=name)
+    raw = None
+    if len(value) <= 128 and _B64URL_RE.fullmatch(value):
+        try:
+            text = value.rstrip("=")
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except (binascii.Error, ValueError):
+            raw = None
+    if raw is None or len(raw) != size:
+        raise AuthenticationError(f"'{name}' must be {size} bytes in base64url", param=name,
+                                  code="device_proof_invalid")
+    return raw
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def _field(body: Mapping[str, Any], name: str, *, required: bool, identifier: bool) -> str | None:
@@ -201,6 +310,8 @@ def _peer_error(url: str, status: int, payload: object, retry_after: str | None)
     code = error.get("code") if isinstance(error, dict) else None
     text = f"{url}: {message if isinstance(message, str) else f'HTTP {status}'}"
     code = code if isinstance(code, str) else None
+    if status == 401:
+        return AuthenticationError(text, code=code)
     if status == 403:
         return PermissionDeniedError(text, code=code)
     if status == 429:
