@@ -273,3 +273,7 @@ FORWARD_MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 FORWARD_MAX_EVENT_BYTES = 1024 * 1024
 """bytes of one server-sent event from a peer (a token is a few hundred bytes at most)."""
+
+HANDSHAKE_PROOFS_REMEMBERED = 10_000
+"""handshake device proofs remembered for replay detection (handshakes are rate-limited, so a
+full window rarely holds more than a few hundred)."""

@@ -199,13 +199,26 @@ async def test_allowlist_with_a_valid_proof(store: PairingStore) -> None:
     # the window is +-300 s inclusive
     for at in (NOW - 300_000, NOW + 300_000):
         assert (await handshake(approver, store, proven_body(at=at)))["paired"]
-    padded = proven_body()  # clients whose base64url encoder pads are understood
+    padded = proven_body(at=NOW - 1)  # clients whose base64url encoder pads are understood
     padded.update(publicKey=padded["publicKey"] + "=", proof=padded["proof"] + "==")
     assert (await handshake(approver, store, padded))["paired"]
     # a proven id that is not listed is still refused
     with pytest.raises(PermissionDeniedError) as caught:
         await handshake(approver, store, proven_body(OTHER))
     assert caught.value.code == "not_in_allowlist"
+
+
+async def test_a_captured_proof_cannot_be_replayed(store: PairingStore) -> None:
+    approver = PairingApprover.from_config(
+        SecurityConfig(pairing_policy="allowlist", pairing_allowlist=(PHONE.device_id,)))
+    body = proven_body()
+    assert (await handshake(approver, store, body))["paired"]
+    padded = {**body, "proof": body["proof"] + "=="}
+    for replay in (body, padded):
+        with pytest.raises(AuthenticationError) as caught:
+            await handshake(approver, store, replay)
+        assert caught.value.status == 401 and caught.value.code == "device_proof_replayed"
+    assert (await handshake(approver, store, proven_body(at=NOW + 1)))["paired"]  # a fresh proof is fine
 
 
 async def test_allowlist_refuses_a_claimed_id_without_proof(store: PairingStore) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from ..config import SecurityConfig
 from ..constants import (
+    HANDSHAKE_PROOFS_REMEMBERED,
     HANDSHAKE_BURST,
     HANDSHAKE_TRACKED_MAX,
     PAIRING_PENDING_MAX,
@@ -32,6 +33,7 @@ from ..constants import (
 )
 from ..errors import NotFoundError, RateLimitedError
 from .pairing import decode_key
+from .signing import NonceCache
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +158,8 @@ class PairingApprover:
         self._rates = TokenBuckets(capacity=burst, per_second=rate_per_minute / 60.0,
                                    max_keys=HANDSHAKE_TRACKED_MAX)
         self._pending: dict[str, _Pending] = {}
+        self.seen_proofs = NonceCache(max_entries=HANDSHAKE_PROOFS_REMEMBERED)
+        """device proofs accepted in the last ±300 s: a captured proof cannot be replayed."""
 
     @classmethod
     def from_config(cls, security: SecurityConfig, *, hook: PairingHook | None = None) -> PairingApprover:

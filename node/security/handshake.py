@@ -170,7 +170,16 @@ async def handle_handshake(
     verify), ``PermissionDeniedError`` (403, ``code`` says why) or ``RateLimitedError`` (429).
     """
     approver.check_rate(f"address:{remote}")
-    request = parse_handshake_body(body, remote=remote, now_ms=now(), node_device_id=node_device_id)
+    now_ms = now()
+    request = parse_handshake_body(body, remote=remote, now_ms=now_ms, node_device_id=node_device_id)
+    if request.proven:
+        assert isinstance(body, dict)
+        signature = _proof_bytes(body, "proof", 64).hex()  # decoded: padding cannot dodge the check
+        verdict = approver.seen_proofs.remember(request.peer_device_id, signature,
+                                                int(body["proofTimestamp"]), now_ms)
+        if verdict != "fresh":
+            raise AuthenticationError("this device proof was already used; sign a fresh one",
+                                      param="proof", code="device_proof_replayed")
     approver.check_rate(f"device:{request.peer_device_id}")
     decision = await approver.decide(request)
     if not decision.approved:
