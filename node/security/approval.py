@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 from ..config import SecurityConfig
 from ..constants import (
-    HANDSHAKE_PROOFS_REMEMBERED,
     HANDSHAKE_BURST,
+    HANDSHAKE_PROOFS_REMEMBERED,
     HANDSHAKE_TRACKED_MAX,
     PAIRING_PENDING_MAX,
     PAIRING_PROMPT_TIMEOUT_S,
