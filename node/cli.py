@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import NodeConfig, load_config
+from .config import ModelConfig, NodeConfig, load_config
 from .errors import ConfigError
 from .version import __version__
 
@@ -108,7 +108,7 @@ async def serve(config: NodeConfig, *, stop: asyncio.Event | None = None) -> int
         print(f"dvai-node {__version__}  device {context.identity.device_id} ({context.device_name})")
         print(f"OpenAI base URL: {node.base_url or '(in-process only)'}")
         for model in config.models:
-            print(f"  model {model.id}: {model.path or 'built-in Gemma 3 270M (Q4_K_M)'}")
+            print(f"  model {model.id}: {describe_source(model)}")
         sys.stdout.flush()
         await context.registry.wait_preloaded()
         failed = context.registry.failed
@@ -127,12 +127,18 @@ async def serve(config: NodeConfig, *, stop: asyncio.Event | None = None) -> int
     return 0
 
 
+def describe_source(model: ModelConfig) -> str:
+    if model.engine == "simulated":
+        return f"SIMULATED engine at {model.simulated_tok_per_s:g} tok/s"
+    return model.path or "built-in Gemma 3 270M (Q4_K_M)"
+
+
 @command("models")
 def _models(args: argparse.Namespace, config: NodeConfig) -> int:
     print(f"{'ID':<24} {'SERVES':<18} {'CTX':>6}  SOURCE")
     for model in config.models:
         serves = "embedding" if model.embedding else "chat,completion"
-        source = model.path or ("simulated" if model.engine == "simulated" else "built-in gemma3-270m")
+        source = describe_source(model)
         aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
         print(f"{model.id:<24} {serves:<18} {model.ctx_size:>6}  {source}{aliases}")
     return 0

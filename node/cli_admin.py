@@ -13,7 +13,7 @@ import json
 import sys
 import time
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import aiohttp
 
@@ -61,7 +61,7 @@ def node_url(args: argparse.Namespace, config: NodeConfig) -> str:
     """The base URL (``…/v1``) of the node that owns this state dir."""
     if args.url:
         return args.url.rstrip("/")
-    record = read_json(config.resolved_state_dir() / ENDPOINT_FILE, default=None)
+    record = read_json(config.resolved_state_dir() / ENDPOINT_FILE, default=None, tolerate_corrupt=True)
     if isinstance(record, dict) and isinstance(record.get("baseUrl"), str):
         return record["baseUrl"]
     raise AdminError(
@@ -91,6 +91,11 @@ def _run(coro: Any) -> int:
     except AdminError as exc:
         print(f"dvai-node: {exc}", file=sys.stderr)
         return 1
+    except TimeoutError:
+        print("dvai-node: the node did not answer in time", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def print_table(rows: list[list[str]], header: list[str]) -> None:
@@ -149,11 +154,11 @@ def _pairing(args: argparse.Namespace, config: NodeConfig) -> int:
                      r.get("remote", ""), r.get("appId") or "", _ago(r.get("receivedAt"))] for r in result["data"]]
             header = ["NAME", "DEVICE ID", "ID PROVEN", "FROM", "APP", "RECEIVED"]
         elif args.action == "revoke":
-            result = await call("DELETE", f"{base}/dvai/pairings/{args.device_id}")
+            result = await call("DELETE", f"{base}/dvai/pairings/{quote(args.device_id, safe='')}")
             print(f"revoked {args.device_id}") if not args.json else print(json.dumps(result))
             return 0
         else:
-            result = await call("POST", f"{base}/dvai/pairing-requests/{args.device_id}/{args.action}")
+            result = await call("POST", f"{base}/dvai/pairing-requests/{quote(args.device_id, safe='')}/{args.action}")
             print(f"{args.action}d {args.device_id}") if not args.json else print(json.dumps(result))
             return 0
         if args.json:

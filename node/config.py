@@ -192,6 +192,21 @@ def load_config(
     return config_from_mapping(merged)
 
 
+def override_config(config: NodeConfig, overrides: Mapping[str, Any]) -> NodeConfig:
+    """``config`` with ``overrides`` applied and checked like any other source.
+
+    A table value (``offload={"enabled": True}``) updates that table's keys; ``models``
+    replaces the model table, as the ``--model`` flag does.
+    """
+    mapping: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    for key, value in overrides.items():
+        current = mapping.get(key)
+        if key != "models" and isinstance(value, Mapping) and dataclasses.is_dataclass(current):
+            value = {**{f.name: getattr(current, f.name) for f in dataclasses.fields(current)}, **value}
+        mapping[key] = value
+    return config_from_mapping(mapping)
+
+
 def env_model_name(model_id: str) -> str:
     """The environment spelling of a model id: ``gemma3-270m`` → ``GEMMA3_270M``."""
     return model_id.upper().replace("-", "_").replace(".", "_")

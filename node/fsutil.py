@@ -39,17 +39,26 @@ def atomic_write_json(path: Path, value: Any, *, mode: int = SECRET_MODE) -> Non
     atomic_write_bytes(path, data, mode=mode)
 
 
-def read_json(path: Path, default: Any = None) -> Any:
-    """Read a JSON file, returning ``default`` when it does not exist."""
+def read_json(path: Path, default: Any = None, *, tolerate_corrupt: bool = False) -> Any:
+    """Read a JSON file, returning ``default`` when it does not exist (or, with
+    ``tolerate_corrupt``, when it cannot be parsed)."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         return default
+    except (ValueError, UnicodeDecodeError):
+        if tolerate_corrupt:
+            return default
+        raise
 
 
-def ensure_private_dir(path: Path) -> Path:
+def ensure_private_dir(path: Path, *, tighten: bool = False) -> Path:
+    """Create ``path`` (mode 0700) if needed; with ``tighten``, also make an existing one 0700
+    (only for directories that are ours alone, such as the node's state dir)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if tighten and path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
     return path
 
 

@@ -81,9 +81,11 @@ class DeviceIdentity:
 
 def load_or_create_identity(state_dir: Path) -> DeviceIdentity:
     """Read the key from ``state_dir``, creating it (mode 0600, atomically) on first start."""
-    ensure_private_dir(state_dir)
+    ensure_private_dir(state_dir, tighten=True)
     path = Path(state_dir) / KEY_FILE
     try:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)  # a key copied in with looser permissions is made private again
         raw = path.read_bytes()
     except FileNotFoundError:
         identity = DeviceIdentity.generate()

@@ -22,7 +22,7 @@ from aiohttp import web
 from .api.schemas import parse_chat_request, parse_completion_request, parse_embedding_request
 from .app import build_app
 from .capability import CapabilityScore, CapabilityService, CapabilityStore
-from .config import NodeConfig, load_config
+from .config import NodeConfig, load_config, override_config
 from .context import NodeContext
 from .discovery import AdvertisedInfo, DiscoveryService, Peer, PeerTable
 from .engine.registry import ModelRegistry
@@ -74,7 +74,7 @@ class Node:
         if config is None:
             config = load_config(overrides=overrides) if overrides else NodeConfig()
         elif overrides:
-            config = config.replace(**overrides)
+            config = override_config(config, overrides)  # validated like any other source
         self.config = config
         self.context: NodeContext | None = None
         self._identity_handle: IdentityHandle | None = None
@@ -94,7 +94,11 @@ class Node:
         """Bind the port, load preloaded models; with ``wait_ready`` return once they are loaded."""
         if self.context is not None:
             return
-        self.context = context = await asyncio.to_thread(self._build_context)
+        try:
+            self.context = context = await asyncio.to_thread(self._build_context)
+        except BaseException:
+            await self.close()  # releases the state-dir lock taken before the failure
+            raise
         try:
             context.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5))
             context.qr = self._qr_service(context)
@@ -366,7 +370,7 @@ def _write_endpoint(state_dir: Path, base_url: str) -> None:
 
 def _remove_endpoint(state_dir: Path, pid: int) -> None:
     path = state_dir / ENDPOINT_FILE
-    current = read_json(path, default=None)
+    current = read_json(path, default=None, tolerate_corrupt=True)
     if isinstance(current, dict) and current.get("pid") == pid:
         path.unlink(missing_ok=True)
 

@@ -191,13 +191,14 @@ async def test_hostile_records_are_survived_with_one_warning_each(
         await server.start()
     silent, silent_port = await _silent_server()
     absurd_id = DeviceIdentity.generate().device_id
+    # A node announces itself as <device id>._dvai._tcp; the hostile records use other names.
     records = {
-        "b": (encode_txt(b_identity, AdvertisedInfo(port=b.port)), b.port),
+        b_identity.device_id: (encode_txt(b_identity, AdvertisedInfo(port=b.port)), b.port),
         "noid": (_raw_txt([b"n=no id here"]), 1234),
         "badid": (_raw_txt([b"id=dv-not-an-id"]), 1234),
         "oversize": (_raw_txt([b"id=" + b"x" * 250] + [b"k%d=" % i + b"v" * 240 for i in range(6)]), 1234),
         "binary": (_raw_txt([b"id=\xff\xfe\xfd", b"\x00\x01"]), 1234),
-        "absurd": (_raw_txt([f"id={absurd_id}".encode(), b"m=x,y", b"c=nan,1e99", b"q=-1,2"]), silent_port),
+        absurd_id: (_raw_txt([f"id={absurd_id}".encode(), b"m=x,y", b"c=nan,1e99", b"q=-1,2"]), silent_port),
         "impostor": (_raw_txt([f"id={b_identity.device_id}".encode(), b"in=evil"]), impostor.port),
         "clone": (_raw_txt([f"id={a.device_id}".encode(), b"in=someone-else"]), 1234),
     }
@@ -219,8 +220,11 @@ async def test_hostile_records_are_survived_with_one_warning_each(
             await hostile.async_update_service(info)
         await wait_all([a], lambda: a.table.get(absurd_id).state is PeerState.UNREACHABLE, within=5.0)
 
+        # The impostor's goodbye (it claims b's id under another name) must not evict b.
+        await hostile.async_unregister_service(infos[list(records).index("impostor")])
+        await asyncio.sleep(0.5)
         peer_b = a.table.get(b_identity.device_id)
-        assert peer_b.reachable and peer_b.base_url == b.base_url  # not hijacked
+        assert peer_b is not None and peer_b.reachable and peer_b.base_url == b.base_url  # not hijacked
         absurd = a.table.get(absurd_id)
         assert absurd.capability == {} and absurd.queue_depth == {"y": 2}
         assert a.device_id not in a.table
@@ -228,8 +232,8 @@ async def test_hostile_records_are_survived_with_one_warning_each(
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         for label in ("noid", "badid", "oversize", "binary"):
             assert sum(f"'{label}." in w for w in warnings) == 1, (label, warnings)
-        assert sum("absurd capability" in w and "'absurd." in w for w in warnings) == 2
-        assert sum("cannot prove its key" in w for w in warnings) == 1
+        assert sum("absurd capability" in w and f"'{absurd_id}." in w for w in warnings) == 2
+        assert sum("'impostor." in w and "does not match the device id" in w for w in warnings) == 1
         assert sum("THIS node's device id" in w for w in warnings) == 1
         assert sum("health check failed" in w and str(silent_port) in w for w in warnings) == 1
     finally:

@@ -48,12 +48,13 @@ class World:
 
         self.router.verifier = PeerVerifier(measure, clock=lambda: self.now)
 
-    def add_peer(self, *, models: tuple[str, ...] = ("sim",), claim: float | None = 30.0) -> None:
+    def add_peer(self, *, models: tuple[str, ...] = ("sim",), claim: float | None = 30.0,
+                 proven: bool = True) -> None:
         url = "http://127.0.0.1:9/v1"
         capability = {m: claim for m in models} if claim is not None else {}
         self.table.observe(PeerClaim(self.peer_id, url, "static", loaded_models=models, capability=capability))
         self.table.health_ok(self.peer_id, url, HealthReport(self.peer_id, "ok", loaded_models=models,
-                                                             queue_depth={m: 0 for m in models}))
+                                                             queue_depth={m: 0 for m in models}, proven=proven))
 
     async def pair(self) -> None:
         await self.pairings.add(Pairing(self.peer_id, "peer", self.self_id, bytes(32), "lan-handshake", 0,
@@ -88,6 +89,14 @@ async def test_a_paired_peer_is_used_only_once_verified_by_us(world: World) -> N
     assert world.router.decide(OffloadMode.PREFER, "my-alias").action is OffloadAction.FORWARD
     assert json.loads(_with_model(b'{"model": "my-alias", "stream": true}', "sim")) == {"model": "sim",
                                                                                          "stream": True}
+
+
+async def test_a_peer_that_has_not_proven_its_key_never_gets_prompts(world: World) -> None:
+    world.add_peer(claim=500.0, proven=False)  # e.g. an impostor answering for a paired device's id
+    await world.pair()
+    decision = world.router.decide(OffloadMode.REQUIRE, "sim")
+    assert decision.action is OffloadAction.REFUSE and decision.needs_verification == ()
+    assert decision.checked[1].reason is Reason.UNREACHABLE
 
 
 async def test_a_peer_measured_below_its_claim_is_not_used(world: World) -> None:

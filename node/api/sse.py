@@ -7,7 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
 
 from ..constants import REQUEST_ID_HEADER
 from ..errors import DVAIError
@@ -57,6 +57,11 @@ async def stream_events(
                 await response.write(encode_event(first))
             async for event in iterator:
                 await response.write(encode_event(event))
+        except (ConnectionResetError, ClientConnectionResetError):
+            # The client left: nothing more can be written; the finally below stops the source.
+            if details is not None:
+                details["error_code"] = "client_closed_request"
+            return response
         except DVAIError as exc:
             log.warning("stream ended with an error: %s", exc.message)
             if details is not None:

@@ -125,10 +125,19 @@ async def audit(request: web.Request) -> web.Response:
         "status": _int(query, "status"),
         "app_id": query.get("app_id") or query.get("appId") or query.get("app"),
         "peer": query.get("peer"),
-        "limit": min(_int(query, "limit") or 100, 10_000),
+        "limit": _limit(query),
     }
     rows = await context.audit.query(**filters)
     return web.json_response({"object": "list", "data": [row.to_json() for row in rows]})
+
+
+def _limit(query: Any) -> int:
+    limit = _int(query, "limit")
+    if limit is None:
+        return 100
+    if not 1 <= limit <= 10_000:
+        raise InvalidRequestError("query parameter 'limit' must be from 1 to 10000", param="limit")
+    return limit
 
 
 def _int(query: Any, name: str) -> int | None:

@@ -74,7 +74,7 @@ async def probe_command(config: NodeConfig, *, model: str | None = None, tokens:
     from tqdm import tqdm
 
     config, model_id = config_for_probe(config, model)
-    registry = ModelRegistry.from_config(config)
+    registry = await asyncio.to_thread(ModelRegistry.from_config, config)  # may assemble the model
     store = CapabilityStore(config.resolved_state_dir())
     service = CapabilityService(config, registry, store)
     try:

@@ -242,6 +242,12 @@ class MdnsDiscovery:
         if claim.device_id == self._identity.device_id:
             self._on_own_id(claim)
             return
+        if name.lower() != f"{claim.device_id}.{self._type}".lower():
+            # A node announces itself as <device id>._dvai._tcp: a record under any other name
+            # that claims an id is an impersonation attempt (its goodbye could evict the real peer).
+            self._warn.warn(("mdns", name, "name"), "ignoring mDNS record %r: its name does not match "
+                            "the device id it claims", name[:100])
+            return
         self._names[name] = claim.device_id
         self._names.move_to_end(name)
         while len(self._names) > MAX_TRACKED_SERVICES:

@@ -73,7 +73,11 @@ class LlamaEngine:
             self._llm = llama_cpp.Llama(**kwargs)
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"could not load model '{self.info.id}': {exc}") from exc
-        self._choose_chat_mode()
+        try:
+            self._choose_chat_mode()
+        except BaseException:
+            self.close()  # a failed slot is never unloaded: free the weights now
+            raise
 
     def close(self) -> None:
         llm, self._llm = self._llm, None

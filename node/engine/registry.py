@@ -77,9 +77,6 @@ class ModelRegistry:
     def slots(self) -> list[ModelSlot]:
         return list(self._slots.values())
 
-    def names(self) -> list[str]:
-        return sorted(self._names)
-
     def serves(self, name: str) -> bool:
         return name in self._names
 
@@ -144,4 +141,7 @@ class ModelRegistry:
             for slot in self._slots.values():
                 if slot.keep_alive is not None and slot.state == "ready":
                     if slot.idle_for(now) > slot.keep_alive:
-                        await slot.unload()
+                        try:
+                            await slot.unload()
+                        except Exception:  # noqa: BLE001 - one model's failure must not stop the reaper
+                            log.exception("could not unload idle model %s", slot.info.id)

@@ -7,6 +7,7 @@ OpenAI surface.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 
@@ -71,7 +72,8 @@ class SimulatedEngine:
             raise InvalidRequestError("model is not in embedding mode", param="model")
         vectors = []
         for text in inputs:
-            raw = [float((hash(text) >> shift) & 0xFF) + 1.0 for shift in range(0, 64, 8)]
+            digest = hashlib.blake2b(text.encode(), digest_size=8).digest()  # same on every node
+            raw = [float(byte) + 1.0 for byte in digest]
             norm = sum(v * v for v in raw) ** 0.5
             vectors.append([v / norm for v in raw])
         return EmbeddingResult(vectors=vectors, prompt_tokens=sum(self.count_tokens(t) for t in inputs))

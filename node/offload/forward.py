@@ -139,19 +139,23 @@ class Forwarder:
         on_first_byte: Callable[[], None] | None = None,
     ) -> ForwardResult:
         url = target.base_url.rstrip("/").removesuffix("/v1") + request.raw_path
-        headers = sign_request_headers(target.pairing.key, self._device_id, target.pairing.app_id, "POST",
-                                       path_with_query_of(url), body)
-        headers.update({"Content-Type": "application/json", OFFLOAD_HEADER: "never",
+
+        def sign() -> dict[str, str]:
+            return sign_request_headers(target.pairing.key, self._device_id, target.pairing.app_id, "POST",
+                                        path_with_query_of(url), body)
+
+        headers = SignedHeaders(sign)
+        headers.extra.update({"Content-Type": "application/json", OFFLOAD_HEADER: "never",
                         HOP_HEADER: self._device_id})
         request_id = request.headers.get(REQUEST_ID_HEADER)
         if request_id:
-            headers[REQUEST_ID_HEADER] = request_id[:128]
+            headers.extra[REQUEST_ID_HEADER] = request_id[:128]
         if stream:
             return await self._stream(request, target, url, headers, body, on_first_byte)
         return await self._whole(target, url, headers, body, on_first_byte)
 
     # -- streams ---------------------------------------------------------------------
-    async def _stream(self, request: web.Request, target: ForwardTarget, url: str, headers: dict[str, str],
+    async def _stream(self, request: web.Request, target: ForwardTarget, url: str, headers: SignedHeaders,
                       body: bytes, on_first_byte: Callable[[], None] | None) -> ForwardResult:
         started = self._monotonic()
         splitter = EventSplitter()
@@ -194,7 +198,7 @@ class Forwarder:
             result.peer_error_code = tally.peer_error
         return result
 
-    async def _open_stream(self, url: str, headers: dict[str, str], body: bytes,
+    async def _open_stream(self, url: str, headers: SignedHeaders, body: bytes,
                            splitter: EventSplitter) -> tuple[aiohttp.ClientResponse, list[PeerEvent]]:
         """POST and wait for the peer's first whole event."""
         upstream: aiohttp.ClientResponse | None = None
@@ -241,7 +245,7 @@ class Forwarder:
                 return events
 
     # -- whole answers ---------------------------------------------------------------
-    async def _whole(self, target: ForwardTarget, url: str, headers: dict[str, str], body: bytes,
+    async def _whole(self, target: ForwardTarget, url: str, headers: SignedHeaders, body: bytes,
                      on_first_byte: Callable[[], None] | None) -> ForwardResult:
         started = self._monotonic()
         upstream: aiohttp.ClientResponse | None = None
@@ -272,14 +276,16 @@ class Forwarder:
                              prompt_tokens=_int(usage.get("prompt_tokens")),
                              first_byte_s=self._monotonic() - started)
 
-    async def _post(self, url: str, headers: dict[str, str], body: bytes) -> aiohttp.ClientResponse:
+    async def _post(self, url: str, headers: SignedHeaders, body: bytes,
+                    resign: Callable[[], dict[str, str]] | None = None) -> aiohttp.ClientResponse:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._settings.connect_timeout)
         try:
-            upstream = await self._session.post(url, data=body, headers=headers, timeout=timeout)
+            upstream = await self._session.post(url, data=body, headers=headers.value, timeout=timeout)
         except aiohttp.ServerDisconnectedError:
             # A pooled keep-alive connection the peer had closed (it restarted, or its idle
-            # timeout won the race): nothing was served on it, so try once on a fresh one.
-            upstream = await self._session.post(url, data=body, headers=headers, timeout=timeout)
+            # timeout won the race): nothing was served on it, so try once on a fresh one,
+            # with a fresh nonce (the peer may have seen the first one and would call it a replay).
+            upstream = await self._session.post(url, data=body, headers=headers.resigned(), timeout=timeout)
         if upstream.status != 200:
             try:
                 peek = await upstream.content.read(_ERROR_BODY_PEEK)
@@ -289,6 +295,24 @@ class Forwarder:
                 upstream.close()
             raise _PeerFailure(f"HTTP {upstream.status}: {_error_message(peek)}")
         return upstream
+
+
+class SignedHeaders:
+    """A forwarded request's headers: the signature, which can be redone with a fresh nonce,
+    plus the fixed ones (``extra``)."""
+
+    def __init__(self, sign: Callable[[], dict[str, str]]) -> None:
+        self._sign = sign
+        self._signature = sign()
+        self.extra: dict[str, str] = {}
+
+    @property
+    def value(self) -> dict[str, str]:
+        return {**self._signature, **self.extra}
+
+    def resigned(self) -> dict[str, str]:
+        self._signature = self._sign()
+        return self.value
 
 
 class _Tally:

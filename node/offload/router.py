@@ -198,7 +198,9 @@ class OffloadRouter:
             device_id=peer.device_id,
             device_name=peer.device_name,
             paired=self._pairings.get(peer.device_id, direction="outbound") is not None,
-            reachable=peer.reachable,
+            # Only a peer whose last health answer proved its device key may receive prompts:
+            # an impostor claiming a paired device's id at another address never qualifies.
+            reachable=peer.reachable and peer.identity_verified,
             models=frozenset((model,)) if wire is not None else frozenset(),
             claimed_tok_per_s=claimed,
             verified_tok_per_s=verification.tok_per_s if verification is not None else None,
