@@ -255,7 +255,8 @@ def open_node_identity(
         )
     previous = InstanceRecord.from_json(_read_json_quietly(state_dir / INSTANCE_FILE))
     warnings.extend(copied_state_dir_warnings(previous, current))
-    atomic_write_json(state_dir / INSTANCE_FILE, current.to_json())
+    if lock_fd is not None or holder is None:  # never clobber the record of the process holding the lock
+        atomic_write_json(state_dir / INSTANCE_FILE, current.to_json())
     for message in warnings:
         _log.warning("%s", message)
     return IdentityHandle(identity, tuple(warnings), lock_fd)

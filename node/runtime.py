@@ -322,7 +322,7 @@ class Node:
 
         qr = self._qr()
         offer, _ = await qr.offer()
-        return offer_to_json(offer, rendezvous_url=self.config.offload.rendezvous_url or "")
+        return await asyncio.to_thread(offer_to_json, offer, rendezvous_url=self.config.offload.rendezvous_url or "")
 
     async def wait_qr_pairing(self, session_id: str) -> dict[str, Any]:
         """Wait until a QR offer is scanned and completed (or fails); its final status."""

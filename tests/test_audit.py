@@ -253,3 +253,35 @@ async def test_audit_middleware_records_served_and_refused_requests(aiohttp_clie
         assert (busy.status, busy.error_code, busy.model_requested) == (503, "no_capable_device", "busy")
     finally:
         await log.close()
+
+
+async def test_a_value_sqlite_cannot_bind_loses_only_its_batch(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path / "audit.sqlite3")
+    await audit.start()
+    try:
+        audit.record(row(prompt_tokens=object()))  # type: ignore[arg-type]
+        audit.record(row(ts=NOW + 1))
+        await audit.flush()
+        audit.record(row(ts=NOW + 2))
+        assert [r.ts for r in await asyncio.wait_for(audit.query(), 5)] == [NOW + 2]
+    finally:
+        await audit.close()
+
+
+async def test_a_dead_writer_fails_callers_instead_of_hanging(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import node.security.audit as audit_module
+
+    def broken(row: AuditRow) -> tuple[object, ...]:
+        raise RuntimeError("a bug in the writer")
+
+    audit = AuditLog(tmp_path / "audit.sqlite3")
+    await audit.start()
+    try:
+        monkeypatch.setattr(audit_module, "_row_values", broken)
+        audit.record(row())  # the writer thread dies on an unexpected error
+        with pytest.raises(AuditLogError):
+            await asyncio.wait_for(audit.query(), 5)
+        assert audit.record(row()) is False  # later rows are dropped, not queued forever
+    finally:
+        await asyncio.wait_for(audit.close(), 5)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -365,6 +366,27 @@ async def test_sync_hook(store: PairingStore, answer: object, approved: bool) ->
         with pytest.raises(PermissionDeniedError):
             await handshake(approver, store)
     assert seen[0].peer_device_id == PEER and seen[0].peer_device_name == "Pixel 9" and not seen[0].proven
+
+
+async def test_a_blocking_sync_hook_does_not_stall_the_event_loop(store: PairingStore) -> None:
+    def slow_dialog(request: PairingRequest) -> bool:
+        time.sleep(0.3)  # a host app asking its user, synchronously
+        return True
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    running = asyncio.create_task(ticker())
+    try:
+        assert (await handshake(PairingApprover(hook=slow_dialog), store))["paired"]
+    finally:
+        running.cancel()
+    assert ticks >= 10  # the loop kept turning while the hook blocked
 
 
 async def test_hook_sees_a_proven_id(store: PairingStore) -> None:

@@ -7,6 +7,7 @@ pairing marked admin; the security middleware enforces that.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -180,7 +181,8 @@ async def pair_qr(request: web.Request) -> web.Response:
     service = _qr(request)
     offer, _ = await service.offer()
     url = request.app[CONTEXT].config.offload.rendezvous_url or ""
-    return web.json_response(offer_to_json(offer, rendezvous_url=url))
+    body = await asyncio.to_thread(offer_to_json, offer, rendezvous_url=url)  # renders PNG and SVG
+    return web.json_response(body)
 
 
 @routes.get("/v1/dvai/pair-qr/{session_id}")

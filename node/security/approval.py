@@ -236,9 +236,14 @@ class PairingApprover:
     async def _ask_hook(self, request: PairingRequest) -> PairingDecision:
         assert self.hook is not None
         try:
-            result = self.hook(request)
-            if inspect.isawaitable(result):
-                result = await asyncio.wait_for(_as_coroutine(result), self.prompt_timeout_s)
+            if inspect.iscoroutinefunction(self.hook):
+                result = await asyncio.wait_for(_as_coroutine(self.hook(request)), self.prompt_timeout_s)
+            else:
+                # A plain function may block (a dialog, a lookup): keep it off the event loop.
+                hook: Callable[[PairingRequest], Any] = self.hook
+                result = await asyncio.wait_for(asyncio.to_thread(hook, request), self.prompt_timeout_s)
+                if inspect.isawaitable(result):
+                    result = await asyncio.wait_for(_as_coroutine(result), self.prompt_timeout_s)
         except TimeoutError:
             return PairingDecision(False, "pairing_timed_out")
         except Exception:  # noqa: BLE001 - a broken hook must deny, not crash the handler

@@ -243,6 +243,7 @@ class AuditLog:
         ready.set_result(None)
         next_prune = time.monotonic()
         since_prune = 0
+        batch: list[object] = []
         try:
             while True:
                 batch = self._next_batch(max(0.0, next_prune - time.monotonic()))
@@ -254,8 +255,25 @@ class AuditLog:
                     since_prune = 0
                 if stop:
                     return
+        except Exception:  # noqa: BLE001 - logged; the thread ends, callers get an error
+            # The writer is gone: fail whoever waits on it instead of letting them hang.
+            logger.exception("the audit log writer stopped")
+            self._closed = True
+            self._fail_queued(batch, AuditLogError("the audit log writer stopped; see the node log"))
         finally:
             conn.close()
+
+    def _fail_queued(self, taken: list[object], error: Exception) -> None:
+        """Fail every job still waiting: the ones in the batch being written and the queued ones."""
+        pending = list(taken)
+        while True:
+            try:
+                pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for item in pending:
+            if isinstance(item, _Job) and not item.future.done():
+                item.future.set_exception(error)
 
     def _next_batch(self, timeout: float) -> list[object]:
         try:
