@@ -331,6 +331,31 @@ async def test_one_pending_request_per_peer(store: PairingStore) -> None:
         await task
 
 
+async def test_a_proven_request_displaces_an_unproven_claim_to_the_same_id(store: PairingStore) -> None:
+    approver = PairingApprover(policy="prompt")
+    squatter = asyncio.create_task(handshake(approver, store, {**BODY, "peerDeviceId": PHONE.device_id},
+                                             remote="192.168.1.66"))
+    await wait_pending(approver)
+    genuine = asyncio.create_task(handshake(approver, store, proven_body(), remote="192.168.1.21"))
+    for _ in range(100):
+        if [r.proven for r in approver.pending()] == [True]:
+            break
+        await asyncio.sleep(0.01)
+    assert [(r.peer_device_id, r.proven) for r in approver.pending()] == [(PHONE.device_id, True)]
+    with pytest.raises(PermissionDeniedError):
+        await squatter  # the bare claim was denied
+    approver.approve(PHONE.device_id)
+    assert (await genuine)["paired"]
+    # the reverse is still refused: a bare claim cannot displace a proven request
+    task = asyncio.create_task(handshake(approver, store, proven_body(at=NOW + 5)))
+    await wait_pending(approver)
+    with pytest.raises(RateLimitedError):
+        await handshake(approver, store, {**BODY, "peerDeviceId": PHONE.device_id}, remote="192.168.1.66")
+    approver.close()
+    with pytest.raises(PermissionDeniedError):
+        await task
+
+
 async def test_pending_requests_are_capped(store: PairingStore) -> None:
     approver = PairingApprover(policy="prompt", max_pending=2, rate_per_minute=600, burst=50)
     tasks = [asyncio.create_task(handshake(approver, store, {**BODY, "peerDeviceId": f"d{i}"})) for i in range(2)]

@@ -183,14 +183,16 @@ class PairingApprover:
             if request.peer_device_id in self.allowlist:
                 return PairingDecision(True, "approved_by_allowlist")
             return PairingDecision(False, "not_in_allowlist")
-        self._reserve(request.peer_device_id)
+        self._reserve(request)
         try:
             if self.hook is not None:
                 self._pending[request.id] = _Pending(request, None, self._clock() + self.prompt_timeout_s)
                 return await self._ask_hook(request)
             return await self._ask_operator(request)
         finally:
-            self._pending.pop(request.id, None)
+            current = self._pending.get(request.id)
+            if current is not None and current.request is request:  # not a request that replaced it
+                del self._pending[request.id]
 
     def pending(self) -> list[PairingRequest]:
         """Requests waiting for ``approve``/``deny`` (prompt policy), oldest first."""
@@ -209,8 +211,17 @@ class PairingApprover:
             if entry.future is not None and not entry.future.done():
                 entry.future.set_result(False)
 
-    def _reserve(self, peer_device_id: str) -> None:
-        existing = self._pending.get(peer_device_id)
+    def _reserve(self, request: PairingRequest) -> None:
+        existing = self._pending.get(request.peer_device_id)
+        if existing is not None and request.proven and not existing.request.proven:
+            # An unproven caller cannot hold a device's slot against the device itself: the
+            # request that proves the id replaces the bare claim (which is denied).
+            logger.warning("pairing request claiming %s without proof replaced by one that proves it",
+                           request.peer_device_id)
+            self._pending.pop(request.peer_device_id, None)
+            if existing.future is not None and not existing.future.done():
+                existing.future.set_result(False)
+            existing = None
         if existing is not None:
             retry = max(1.0, existing.deadline - self._clock())
             raise RateLimitedError("a pairing request from this device is already pending",
