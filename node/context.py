@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -54,8 +54,6 @@ class NodeContext:
     """Prometheus instruments of this node (node/metrics.py), served at ``GET /metrics``."""
     router: OffloadRouter | None = None
     """Decides per request: local, forwarded to a peer, or refused (offload enabled, HTTP only)."""
-    extras: dict[str, Any] = field(default_factory=dict)
-    """Components added by optional features (discovery, router, …)."""
 
     def peer_base_url(self, device_id: str) -> str | None:
         """A discovered peer's base URL, when discovery knows the device."""

@@ -99,7 +99,7 @@ async def test_generation_timeout() -> None:
 class BlankEngine(SimulatedEngine):
     """A test double: a model stuck emitting tokens that add no text."""
 
-    def generate(self, prompt, params, sink, cancel, *, record_token_times=False):  # type: ignore[no-untyped-def]
+    def generate(self, prompt, params, sink, cancel):  # type: ignore[no-untyped-def]
         outcome = GenerationOutcome()
         while not cancel.wait(0.001):
             sink("")

@@ -126,7 +126,7 @@ async def _run_on_worker(
 
     def work() -> tuple[float, GenerationOutcome]:
         started = time.perf_counter()
-        return started, slot.engine.generate(prompt, params, sink, cancel, record_token_times=True)
+        return started, slot.engine.generate(prompt, params, sink, cancel)
 
     future = loop.run_in_executor(slot.executor, work)
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
@@ -62,7 +62,6 @@ class GenerationOutcome:
     first_token_at: float | None = None
     """``time.perf_counter()`` of the first generated token."""
     last_token_at: float | None = None
-    token_times: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,16 +87,12 @@ class Engine(Protocol):
         """The prompt text for a chat and the stop strings its format implies."""
         ...
 
-    def count_tokens(self, text: str) -> int: ...
-
     def generate(
         self,
         prompt: str,
         params: SamplingParams,
         sink: TokenSink,
         cancel: threading.Event,
-        *,
-        record_token_times: bool = False,
     ) -> GenerationOutcome: ...
 
     def embed(self, inputs: list[str]) -> EmbeddingResult: ...

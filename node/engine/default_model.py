@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -65,7 +64,3 @@ def _marker_matches(target: Path, marker: Path, expected: str) -> bool:
     except (OSError, ValueError):
         return False
     return recorded_hash == expected and int(size) == stat.st_size and int(mtime) == stat.st_mtime_ns
-
-
-def remove_default_model(cache_dir: Path | None = None) -> None:
-    shutil.rmtree(cache_dir or default_cache_dir(), ignore_errors=True)

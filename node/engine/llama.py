@@ -112,9 +112,6 @@ class LlamaEngine:
             return render_template(self._template, messages, bos_token=bos, eos_token=eos)
         return render_named_format(self._chat_mode, messages)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self._tokenize(text))
-
     def _tokenize(self, text: str) -> list[int]:
         llm = self._llm
         bos_text = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "ignore")
@@ -128,8 +125,6 @@ class LlamaEngine:
         params: SamplingParams,
         sink: TokenSink,
         cancel: threading.Event,
-        *,
-        record_token_times: bool = False,
     ) -> GenerationOutcome:
         import llama_cpp
 
@@ -182,8 +177,6 @@ class LlamaEngine:
                 if outcome.first_token_at is None:
                     outcome.first_token_at = now
                 outcome.last_token_at = now
-                if record_token_times:
-                    outcome.token_times.append(now)
                 outcome.completion_tokens += 1
                 raw = decoder.decode(llm.detokenize([token]))
                 visible = reasoning.feed(raw) if reasoning is not None else raw

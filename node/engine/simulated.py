@@ -36,7 +36,8 @@ class SimulatedEngine:
     def render_chat(self, messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
         return "\n".join(f"{m.role}: {m.content}" for m in messages) + "\nassistant:", ()
 
-    def count_tokens(self, text: str) -> int:
+    @staticmethod
+    def count_tokens(text: str) -> int:
         return max(1, len(text.split()))
 
     def generate(
@@ -45,8 +46,6 @@ class SimulatedEngine:
         params: SamplingParams,
         sink: TokenSink,
         cancel: threading.Event,
-        *,
-        record_token_times: bool = False,
     ) -> GenerationOutcome:
         if self.info.embedding:
             raise InvalidRequestError("simulated model is in embedding mode", param="model")
@@ -61,8 +60,6 @@ class SimulatedEngine:
             now = time.perf_counter()
             outcome.first_token_at = outcome.first_token_at or now
             outcome.last_token_at = now
-            if record_token_times:
-                outcome.token_times.append(now)
             outcome.completion_tokens += 1
             sink(("" if index == 0 else " ") + _WORDS[index % len(_WORDS)])
         return outcome

@@ -43,7 +43,6 @@ class GenerationJob:
     params: SamplingParams
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
-    record_token_times: bool = False
 
 
 class Generation:
@@ -103,8 +102,7 @@ class Generation:
                 else:
                     prompt, params = job.prompt or "", job.params
                 try:
-                    return engine.generate(prompt, params, sink, cancel,
-                                           record_token_times=job.record_token_times)
+                    return engine.generate(prompt, params, sink, cancel)
                 except DVAIError as exc:
                     if exc.param in ("messages", "prompt"):  # name the field the client sent
                         exc.param = "messages" if job.messages is not None else "prompt"
@@ -228,11 +226,6 @@ class ModelSlot:
             except Exception as exc:  # noqa: BLE001
                 log.exception("embedding failure")
                 raise EngineError("the engine failed while embedding; see the node log") from exc
-
-    async def run_in_worker(self, fn: Callable[[], object]) -> object:
-        """Run ``fn`` on this model's thread (for token counting and the like)."""
-        await self.ensure_loaded()
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
     # -- lifecycle ---------------------------------------------------------
     async def ensure_loaded(self) -> None:
