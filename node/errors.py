@@ -82,6 +82,29 @@ class ModelNotFoundError(NotFoundError):
         super().__init__(f"The model '{model}' does not exist on this node{hint}", param="model")
 
 
+class OffloadDisabledError(NotFoundError):
+    """A mesh feature asked for on a node with offload off (the reference mounts it only then)."""
+
+    code = "offload_disabled"
+
+    def __init__(self, feature: str, hint: str = "") -> None:
+        super().__init__(
+            f"{feature} only with offload enabled; set `enabled = true` under [offload] in the node's "
+            f"config file (or DVAI_OFFLOAD__ENABLED=true) and restart the node{hint}"
+        )
+
+
+def embeddings_not_enabled(model_id: str, env_name: str) -> InvalidRequestError:
+    """The 400 for /v1/embeddings on a model that is not in embedding mode, saying how to enable it."""
+    return InvalidRequestError(
+        f"model '{model_id}' is not in embedding mode; set `embedding = true` under [models.{model_id}] "
+        f"(or DVAI_MODELS__{env_name}__EMBEDDING=true) to serve /v1/embeddings, or use a model listed "
+        "with 'embedding' in /v1/models",
+        param="model",
+        code="embeddings_not_enabled",
+    )
+
+
 class MethodNotAllowedError(DVAIError):
     status = 405
     error_type = "invalid_request_error"

@@ -21,6 +21,7 @@ from .config import env_model_name
 from .engine.base import GenerationOutcome
 from .engine.registry import ModelRegistry
 from .engine.slot import GenerationJob, ModelSlot
+from .errors import embeddings_not_enabled
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,17 +189,8 @@ class InferenceService:
     # -- embeddings ----------------------------------------------------------
     async def embeddings(self, request: EmbeddingRequest, usage: UsageRecord | None = None) -> dict[str, Any]:
         slot = self.registry.resolve(request.model)
-        if not slot.info.embedding:
-            # Checked before queueing so a wrong model fails fast with the hint.
-            from .errors import InvalidRequestError
-
-            raise InvalidRequestError(
-                f"model '{slot.info.id}' does not serve embeddings; enable them with `embedding = true` "
-                f"under [models.{slot.info.id}] (or DVAI_MODELS__{env_model_name(slot.info.id)}"
-                "__EMBEDDING=true), or use a model listed with 'embedding' in /v1/models",
-                param="model",
-                code="embeddings_not_enabled",
-            )
+        if not slot.info.embedding:  # checked before queueing: a wrong model fails fast
+            raise embeddings_not_enabled(slot.info.id, env_model_name(slot.info.id))
         result = await slot.embed(list(request.inputs))
         if usage is not None:
             usage.model = slot.info.id

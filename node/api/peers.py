@@ -7,24 +7,14 @@ from typing import Any
 from aiohttp import web
 
 from ..context import CONTEXT, NodeContext
-from ..errors import NotFoundError
+from ..errors import OffloadDisabledError
 
 routes = web.RouteTableDef()
 
 
-class DiscoveryDisabledError(NotFoundError):
-    code = "offload_disabled"
-
-    def __init__(self) -> None:
-        super().__init__(
-            "peer discovery runs only with offload enabled; set `enabled = true` under [offload] "
-            "(or DVAI_OFFLOAD__ENABLED=true) and restart the node"
-        )
-
-
 def peers_body(context: NodeContext) -> dict[str, Any]:
     if context.peers is None:
-        raise DiscoveryDisabledError()
+        raise OffloadDisabledError("peer discovery runs")
     return {
         "object": "list",
         "deviceId": context.identity.device_id,

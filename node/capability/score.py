@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from ..constants import CAPABILITY_MAX_TOK_PER_S, CAPABILITY_NOTIFY_MIN_CHANGE, CAPABILITY_OBSERVED_ALPHA
 from ..engine.base import Engine
-from ..errors import NotFoundError
+from ..errors import OffloadDisabledError
 
 ScoreSource = Literal["probe", "heuristic", "observed"]
 
@@ -35,17 +35,12 @@ BANDWIDTH_BUDGET_S = 0.04
 """seconds of timed copying at most (the whole measurement, allocation included, ~20 ms)."""
 
 
-class CapabilityDisabledError(NotFoundError):
+class CapabilityDisabledError(OffloadDisabledError):
     """The capability endpoints exist only with offload enabled (as in the reference)."""
 
-    code = "offload_disabled"
-
     def __init__(self) -> None:
-        super().__init__(
-            "capability scores are only kept when offload is enabled; set `enabled = true` under "
-            "[offload] in the node's config file (or DVAI_OFFLOAD__ENABLED=true) and restart the "
-            "node, or run `dvai-node probe` for a one-off measurement"
-        )
+        super().__init__("capability scores are kept",
+                         ", or run `dvai-node probe` for a one-off measurement")
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import env_model_name
-from ..errors import EngineError, InvalidRequestError
+from ..errors import EngineError, InvalidRequestError, embeddings_not_enabled
 from .base import ChatMessage, EmbeddingResult, GenerationOutcome, ModelInfo, SamplingParams, TokenSink
 from .chat_format import known_chat_formats, render_gemma, render_named_format, render_template
 from .textstream import ReasoningBudget, StopMatcher
@@ -220,13 +220,7 @@ class LlamaEngine:
     # -- embeddings ------------------------------------------------------------
     def embed(self, inputs: list[str]) -> EmbeddingResult:
         if not self.info.embedding:
-            raise InvalidRequestError(
-                f"model '{self.info.id}' is not in embedding mode; set `embedding = true` "
-                f"in its [models.{self.info.id}] config (or DVAI_MODELS__{env_model_name(self.info.id)}"
-                "__EMBEDDING=true) to serve /v1/embeddings",
-                param="model",
-                code="embeddings_not_enabled",
-            )
+            raise embeddings_not_enabled(self.info.id, env_model_name(self.info.id))
         llm = self._llm
         limit = llm.n_batch
         for index, text in enumerate(inputs):
