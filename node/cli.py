@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .config import ModelConfig, NodeConfig, load_config
+from .config import ModelConfig, NodeConfig, load_config, model_id_for_path
 from .errors import ConfigError
 from .version import __version__
 
@@ -62,9 +62,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "log_level", None):
         out["log_level"] = args.log_level
     if getattr(args, "model", None):
-        from pathlib import Path
-
-        out["models"] = {Path(args.model).stem.lower(): {"path": args.model}}
+        out["models"] = {model_id_for_path(args.model): {"path": args.model}}
     return out
 
 

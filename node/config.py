@@ -207,6 +207,11 @@ def override_config(config: NodeConfig, overrides: Mapping[str, Any]) -> NodeCon
     return config_from_mapping(mapping)
 
 
+def model_id_for_path(path: str | Path) -> str:
+    """The id a GGUF given by path is served under: its file name without extension, lower case."""
+    return Path(path).stem.lower()
+
+
 def env_model_name(model_id: str) -> str:
     """The environment spelling of a model id: ``gemma3-270m`` → ``GEMMA3_270M``."""
     return model_id.upper().replace("-", "_").replace(".", "_")

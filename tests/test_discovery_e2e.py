@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 
 from .conftest import REPO, NodeProcess, start_node_process
+from .offload_support import wait_until
 
 # SIMULATED engines keep these processes light; the real engine is covered elsewhere.
 CONFIG = """
@@ -33,15 +32,6 @@ async def peers_of(session: aiohttp.ClientSession, node: NodeProcess) -> dict[st
 
 async def device_id(session: aiohttp.ClientSession, node: NodeProcess) -> str:
     return str((await (await session.get(node.root + "/v1/dvai/health")).json())["deviceId"])
-
-
-async def wait_until(predicate, within: float) -> float:  # noqa: ANN001
-    started = time.monotonic()
-    while time.monotonic() - started < within:
-        if await predicate():
-            return time.monotonic() - started
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not met within {within} s")
 
 
 async def test_three_nodes_see_each_other_and_notice_leaving_and_crashing(tmp_path: Path) -> None:

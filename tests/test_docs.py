@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import tomllib
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -266,4 +267,9 @@ def test_toml_examples_load(example: tuple[str, int, str], tmp_path: Path) -> No
     file = tmp_path / "example.toml"
     file.write_text(block)
     config = load_config(file, env={})
-    assert isinstance(config, NodeConfig) and config.models, f"a toml example in docs/{name} loads to nothing"
+    written = tomllib.loads(block)
+    if isinstance(written.get("models"), dict):  # the example's models are the ones served, in order
+        assert [m.id for m in config.models] == list(written["models"]), f"docs/{name}: models lost"
+    for key, value in written.items():  # and its plain top-level values arrive unchanged
+        if isinstance(value, (bool, int, float)) or (isinstance(value, str) and not key.endswith("_dir")):
+            assert getattr(config, key) == value, f"docs/{name}: {key} = {value!r} not applied"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..cli import _EXTRA_PARSERS, command
-from ..config import ModelConfig, NodeConfig
+from ..config import ModelConfig, NodeConfig, model_id_for_path
 from ..engine.registry import ModelRegistry
 from ..errors import DVAIError
 from .probe import check_probe_tokens
@@ -55,7 +55,7 @@ def config_for_probe(config: NodeConfig, model: str | None) -> tuple[NodeConfig,
         return config, config.default_model_id
     names = {name for m in config.models for name in (m.id, *m.aliases)}
     if model not in names and Path(model).expanduser().is_file():
-        model_id = Path(model).stem.lower()
+        model_id = model_id_for_path(model)
         return config.replace(models=(ModelConfig(id=model_id, path=model),), default_model=None), model_id
     return config, model
 
