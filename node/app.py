@@ -8,10 +8,10 @@ from typing import Any
 from aiohttp import web
 
 from .api import mesh, metrics, offload, openai, peers, trust
-from .api.middlewares import REQUEST_ID, error_middleware, origin_middleware
+from .api.middlewares import error_middleware, origin_middleware
+from .api.record import RecordReader, audit_reader, log_request, make_record_middleware
 from .context import CONTEXT, NodeContext
-from .metrics import make_metrics_middleware
-from .security import DEFAULT_PUBLIC_PATHS, make_audit_middleware, make_security_middleware
+from .security import DEFAULT_PUBLIC_PATHS, make_security_middleware
 
 
 def build_app(
@@ -22,14 +22,15 @@ def build_app(
 ) -> web.Application:
     """The node's HTTP application. ``middlewares`` run inside the error middleware."""
     config = context.config
-    # Outermost first: errors → metrics (sees every status) → CORS/origin → audit (sees refusals
-    # too) → signatures and exposure.
-    stack: list[Any] = [error_middleware]
-    if context.metrics is not None:
-        stack.append(make_metrics_middleware(context.metrics))
-    stack.append(origin_middleware(config.cors_origin))
+    # Outermost first: errors → the request record (sees every status; read by audit, metrics and
+    # the request log) → CORS/origin → signatures and exposure.
+    readers: list[RecordReader] = []
     if context.audit is not None:
-        stack.append(make_audit_middleware(context.audit, request_id=lambda r: r.get(REQUEST_ID, "")))
+        readers.append(audit_reader(context.audit))
+    if context.metrics is not None:
+        readers.append(context.metrics.observe_request)
+    readers.append(log_request)
+    stack: list[Any] = [error_middleware, make_record_middleware(readers), origin_middleware(config.cors_origin)]
     if context.pairings is not None and context.nonces is not None:
         public = DEFAULT_PUBLIC_PATHS | ({metrics.METRICS_PATH} if config.security.public_metrics else set())
         stack.append(make_security_middleware(config, context.pairings, context.nonces, public_paths=public,

@@ -16,8 +16,8 @@ from aiohttp import web
 
 from .config import NodeConfig
 from .engine.registry import ModelRegistry
+from .engine.service import InferenceService
 from .identity import DeviceIdentity, NodeIdentity
-from .inference import InferenceService
 
 if TYPE_CHECKING:
     from .capability import CapabilityService

@@ -185,3 +185,21 @@ class UpstreamError(DVAIError):
 
 class ConfigError(ValueError):
     """Bad configuration: raised at start, names the key and the expected type."""
+
+
+_HTTP_STATUS_CODES = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("authentication_error", "unauthorized"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "payload_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    429: ("rate_limit_error", "rate_limited"),
+}
+
+
+def http_error_body(status: int, message: str) -> dict[str, Any]:
+    """The OpenAI error body for a bare HTTP status (404, 405, 413 …) that has no DVAIError."""
+    error_type, code = _HTTP_STATUS_CODES.get(status, ("server_error", "http_error"))
+    return {"error": {"message": message, "type": error_type, "code": code, "param": None}}

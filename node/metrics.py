@@ -2,11 +2,11 @@
 
 Integration surface:
 
-- ``NodeMetrics.for_context(context)`` once the context exists (``node/runtime.py``), stored
+- ``NodeMetrics(...)``, built by the runtime once the context exists (``node/runtime.py``), stored
   as ``context.metrics``; ``render()`` is the ``GET /metrics`` body (``node/api/metrics.py``).
-- ``make_metrics_middleware(metrics)`` just inside the error middleware: one observation per
-  request to ``/v1/*`` (status, route, where served, and from ``request[AUDIT_DETAILS_KEY]``:
-  tokens, time to first token, decode rate, error code).
+- ``observe_request(record)`` is a reader of the per-request record (``node/api/record.py``):
+  one observation per request to ``/v1/*`` (status, route, where served, tokens, time to first
+  token, decode rate, error code).
 - The offload router calls ``offload_started(peer_id)`` when it sends a request to a peer and
   ``offload_finished(peer_id, ok=..., tokens=...)`` once that attempt is over.
 
@@ -20,41 +20,34 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
-from aiohttp import web
-from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .api.middlewares import http_error_body
 from .constants import (
     API_PATH,
     MAX_METRIC_ERROR_CODES,
     MAX_METRIC_LABEL_CHARS,
     MAX_METRIC_PEER_LABELS,
     MAX_METRIC_REMOTE_MODELS,
-    SERVED_BY_HEADER,
 )
 from .discovery.model import Peer, PeerState
-from .security.audit_middleware import AUDIT_DETAILS_KEY, HandlerOutcome
+from .engine.record import RequestRecord
+from .errors import http_error_body
 from .version import __version__
 
 if TYPE_CHECKING:
-    from .context import NodeContext
     from .engine.registry import ModelRegistry
 
 __all__ = [
     "DECODE_RATE_BUCKETS",
     "OTHER",
     "TTFT_BUCKETS",
-    "UNMATCHED",
     "BoundedLabels",
     "NodeMetrics",
-    "make_metrics_middleware",
-    "route_label",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,14 +59,11 @@ DECODE_RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0
 
 OTHER = "other"
 """label value shared by everything past a cap (peers, error codes, unknown models)."""
-UNMATCHED = "unmatched"
-"""``endpoint`` of requests under ``/v1/`` that match no route."""
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SERVED_LOCAL, SERVED_PEER = "local", "peer"
 
 PeerSource = Callable[[], "Iterable[Peer] | None"]
 CountSource = Callable[[], "int | None"]
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class BoundedLabels:
@@ -158,20 +148,6 @@ class NodeMetrics:
         if peers is not None or paired_devices is not None:
             registry.register(_PeerCollector(peers, paired_devices))
 
-    @classmethod
-    def for_context(cls, context: NodeContext) -> NodeMetrics:
-        """Metrics reading the context's registry, peer table (once discovery sets it) and pairings."""
-
-        def peers() -> Iterable[Peer] | None:
-            return context.peers.snapshot() if context.peers is not None else None
-
-        def paired() -> int | None:
-            return len(context.pairings) if context.pairings is not None else None
-
-        return cls(device_id=context.identity.device_id, device_name=context.device_name,
-                   models=context.registry, peers=peers, paired_devices=paired,
-                   started_at=context.started_at)
-
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
@@ -195,38 +171,37 @@ class NodeMetrics:
         self._in_flight[label] = max(0, self._in_flight.get(label, 0) - 1)
         self.offloads_in_flight.labels(label).set(self._in_flight[label])
 
-    # -- requests (called by the middleware) ----------------------------------------
-    def observe_request(self, *, endpoint: str, method: str, status: int, error_code: str | None = None,
-                        details: Mapping[str, Any] | None = None, served_by_header: str | None = None) -> None:
-        """Count one answered request; ``details`` is the handler's audit details dict."""
-        details = details or {}
-        served_by = self._served_by(details.get("served_by"), served_by_header)
-        method = method if method in KNOWN_METHODS else OTHER
-        self.requests.labels(endpoint, method, str(status), served_by).inc()
-        code = _text(details.get("error_code"))
-        if status >= 400:
-            code = error_code or code or http_error_body(status, "")["error"]["code"]
+    # -- requests (a reader of the per-request record) ------------------------------
+    def observe_request(self, record: RequestRecord) -> None:
+        """Count one answered request to ``/v1/*`` (others are not observed)."""
+        if not record.endpoint.startswith(API_PATH + "/"):
+            return
+        served_by = self._served_by(record.served_by)
+        method = record.method if record.method in KNOWN_METHODS else OTHER
+        self.requests.labels(record.route, method, str(record.status), served_by).inc()
+        code = _text(record.error_code)
+        if record.status >= 400:
+            code = code or http_error_body(record.status, "")["error"]["code"]
         if code:
-            self.errors.labels(endpoint, self._code_label(code)).inc()
-        model = self._model_label(details.get("model_served"), served_by)
+            self.errors.labels(record.route, self._code_label(code)).inc()
+        model = self._model_label(record.model_served, served_by)
         if model is None:
             return
-        prompt, completion = _count(details.get("prompt_tokens")), _count(details.get("completion_tokens"))
+        prompt, completion = _count(record.prompt_tokens), _count(record.completion_tokens)
         if prompt:
             self.prompt_tokens.labels(model, served_by).inc(prompt)
         if completion:
             self.completion_tokens.labels(model, served_by).inc(completion)
-        first_token = _positive(details.get("first_token_s"), allow_zero=True)
+        first_token = _positive(record.first_token_s, allow_zero=True)
         if first_token is not None:
             self.time_to_first_token.labels(model, served_by).observe(first_token)
-        rate = _positive(details.get("decode_tok_per_s"))
+        rate = _positive(record.decode_tok_per_s)
         if rate is not None:
             self.decode_rate.labels(model, served_by).observe(rate)
 
-    def _served_by(self, detail: object, header: str | None) -> str:
-        for value in (detail, header):
-            if isinstance(value, str) and value and value not in (SERVED_LOCAL, self.device_id):
-                return SERVED_PEER
+    def _served_by(self, value: object) -> str:
+        if isinstance(value, str) and value and value not in (SERVED_LOCAL, self.device_id):
+            return SERVED_PEER
         return SERVED_LOCAL
 
     def _model_label(self, model: object, served_by: str) -> str | None:
@@ -237,37 +212,6 @@ class NodeMetrics:
         if models is not None and models.serves(model):
             return models.resolve(model).info.id
         return self._remote_model_label(model) if served_by == SERVED_PEER else OTHER
-
-
-def make_metrics_middleware(metrics: NodeMetrics, *, prefix: str = API_PATH + "/") -> Middleware:
-    """Observe every request under ``prefix``; place it just inside the error middleware so
-    it sees the status of errors raised by inner layers and handlers."""
-
-    @web.middleware
-    async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith(prefix):
-            return await handler(request)
-        outcome = HandlerOutcome()
-        try:
-            return await outcome.run(handler, request)
-        finally:
-            response = outcome.response
-            try:
-                metrics.observe_request(
-                    endpoint=route_label(request), method=request.method, status=outcome.status,
-                    error_code=outcome.code, details=request.get(AUDIT_DETAILS_KEY),
-                    served_by_header=response.headers.get(SERVED_BY_HEADER) if response is not None else None)
-            except Exception:  # noqa: BLE001 - metrics never break a request
-                log.exception("metrics observation failed")
-
-    return metrics_middleware
-
-
-def route_label(request: web.Request) -> str:
-    """The matched route's pattern (``/v1/dvai/pairings/{device_id}``), else ``unmatched``."""
-    resource = request.match_info.route.resource
-    canonical = resource.canonical if resource is not None else None
-    return canonical[:MAX_METRIC_LABEL_CHARS] if canonical else UNMATCHED
 
 
 # --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import dataclasses
 import errno
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,10 @@ from .config import NodeConfig, load_config, override_config
 from .context import NodeContext
 from .discovery import AdvertisedInfo, DiscoveryService, Peer, PeerTable
 from .engine.registry import ModelRegistry
+from .engine.service import InferenceLimits, InferenceService
 from .errors import ConfigError
 from .fsutil import atomic_write_json, read_json
 from .identity import IdentityHandle, open_node_identity
-from .inference import InferenceLimits, InferenceService
 from .metrics import NodeMetrics
 from .offload.router import OffloadCallback, OffloadRouter
 from .security import (
@@ -46,6 +46,7 @@ from .security.pairing import Pairing
 from .security.qr_pairing import PairingResult
 from .security.qr_service import QrPairingService
 from .security.rendezvous_client import Approver as QrApprover
+from .transport.http_link import HttpPeerLink
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class Node:
                 await self._serve_http(context)
                 if self.config.offload.enabled:
                     await self._start_discovery(context)
-                    context.router = OffloadRouter.from_context(context, on_offload=self.on_offload)
+                    context.router = self._build_router(context)
                     await context.router.start()
             if wait_ready:
                 await context.registry.wait_preloaded()
@@ -202,8 +203,22 @@ class Node:
             approver=PairingApprover.from_config(config.security, hook=self.on_pairing_request),
             audit=audit,
         )
-        context.metrics = NodeMetrics.for_context(context)
+        context.metrics = _build_metrics(context)
         return context
+
+    def _build_router(self, context: NodeContext) -> OffloadRouter:
+        """The offload router, with the links that reach peers (LAN HTTP)."""
+        if context.peers is None or context.pairings is None or context.http is None:
+            raise RuntimeError("the offload router needs the peer table, the pairing store and the HTTP client")
+        session = context.http
+
+        def link_for(peer: Peer) -> HttpPeerLink:
+            return HttpPeerLink(session, peer.base_url)
+
+        return OffloadRouter(config=context.config, device_id=context.identity.device_id,
+                             registry=context.registry, capability=context.capability, peers=context.peers,
+                             pairings=context.pairings, links=link_for, on_offload=self.on_offload,
+                             metrics=context.metrics)
 
     async def _serve_http(self, context: NodeContext) -> None:
         config = self.config
@@ -269,14 +284,14 @@ class Node:
                               **options: Any) -> dict[str, Any]:
         body = {"model": model or self.config.default_model_id, "messages": messages, **options,
                 "stream": False}
-        return await self._require().inference.chat(parse_chat_request(body))
+        return await self._require().inference.complete(parse_chat_request(body))
 
     async def stream_chat(self, messages: list[dict[str, Any]], *, model: str | None = None,
                           **options: Any) -> AsyncIterator[dict[str, Any]]:
         """Chat completion chunks, as an OpenAI client would receive them."""
         body = {"model": model or self.config.default_model_id, "messages": messages, **options,
                 "stream": True}
-        stream = self._require().inference.chat_stream(parse_chat_request(body))
+        stream = self._require().inference.stream(parse_chat_request(body))
         try:
             async for chunk in stream:
                 yield chunk
@@ -286,7 +301,7 @@ class Node:
     async def completion(self, prompt: str | list[str], *, model: str | None = None,
                          **options: Any) -> dict[str, Any]:
         body = {"model": model or self.config.default_model_id, "prompt": prompt, **options, "stream": False}
-        return await self._require().inference.completion(parse_completion_request(body))
+        return await self._require().inference.complete(parse_completion_request(body))
 
     async def embedding(self, inputs: str | list[str], *, model: str | None = None) -> list[list[float]]:
         """One normalised vector per input, in order (the reference's ``number[][]``)."""
@@ -396,3 +411,17 @@ async def _bind_with_retry(runner: web.AppRunner, config: NodeConfig) -> int:
         f"no free port in {config.http_base_port}..{config.http_base_port + attempts - 1} "
         f"on {config.http_bind_host} ({last_error})"
     )
+
+
+def _build_metrics(context: NodeContext) -> NodeMetrics:
+    """Metrics reading the registry, the peer table (once discovery sets it) and the pairings."""
+
+    def peers() -> Iterable[Peer] | None:
+        return context.peers.snapshot() if context.peers is not None else None
+
+    def paired() -> int | None:
+        return len(context.pairings) if context.pairings is not None else None
+
+    return NodeMetrics(device_id=context.identity.device_id, device_name=context.device_name,
+                       models=context.registry, peers=peers, paired_devices=paired,
+                       started_at=context.started_at)

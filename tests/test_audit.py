@@ -179,12 +179,12 @@ async def test_disabled_log_records_nothing(tmp_path: Path) -> None:
 # One row per inference request, served or refused, through the real middlewares
 
 
-async def test_audit_middleware_records_served_and_refused_requests(aiohttp_client: Any, tmp_path: Path) -> None:
+async def test_the_audit_reader_records_served_and_refused_requests(aiohttp_client: Any, tmp_path: Path) -> None:
     from aiohttp import web
 
+    from node.api.record import RECORD, audit_reader, make_record_middleware
     from node.config import NodeConfig
     from node.errors import DVAIError, ServiceUnavailableError
-    from node.security.audit_middleware import AUDIT_DETAILS_KEY, make_audit_middleware
     from node.security.guard import make_security_middleware
     from node.security.pairing import Pairing, PairingStore
     from node.security.signing import NonceCache, sign_request_headers
@@ -203,11 +203,11 @@ async def test_audit_middleware_records_served_and_refused_requests(aiohttp_clie
 
     async def chat(request: web.Request) -> web.Response:
         body = await request.json()
-        details = request[AUDIT_DETAILS_KEY]
-        details["model_requested"] = body["model"]
+        record = request[RECORD]
+        record.requested(body["model"])
         if body["model"] == "busy":
             raise ServiceUnavailableError("no capable device", code="no_capable_device")
-        details.update(model_served="gemma3-270m", prompt_tokens=7, completion_tokens=9, served_by="dv-big")
+        record.served("dv-big", model="gemma3-270m", prompt_tokens=7, completion_tokens=9)
         return web.json_response({"ok": True})
 
     async def models(request: web.Request) -> web.Response:
@@ -215,7 +215,7 @@ async def test_audit_middleware_records_served_and_refused_requests(aiohttp_clie
 
     app = web.Application(middlewares=[
         render,
-        make_audit_middleware(log, request_id=lambda r: r.headers.get("X-Request-Id", "none"), now_ms=lambda: NOW),
+        make_record_middleware([audit_reader(log)], now_ms=lambda: NOW),
         make_security_middleware(NodeConfig(http_bind_host="0.0.0.0"), store, NonceCache(), now_ms=lambda: NOW,
                                  remote_addr=lambda r: r.headers.get("X-Test-Remote-Addr", r.remote),
                                  render_errors=False),

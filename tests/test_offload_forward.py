@@ -18,8 +18,17 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from node.api.sse import write_peer_answer
 from node.offload.events import EventSplitter, OversizeEventError, encode_event
-from node.offload.forward import Forwarder, ForwardSettings, ForwardStatus, ForwardTarget
+from node.offload.forward import (
+    ForwardCall,
+    Forwarder,
+    ForwardFailed,
+    ForwardResult,
+    ForwardSettings,
+    ForwardStatus,
+    ForwardTarget,
+)
 from node.offload.verify import (
     PeerVerifier,
     ProbeTarget,
@@ -29,6 +38,7 @@ from node.offload.verify import (
 )
 from node.security.pairing import Pairing
 from node.security.signing import NonceCache, verify_signed_request
+from node.transport.http_link import HttpPeerLink
 
 KEY = bytes(range(32))
 PAIRING = Pairing(peer_device_id="peer-1", peer_device_name="peer", app_id="me", key=KEY, via="lan-handshake",
@@ -112,15 +122,18 @@ async def relay_through(peer: TestServer | str, settings: ForwardSettings, *, st
     """Our node, reduced to its forwarding step, in front of ``peer``."""
     results: list[Any] = []
     session = aiohttp.ClientSession()
-    forwarder = Forwarder(session, device_id="me", settings=settings)
-    target = ForwardTarget("peer-1", peer if isinstance(peer, str) else str(peer.make_url("/v1")), PAIRING)
+    forwarder = Forwarder(device_id="me", settings=settings)
+    url = peer if isinstance(peer, str) else str(peer.make_url("/v1"))
+    target = ForwardTarget("peer-1", HttpPeerLink(session, url), PAIRING)
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        result = await forwarder.forward(request, target, await request.read(), stream=stream)
-        results.append(result)
-        if result.response is None:
-            return web.json_response({"fell_back": result.error}, status=599)
-        return result.response
+        call = ForwardCall(request.raw_path, await request.read(), stream)
+        try:
+            answer = await forwarder.open(target, call, on_finished=lambda done: results.append(done.result))
+        except ForwardFailed as exc:
+            results.append(ForwardResult(ForwardStatus.FAILED, error=str(exc)))
+            return web.json_response({"fell_back": str(exc)}, status=599)
+        return await write_peer_answer(request, answer)
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
@@ -162,7 +175,8 @@ async def test_a_stream_is_relayed_signed_marked_and_event_by_event() -> None:
         assert attribution.signed and attribution.peer_device_id == "me"
         (result,) = results
         assert result.status is ForwardStatus.SERVED and result.tokens == 10
-        assert 40 < result.tokens / result.decode_seconds < 60  # (n-1)/(t_last-t_first) ≈ 50
+        rate = result.outcome.decode_tok_per_s
+        assert rate is not None and 40 < rate < 60  # (n-1)/(t_last-t_first) ≈ 50
     finally:
         await client.close()
         await peer.close()
@@ -244,7 +258,7 @@ async def test_a_non_streamed_answer_passes_through_unchanged() -> None:
     try:
         response = await client.post("/v1/chat/completions", json={**BODY, "stream": False})
         assert await response.read() == answer and response.headers["X-DVAI-Served-By"] == "peer-1"
-        assert results[0].tokens == 7 and results[0].prompt_tokens == 3
+        assert results[0].tokens == 7 and results[0].outcome.prompt_tokens == 3
     finally:
         await client.close()
         await peer.close()
@@ -277,15 +291,16 @@ async def test_a_client_that_goes_away_closes_the_upstream_request() -> None:
 # --- the verification probe ----------------------------------------------------------------
 
 
-def target_of(peer: TestServer | str) -> ProbeTarget:
-    return ProbeTarget("peer-1", peer if isinstance(peer, str) else str(peer.make_url("/v1")), PAIRING, "m")
+def target_of(peer: TestServer | str, session: aiohttp.ClientSession) -> ProbeTarget:
+    url = peer if isinstance(peer, str) else str(peer.make_url("/v1"))
+    return ProbeTarget("peer-1", HttpPeerLink(session, url), PAIRING, "m")
 
 
 async def test_the_probe_measures_the_rate_that_arrives() -> None:
     seen: list[web.Request] = []
     peer = await start_peer(tokens_at(40, 32), seen=seen)
     async with aiohttp.ClientSession() as session:
-        rate, count = await measure_decode_rate(session, target_of(peer), self_device_id="me", time_limit=5,
+        rate, count = await measure_decode_rate(target_of(peer, session), self_device_id="me", time_limit=5,
                                                 connect_timeout=1)
     await peer.close()
     assert count == 32 and rate is not None and 33 < rate < 45
@@ -298,7 +313,7 @@ async def test_a_slow_peer_is_measured_without_waiting_for_its_whole_answer() ->
     peer = await start_peer(tokens_at(5, 32))  # 6.4 s for the whole probe
     started = time.monotonic()
     async with aiohttp.ClientSession() as session:
-        rate, count = await measure_decode_rate(session, target_of(peer), self_device_id="me", time_limit=10,
+        rate, count = await measure_decode_rate(target_of(peer, session), self_device_id="me", time_limit=10,
                                                 connect_timeout=1, give_up_below=20)
     await peer.close()
     # cut once 31 tokens at 20 tok/s (×1.1) could no longer arrive: ~1.9 s after the first token
@@ -314,11 +329,11 @@ async def test_probe_failures() -> None:
     erroring = await start_peer(tokens_at(50, 1), status=401)
     async with aiohttp.ClientSession() as session:
         probe = {"self_device_id": "me", "time_limit": 2, "connect_timeout": 1}
-        assert await measure_decode_rate(session, target_of(one_token), **probe) == (None, 1)  # inconclusive
+        assert await measure_decode_rate(target_of(one_token, session), **probe) == (None, 1)  # inconclusive
         with pytest.raises(VerificationFailed):
-            await measure_decode_rate(session, target_of(refused), **probe)
+            await measure_decode_rate(target_of(refused, session), **probe)
         with pytest.raises(VerificationFailed, match="401"):
-            await measure_decode_rate(session, target_of(erroring), **probe)
+            await measure_decode_rate(target_of(erroring, session), **probe)
     await one_token.close()
     await erroring.close()
 

@@ -19,6 +19,7 @@ from node.offload.policy import OffloadAction, OffloadMode, Reason
 from node.offload.router import OffloadRouter, _with_model
 from node.offload.verify import PeerVerifier, ProbeTarget
 from node.security.pairing import Pairing, PairingStore
+from node.transport.http_link import HttpPeerLink
 
 
 class World:
@@ -38,7 +39,8 @@ class World:
         self.router = OffloadRouter(
             config=self.config, device_id=self.self_id, registry=registry,
             capability=CapabilityService(self.config, registry, CapabilityStore(tmp_path / "self")),
-            peers=self.table, pairings=self.pairings, session=session, clock=lambda: self.now)
+            peers=self.table, pairings=self.pairings, links=lambda peer: HttpPeerLink(session, peer.base_url),
+            clock=lambda: self.now)
         self.probed: list[ProbeTarget] = []
         self.measured = 40.0
 
@@ -87,7 +89,7 @@ async def test_a_paired_peer_is_used_only_once_verified_by_us(world: World) -> N
     assert after.peers[0].verified_tok_per_s == 40.0  # our measurement; the claim (500) plays no part
     # A local alias is sent to the peer under the id it serves.
     assert world.router.decide(OffloadMode.PREFER, "my-alias").action is OffloadAction.FORWARD
-    assert json.loads(_with_model(b'{"model": "my-alias", "stream": true}', "sim")) == {"model": "sim",
+    assert json.loads(_with_model({"model": "my-alias", "stream": True}, "sim")) == {"model": "sim",
                                                                                          "stream": True}
 
 

@@ -11,35 +11,24 @@ from typing import Any
 from aiohttp import web
 
 from ..constants import REQUEST_ID_HEADER
-from ..errors import DVAIError, InvalidRequestError, PayloadTooLargeError, PermissionDeniedError
+from ..errors import (
+    DVAIError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    http_error_body,
+)
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("dvai_request_id", str) if hasattr(web, "RequestKey") else "dvai_request_id"
 
-_HTTP_CODES = {
-    400: ("invalid_request_error", "bad_request"),
-    401: ("authentication_error", "unauthorized"),
-    403: ("permission_error", "forbidden"),
-    404: ("invalid_request_error", "not_found"),
-    405: ("invalid_request_error", "method_not_allowed"),
-    413: ("invalid_request_error", "payload_too_large"),
-    415: ("invalid_request_error", "unsupported_media_type"),
-    429: ("rate_limit_error", "rate_limited"),
-}
-
-
 def error_response(error: DVAIError, request_id: str | None = None) -> web.Response:
     headers = dict(error.headers)
     if request_id:
         headers[REQUEST_ID_HEADER] = request_id
     return web.json_response(error.to_body(), status=error.status, headers=headers)
-
-
-def http_error_body(status: int, message: str) -> dict[str, Any]:
-    error_type, code = _HTTP_CODES.get(status, ("server_error", "http_error"))
-    return {"error": {"message": message, "type": error_type, "code": code, "param": None}}
 
 
 @web.middleware

@@ -7,11 +7,11 @@ out, or an :class:`InvalidRequestError` naming the offending parameter.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from ..constants import MAX_TOKENS_CAP
 from ..engine.base import ChatMessage, SamplingParams
+from ..engine.requests import ChatRequest, CompletionRequest, EmbeddingRequest
 from ..errors import InvalidRequestError, UnsupportedParameterError
 
 MAX_STOP_SEQUENCES = 4
@@ -23,32 +23,6 @@ _UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "logi
                      "audio", "modalities", "prediction", "web_search_options")
 _UNSUPPORTED_COMPLETION = ("suffix", "logit_bias", "best_of")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-@dataclass(frozen=True, slots=True)
-class ChatRequest:
-    model: str
-    messages: tuple[ChatMessage, ...]
-    params: SamplingParams
-    stream: bool = False
-    include_usage: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class CompletionRequest:
-    model: str
-    prompts: tuple[str, ...]
-    params: SamplingParams
-    stream: bool = False
-    include_usage: bool = False
-    echo: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class EmbeddingRequest:
-    model: str
-    inputs: tuple[str, ...]
-    encoding_format: str = "float"
 
 
 def parse_chat_request(body: Any) -> ChatRequest:

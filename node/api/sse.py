@@ -1,4 +1,8 @@
-"""Server-sent events: ``data: {json}\\n\\n`` frames closed by ``data: [DONE]``."""
+"""Writing answers out over HTTP: local streams as server-sent events, and peers' answers.
+
+Local streams are ``data: {json}\\n\\n`` events closed by ``data: [DONE]``; a peer's answer
+(:class:`~node.offload.forward.PeerAnswer`) is already encoded and is written as it arrives.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,10 @@ from typing import Any
 
 from aiohttp import ClientConnectionResetError, web
 
-from ..constants import REQUEST_ID_HEADER
+from ..constants import REQUEST_ID_HEADER, SERVED_BY_HEADER
+from ..engine.record import RequestRecord
 from ..errors import DVAIError
+from ..offload.forward import PeerAnswer
 from .middlewares import REQUEST_ID
 
 log = logging.getLogger(__name__)
@@ -32,7 +38,7 @@ async def stream_events(
     events: AsyncIterator[dict[str, Any]],
     *,
     headers: dict[str, str] | None = None,
-    details: dict[str, object] | None = None,
+    record: RequestRecord | None = None,
 ) -> web.StreamResponse:
     """Relay ``events`` as SSE.
 
@@ -59,18 +65,18 @@ async def stream_events(
                 await response.write(encode_event(event))
         except (ConnectionResetError, ClientConnectionResetError):
             # The client left: nothing more can be written; the finally below stops the source.
-            if details is not None:
-                details["error_code"] = "client_closed_request"
+            if record is not None:
+                record.failed("client_closed_request")
             return response
         except DVAIError as exc:
             log.warning("stream ended with an error: %s", exc.message)
-            if details is not None:
-                details["error_code"] = str(exc.code)
+            if record is not None:
+                record.failed(str(exc.code))
             await response.write(encode_event(exc.to_body()))
         except Exception:  # noqa: BLE001 - the client gets a clean error event, the log the trace
             log.exception("stream failed")
-            if details is not None:
-                details["error_code"] = "internal_error"
+            if record is not None:
+                record.failed("internal_error")
             await response.write(
                 encode_event({"error": {"message": "internal error while streaming", "type": "server_error",
                                         "code": "internal_error", "param": None}})
@@ -80,3 +86,28 @@ async def stream_events(
         return response
     finally:
         await iterator.aclose()  # type: ignore[attr-defined]
+
+
+async def write_peer_answer(request: web.Request, answer: PeerAnswer) -> web.StreamResponse:
+    """Write a peer's answer out as it arrives, with ``X-DVAI-Served-By`` naming the peer.
+
+    A client that goes away cancels the peer's generation (the answer is closed early)."""
+    headers = {SERVED_BY_HEADER: answer.device_id}
+    request_id = request.get(REQUEST_ID)
+    if request_id:
+        headers[REQUEST_ID_HEADER] = request_id
+    try:
+        if not answer.stream:
+            body = b"".join([chunk async for chunk in answer])
+            return web.Response(body=body, status=200, headers={"Content-Type": answer.content_type, **headers})
+        response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
+        await response.prepare(request)
+        try:
+            async for chunk in answer:
+                await response.write(chunk)
+            await response.write_eof()
+        except (ConnectionResetError, ClientConnectionResetError):
+            answer.client_left()
+        return response
+    finally:
+        await answer.aclose()

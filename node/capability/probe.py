@@ -15,7 +15,6 @@ from ..constants import CAPABILITY_MAX_TOK_PER_S, CAPABILITY_PROBE_MAX_TOKENS, D
 from ..engine.base import GenerationOutcome, SamplingParams
 from ..engine.slot import ModelSlot
 from ..errors import DVAIError, EngineError, GenerationTimeoutError, InvalidRequestError
-from ..inference import decode_rate
 from .score import CapabilityScore, library_version_for, prompt_rate
 
 log = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ def score_from_outcome(
     model_id: str, outcome: GenerationOutcome, started: float, *, library_version: str, measured_at: float
 ) -> CapabilityScore:
     """The probe score of one timed run (``started``: ``perf_counter()`` when the engine began)."""
-    rate = decode_rate(outcome)
+    rate = outcome.decode_tok_per_s
     if rate is None:
         raise EngineError(f"the probe of '{model_id}' produced too few tokens to time")
     return CapabilityScore(

@@ -17,7 +17,6 @@ from ..engine.registry import ModelRegistry
 from ..engine.simulated import SimulatedEngine
 from ..engine.slot import ModelSlot
 from ..errors import DVAIError
-from ..inference import decode_rate
 from .probe import check_probe_tokens, probe
 from .score import (
     DEFAULT_COPY_BANDWIDTH,
@@ -193,7 +192,7 @@ class CapabilityService:
         """Slot listener (event loop): fold a served generation's decode rate into the EWMA."""
         if not self._listening or outcome.completion_tokens < OBSERVED_MIN_TOKENS:
             return
-        rate = decode_rate(outcome)
+        rate = outcome.decode_tok_per_s
         if rate is None or not plausible_rate(rate):
             return
         previous = self._observed.get(info.id)

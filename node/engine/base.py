@@ -63,6 +63,27 @@ class GenerationOutcome:
     """``time.perf_counter()`` of the first generated token."""
     last_token_at: float | None = None
 
+    @property
+    def decode_tok_per_s(self) -> float | None:
+        """(n − 1) ÷ (last token time − first token time): decode speed without prompt time.
+
+        The one definition used by capability scores, peer verification and forwarding
+        (which fill the token times with arrival times at their end). None when fewer than
+        two tokens or no time passed."""
+        if self.first_token_at is None or self.last_token_at is None:
+            return None
+        span = self.last_token_at - self.first_token_at
+        if self.completion_tokens < 2 or span <= 0:
+            return None
+        return (self.completion_tokens - 1) / span
+
+    def token_at(self, when: float) -> None:
+        """Count one generated token that arrived at ``when``."""
+        self.completion_tokens += 1
+        if self.first_token_at is None:
+            self.first_token_at = when
+        self.last_token_at = when
+
 
 @dataclass(frozen=True, slots=True)
 class EmbeddingResult:

@@ -1,21 +1,22 @@
-"""Forwarding: relay one OpenAI request to a paired peer and its answer back to the client.
+"""Forwarding: relay one OpenAI request to a paired peer over a peer link, and its answer back.
 
-The request body goes to the peer's OpenAI surface (``<peer base URL>`` + the request's
-own path) unchanged, signed with our outbound pairing key (``dvai-sig-v1``), with
-``X-DVAI-Offload: never`` and the hop marker (``X-DVAI-Hop: <our device id>``) so the
-peer serves it itself. The answer carries ``X-DVAI-Served-By: <peer device id>``.
+The request body goes to the peer's OpenAI surface (the request's own path) unchanged,
+signed with our outbound pairing key (``dvai-sig-v1``), with ``X-DVAI-Offload: never`` and
+the hop marker (``X-DVAI-Hop: <our device id>``) so the peer serves it itself. The
+transport is a :class:`~node.transport.link.PeerLink` (LAN HTTP or the WebRTC data channel);
+nothing here knows which, and nothing here writes HTTP: :meth:`Forwarder.open` returns a
+:class:`PeerAnswer` the HTTP edge writes out.
 
 - Streams are relayed event by event as they arrive (whole events only, never the whole
   answer), so the client sees each token as soon as the peer sends it.
-- Nothing reaches the client until the peer's first event (or, without streaming, its
-  whole answer) is here: a peer that fails before that returns ``FAILED`` and the router
-  tries elsewhere.
-- A peer that fails mid-stream (connection lost, no byte for ``forward_read_timeout``,
-  stream cut before ``[DONE]``) ends the client's stream with an OpenAI error event and
+- ``open`` returns only once the peer's first event (or, without streaming, its whole
+  answer) is here: a peer that fails before that raises :class:`ForwardFailed` and the
+  router tries elsewhere.
+- A peer that fails mid-stream (link lost, no byte for ``forward_read_timeout``, stream
+  cut before ``[DONE]``) ends the relayed stream with an OpenAI error event and
   ``data: [DONE]``: status ``BROKEN``.
-- A client that goes away closes the upstream connection, which cancels the peer's
-  generation (its handler is cancelled with the connection): status ``CANCELLED``, or
-  ``asyncio.CancelledError`` propagating when aiohttp cancels the handler.
+- A client that goes away (the answer is closed before its end) cancels the link, which
+  cancels the peer's generation: status ``CANCELLED``.
 """
 
 from __future__ import annotations
@@ -24,44 +25,48 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-import aiohttp
-from aiohttp import web
-
 from node.config import NodeConfig
-from node.constants import (
-    FORWARD_MAX_RESPONSE_BYTES,
-    HOP_HEADER,
-    OFFLOAD_HEADER,
-    REQUEST_ID_HEADER,
-    SERVED_BY_HEADER,
-)
+from node.constants import FORWARD_MAX_RESPONSE_BYTES, HOP_HEADER, OFFLOAD_HEADER, REQUEST_ID_HEADER
+from node.engine.base import GenerationOutcome
 from node.errors import UpstreamError
 from node.security.pairing import Pairing
-from node.security.signing import path_with_query_of, sign_request_headers
+from node.security.signing import sign_request_headers
+from node.transport.link import LinkRequest, LinkResponse, PeerLink, PeerLinkError
 
-from .events import DONE_EVENT, SSE_HEADERS, EventSplitter, OversizeEventError, PeerEvent, encode_event
+from .events import DONE_EVENT, EventSplitter, OversizeEventError, PeerEvent, encode_event
 
-__all__ = ["ForwardResult", "ForwardSettings", "ForwardStatus", "ForwardTarget", "Forwarder"]
+__all__ = ["ForwardCall", "ForwardFailed", "ForwardResult", "ForwardSettings", "ForwardStatus", "ForwardTarget",
+           "Forwarder", "PeerAnswer"]
 
 log = logging.getLogger(__name__)
 
 _ERROR_BODY_PEEK = 4096
 """bytes of a peer's error answer read for the log line."""
 _DRAIN_TIMEOUT_S = 0.25
-"""seconds to wait for a peer's end of stream after ``[DONE]`` before dropping the connection."""
+"""seconds to wait for a peer's end of stream after ``[DONE]`` before dropping the link."""
 
 
 @dataclass(frozen=True, slots=True)
 class ForwardTarget:
     device_id: str
-    base_url: str
-    """the peer's OpenAI base URL (``http://host:port/v1``)."""
+    link: PeerLink
     pairing: Pairing
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardCall:
+    """The request to forward, as plain values."""
+
+    path: str
+    """path with query (``/v1/chat/completions``)."""
+    body: bytes
+    stream: bool
+    request_id: str | None = None
 
 
 class ForwardStatus(StrEnum):
@@ -77,18 +82,17 @@ class ForwardStatus(StrEnum):
 @dataclass(slots=True)
 class ForwardResult:
     status: ForwardStatus
-    response: web.StreamResponse | None = None
-    """the answer to return from the handler (``None`` when ``FAILED``)."""
-    tokens: int = 0
-    """generated tokens seen (streams: content events; otherwise the peer's ``usage``)."""
-    prompt_tokens: int = 0
-    decode_seconds: float = 0.0
-    """first to last token at this end, scaled so ``tokens / decode_seconds`` is the
-    ``(n - 1) / (t_last - t_first)`` rate verification uses; 0 when not measured."""
+    outcome: GenerationOutcome = field(default_factory=GenerationOutcome)
+    """tokens as counted at this end (streams: text events, timed on arrival; otherwise the
+    peer's ``usage``); ``outcome.decode_tok_per_s`` is the rate verification uses too."""
     first_byte_s: float | None = None
     error: str | None = None
     peer_error_code: str | None = None
     """``code`` of an error event the peer itself sent mid-stream (relayed as is)."""
+
+    @property
+    def tokens(self) -> int:
+        return self.outcome.completion_tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,222 +113,223 @@ class ForwardSettings:
         )
 
 
-class _PeerFailure(Exception):
+class ForwardFailed(Exception):
     """The peer could not serve the request (before anything reached the client)."""
 
 
-class Forwarder:
-    """Relays requests to peers over the node's shared HTTP client."""
+Finished = Callable[["PeerAnswer"], None]
 
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        *,
-        device_id: str,
-        settings: ForwardSettings,
-        monotonic: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        self._session = session
+
+class Forwarder:
+    """Sends requests to peers over their links and wraps the answers."""
+
+    def __init__(self, *, device_id: str, settings: ForwardSettings,
+                 monotonic: Callable[[], float] = time.perf_counter) -> None:
         self._device_id = device_id
         self._settings = settings
         self._monotonic = monotonic
 
-    async def forward(
-        self,
-        request: web.Request,
-        target: ForwardTarget,
-        body: bytes,
-        *,
-        stream: bool,
-        on_first_byte: Callable[[], None] | None = None,
-    ) -> ForwardResult:
-        url = target.base_url.rstrip("/").removesuffix("/v1") + request.raw_path
-
-        def sign() -> dict[str, str]:
-            return sign_request_headers(target.pairing.key, self._device_id, target.pairing.app_id, "POST",
-                                        path_with_query_of(url), body)
-
-        headers = SignedHeaders(sign)
-        headers.extra.update({"Content-Type": "application/json", OFFLOAD_HEADER: "never",
-                        HOP_HEADER: self._device_id})
-        request_id = request.headers.get(REQUEST_ID_HEADER)
-        if request_id:
-            headers.extra[REQUEST_ID_HEADER] = request_id[:128]
-        if stream:
-            return await self._stream(request, target, url, headers, body, on_first_byte)
-        return await self._whole(target, url, headers, body, on_first_byte)
-
-    # -- streams ---------------------------------------------------------------------
-    async def _stream(self, request: web.Request, target: ForwardTarget, url: str, headers: SignedHeaders,
-                      body: bytes, on_first_byte: Callable[[], None] | None) -> ForwardResult:
+    async def open(self, target: ForwardTarget, call: ForwardCall, *, on_finished: Finished | None = None,
+                   ) -> PeerAnswer:
+        """The peer's answer, once its first event (or whole answer) is here; ``ForwardFailed``
+        when the peer failed before that. ``on_finished`` runs once the answer is closed."""
         started = self._monotonic()
-        splitter = EventSplitter()
-        try:
-            upstream, first = await self._open_stream(url, headers, body, splitter)
-        except _PeerFailure as exc:
-            return ForwardResult(ForwardStatus.FAILED, error=str(exc))
-        tally = _Tally(self._monotonic)
-        tally.add(first)
-        result = ForwardResult(ForwardStatus.SERVED, first_byte_s=self._monotonic() - started)
-        response = web.StreamResponse(headers={**SSE_HEADERS, SERVED_BY_HEADER: target.device_id})
-        result.response = response
-        done = False
-        try:
-            await response.prepare(request)
-            await response.write(b"".join(e.raw for e in first))
-            if on_first_byte is not None:
-                on_first_byte()
-            done = any(e.done for e in first)
-            while not done:
-                events = await self._next_events(upstream, splitter)
-                tally.add(events)
-                await response.write(b"".join(e.raw for e in events))
-                done = any(e.done for e in events)
-            await response.write_eof()
-            await _drain(upstream)
-        except _PeerFailure as exc:
-            result.status, result.error = ForwardStatus.BROKEN, str(exc)
-            await _end_with_error(response, target.device_id, str(exc))
-        except ConnectionResetError:
-            result.status, result.error = ForwardStatus.CANCELLED, "client disconnected"
-        finally:
-            if done:
-                upstream.release()  # back to the pool when drained (closed otherwise)
-            else:
-                upstream.close()  # drops the connection: the peer cancels its generation
-        tally.fill(result)
-        if tally.peer_error is not None and result.status is ForwardStatus.SERVED:
-            result.status, result.error = ForwardStatus.BROKEN, "the peer reported an error mid-stream"
-            result.peer_error_code = tally.peer_error
-        return result
-
-    async def _open_stream(self, url: str, headers: SignedHeaders, body: bytes,
-                           splitter: EventSplitter) -> tuple[aiohttp.ClientResponse, list[PeerEvent]]:
-        """POST and wait for the peer's first whole event."""
-        upstream: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(self._settings.first_byte_timeout):
-                upstream = await self._post(url, headers, body)
-                while True:
-                    chunk = await upstream.content.readany()
-                    if not chunk:
-                        raise _PeerFailure("the peer closed the stream before its first event")
-                    events = splitter.feed(chunk)
-                    if events:
-                        break
-            if events[0].error is not None:
-                raise _PeerFailure(f"the peer answered with an error event: {_message(events[0].error)}")
-            return upstream, events
+                upstream = await self._send(target, call)
+                answer = PeerAnswer(target.device_id, call.stream, upstream, self._settings, self._monotonic,
+                                    on_finished)
+                await answer.first(started)
+                return answer
         except TimeoutError:
-            _close(upstream)
-            raise _PeerFailure(f"no answer within {self._settings.first_byte_timeout:g} s") from None
-        except (aiohttp.ClientError, OSError, OversizeEventError) as exc:
-            _close(upstream)
-            raise _PeerFailure(_describe(exc)) from None
-        except BaseException:
-            _close(upstream)
-            raise
+            raise ForwardFailed(f"no answer within {self._settings.first_byte_timeout:g} s") from None
+        except PeerLinkError as exc:
+            raise ForwardFailed(str(exc)) from None
 
-    async def _next_events(self, upstream: aiohttp.ClientResponse, splitter: EventSplitter) -> list[PeerEvent]:
-        """The next whole events (at least one); ``_PeerFailure`` when the peer fails."""
-        while True:
-            try:
-                async with asyncio.timeout(self._settings.read_timeout):
-                    chunk = await upstream.content.readany()
-            except TimeoutError:
-                raise _PeerFailure(f"the peer sent nothing for {self._settings.read_timeout:g} s") from None
-            except (aiohttp.ClientError, OSError) as exc:
-                raise _PeerFailure(f"the peer's stream broke: {_describe(exc)}") from None
-            if not chunk:
-                raise _PeerFailure("the peer's stream ended before [DONE]")
-            try:
-                events = splitter.feed(chunk)
-            except OversizeEventError as exc:
-                raise _PeerFailure(str(exc)) from None
-            if events:
-                return events
+    async def _send(self, target: ForwardTarget, call: ForwardCall) -> LinkResponse:
+        def request() -> LinkRequest:
+            headers = sign_request_headers(target.pairing.key, self._device_id, target.pairing.app_id, "POST",
+                                           call.path, call.body)
+            headers.update({"Content-Type": "application/json", OFFLOAD_HEADER: "never",
+                            HOP_HEADER: self._device_id})
+            if call.request_id:
+                headers[REQUEST_ID_HEADER] = call.request_id[:128]
+            return LinkRequest("POST", call.path, headers, call.body)
 
-    # -- whole answers ---------------------------------------------------------------
-    async def _whole(self, target: ForwardTarget, url: str, headers: SignedHeaders, body: bytes,
-                     on_first_byte: Callable[[], None] | None) -> ForwardResult:
-        started = self._monotonic()
-        upstream: aiohttp.ClientResponse | None = None
+        timeout = self._settings.connect_timeout
         try:
-            async with asyncio.timeout(self._settings.first_byte_timeout):
-                upstream = await self._post(url, headers, body)
-                raw = await _read_limited(upstream, FORWARD_MAX_RESPONSE_BYTES)
-            answer = json.loads(raw)
-            if not isinstance(answer, dict):
-                raise ValueError("not a JSON object")
-        except TimeoutError:
-            return ForwardResult(ForwardStatus.FAILED,
-                                 error=f"no answer within {self._settings.first_byte_timeout:g} s")
-        except _PeerFailure as exc:
-            return ForwardResult(ForwardStatus.FAILED, error=str(exc))
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            return ForwardResult(ForwardStatus.FAILED, error=_describe(exc))
-        finally:
-            _close(upstream)
-        if on_first_byte is not None:
-            on_first_byte()
-        raw_usage = answer.get("usage")
-        usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
-        content_type = upstream.headers.get("Content-Type", "application/json") if upstream else "application/json"
-        response = web.Response(body=raw, status=200,
-                                headers={"Content-Type": content_type, SERVED_BY_HEADER: target.device_id})
-        return ForwardResult(ForwardStatus.SERVED, response, tokens=_int(usage.get("completion_tokens")),
-                             prompt_tokens=_int(usage.get("prompt_tokens")),
-                             first_byte_s=self._monotonic() - started)
-
-    async def _post(self, url: str, headers: SignedHeaders, body: bytes,
-                    resign: Callable[[], dict[str, str]] | None = None) -> aiohttp.ClientResponse:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._settings.connect_timeout)
-        try:
-            upstream = await self._session.post(url, data=body, headers=headers.value, timeout=timeout)
-        except aiohttp.ServerDisconnectedError:
-            # A pooled keep-alive connection the peer had closed (it restarted, or its idle
-            # timeout won the race): nothing was served on it, so try once on a fresh one,
-            # with a fresh nonce (the peer may have seen the first one and would call it a replay).
-            upstream = await self._session.post(url, data=body, headers=headers.resigned(), timeout=timeout)
+            upstream = await target.link.open(request(), connect_timeout=timeout)
+        except PeerLinkError as exc:
+            if not exc.retryable:
+                raise
+            # Nothing was served: try once more, with a fresh nonce (the peer may have seen the
+            # first one and would call it a replay).
+            upstream = await target.link.open(request(), connect_timeout=timeout)
         if upstream.status != 200:
             try:
-                peek = await upstream.content.read(_ERROR_BODY_PEEK)
-            except (aiohttp.ClientError, OSError):
+                peek = await _read_limited(upstream, _ERROR_BODY_PEEK, truncate=True)
+            except PeerLinkError:
                 peek = b""
             finally:
-                upstream.close()
-            raise _PeerFailure(f"HTTP {upstream.status}: {_error_message(peek)}")
+                upstream.cancel()
+            raise ForwardFailed(f"HTTP {upstream.status}: {_error_message(peek)}")
         return upstream
 
 
-class SignedHeaders:
-    """A forwarded request's headers: the signature, which can be redone with a fresh nonce,
-    plus the fixed ones (``extra``)."""
+class PeerAnswer:
+    """A peer's answer on its way to the client: iterate it for the bytes to send, close it
+    when done (or when the client left). ``result`` holds how it went."""
 
-    def __init__(self, sign: Callable[[], dict[str, str]]) -> None:
-        self._sign = sign
-        self._signature = sign()
-        self.extra: dict[str, str] = {}
+    def __init__(self, device_id: str, stream: bool, upstream: LinkResponse, settings: ForwardSettings,
+                 monotonic: Callable[[], float], on_finished: Finished | None) -> None:
+        self.device_id = device_id
+        self.stream = stream
+        self.content_type = upstream.headers.get("Content-Type", "application/json")
+        self.result = ForwardResult(ForwardStatus.SERVED)
+        self._upstream = upstream
+        self._settings = settings
+        self._monotonic = monotonic
+        self._on_finished = on_finished
+        self._splitter = EventSplitter()
+        self._tally = _Tally(monotonic, self.result.outcome)
+        self._first: list[PeerEvent] = []
+        self._body = b""
+        self._done = False
+        self._finished = False
+        self._chunks: AsyncIterator[bytes] | None = None
 
-    @property
-    def value(self) -> dict[str, str]:
-        return {**self._signature, **self.extra}
+    # -- opening -----------------------------------------------------------------------
+    async def first(self, started: float) -> None:
+        """Wait for the first whole event (streams) or the whole answer."""
+        if self.stream:
+            while True:
+                chunk = await self._upstream.read_chunk()
+                if not chunk:
+                    self._upstream.cancel()
+                    raise ForwardFailed("the peer closed the stream before its first event")
+                try:
+                    events = self._splitter.feed(chunk)
+                except OversizeEventError as exc:
+                    self._upstream.cancel()
+                    raise ForwardFailed(str(exc)) from None
+                if events:
+                    break
+            if events[0].error is not None:
+                self._upstream.cancel()
+                raise ForwardFailed(f"the peer answered with an error event: {_message(events[0].error)}")
+            self._first = events
+            self._tally.add(events)
+        else:
+            try:
+                raw = await _read_limited(self._upstream, FORWARD_MAX_RESPONSE_BYTES)
+                answer = json.loads(raw)
+                if not isinstance(answer, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                self._upstream.cancel()
+                raise ForwardFailed(f"{type(exc).__name__}: {exc}") from None
+            self._upstream.release()
+            self._body, self._done = raw, True
+            raw_usage = answer.get("usage")
+            usage: dict[str, Any] = raw_usage if isinstance(raw_usage, dict) else {}
+            self.result.outcome.completion_tokens = _int(usage.get("completion_tokens"))
+            self.result.outcome.prompt_tokens = _int(usage.get("prompt_tokens"))
+        self.result.first_byte_s = self._monotonic() - started
 
-    def resigned(self) -> dict[str, str]:
-        self._signature = self._sign()
-        return self.value
+    # -- relaying ----------------------------------------------------------------------
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._chunks is None:
+            self._chunks = self._relay()
+        return self._chunks
+
+    async def _relay(self) -> AsyncIterator[bytes]:
+        if not self.stream:
+            yield self._body
+            return
+        try:
+            events = self._first
+            while True:
+                yield b"".join(e.raw for e in events)
+                if any(e.done for e in events):
+                    self._done = True
+                    break
+                events = await self._next_events()
+                self._tally.add(events)
+            await self._drain()
+        except ForwardFailed as exc:
+            self.result.status, self.result.error = ForwardStatus.BROKEN, str(exc)
+            yield _error_event(self.device_id, str(exc))
+
+    async def _next_events(self) -> list[PeerEvent]:
+        """The next whole events (at least one); ``ForwardFailed`` when the peer fails."""
+        while True:
+            try:
+                async with asyncio.timeout(self._settings.read_timeout):
+                    chunk = await self._upstream.read_chunk()
+            except TimeoutError:
+                raise ForwardFailed(f"the peer sent nothing for {self._settings.read_timeout:g} s") from None
+            except PeerLinkError as exc:
+                raise ForwardFailed(f"the peer's stream broke: {exc}") from None
+            if not chunk:
+                raise ForwardFailed("the peer's stream ended before [DONE]")
+            try:
+                events = self._splitter.feed(chunk)
+            except OversizeEventError as exc:
+                raise ForwardFailed(str(exc)) from None
+            if events:
+                return events
+
+    async def _drain(self) -> None:
+        """Read the peer's end of stream after ``[DONE]`` (normally already here), so the link
+        can carry the next request instead of being dropped."""
+        try:
+            async with asyncio.timeout(_DRAIN_TIMEOUT_S):
+                while await self._upstream.read_chunk():
+                    pass
+        except (TimeoutError, PeerLinkError):
+            self._done = False  # dropped instead of released
+
+    # -- closing -----------------------------------------------------------------------
+    def client_left(self) -> None:
+        """The client went away: nothing more can be delivered."""
+        if self.result.status is ForwardStatus.SERVED and not self._done:
+            self.result.status, self.result.error = ForwardStatus.CANCELLED, "client disconnected"
+
+    async def aclose(self) -> None:
+        """Stop relaying (if not at the end), free or cancel the link, and report the result once."""
+        if self._chunks is not None:
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+        if self._finished:
+            return
+        self._finished = True
+        if self._done:
+            self._upstream.release()  # back to the pool when drained
+        else:
+            self.client_left()
+            self._upstream.cancel()  # the peer cancels its generation
+        if self._tally.peer_error is not None and self.result.status is ForwardStatus.SERVED:
+            self.result.status = ForwardStatus.BROKEN
+            self.result.error = "the peer reported an error mid-stream"
+            self.result.peer_error_code = self._tally.peer_error
+        if self._tally.usage is not None:
+            self.result.outcome.prompt_tokens = _int(self._tally.usage.get("prompt_tokens"))
+            self.result.outcome.completion_tokens = (_int(self._tally.usage.get("completion_tokens"))
+                                                     or self.result.outcome.completion_tokens)
+        if self._on_finished is not None:
+            try:
+                self._on_finished(self)
+            except Exception:  # noqa: BLE001 - bookkeeping never breaks the relay
+                log.exception("forward bookkeeping failed")
 
 
 class _Tally:
-    """Tokens and their arrival times at this end, plus the peer's usage and error codes."""
+    """Text events and their arrival times at this end, plus the peer's usage and error codes."""
 
-    __slots__ = ("_monotonic", "tokens", "first", "last", "usage", "peer_error")
+    __slots__ = ("_monotonic", "_outcome", "usage", "peer_error")
 
-    def __init__(self, monotonic: Callable[[], float]) -> None:
+    def __init__(self, monotonic: Callable[[], float], outcome: GenerationOutcome) -> None:
         self._monotonic = monotonic
-        self.tokens = 0
-        self.first: float | None = None
-        self.last: float | None = None
+        self._outcome = outcome
         self.usage: dict[str, Any] | None = None
         self.peer_error: str | None = None
 
@@ -332,64 +337,31 @@ class _Tally:
         arrived = self._monotonic()
         for event in events:
             if event.has_text:
-                self.tokens += 1
-                self.first = arrived if self.first is None else self.first
-                self.last = arrived
+                self._outcome.token_at(arrived)
             if event.usage is not None:
                 self.usage = event.usage
             if event.error is not None:
                 self.peer_error = str(event.error.get("code") or "peer_error")[:64]
 
-    def fill(self, result: ForwardResult) -> None:
-        usage = self.usage or {}
-        result.tokens = _int(usage.get("completion_tokens")) or self.tokens
-        result.prompt_tokens = _int(usage.get("prompt_tokens"))
-        if self.tokens >= 2 and self.first is not None and self.last is not None and self.last > self.first:
-            # PeerAttempt.succeeded computes tokens / decode_seconds: scale so that equals
-            # (n - 1) / (t_last - t_first), the same measure verification uses.
-            result.decode_seconds = (self.last - self.first) * self.tokens / (self.tokens - 1)
 
-
-async def _end_with_error(response: web.StreamResponse, device_id: str, reason: str) -> None:
-    """Close a broken relay the way a local stream ends on an error: an error event, then [DONE]."""
+def _error_event(device_id: str, reason: str) -> bytes:
+    """How a broken relay ends, like a local stream that fails: an error event, then [DONE]."""
     error = UpstreamError(f"peer {device_id[:16]} failed mid-stream: {reason}", code="peer_failed")
-    try:
-        await response.write(encode_event(error.to_body()) + DONE_EVENT)
-        await response.write_eof()
-    except (ConnectionResetError, RuntimeError):
-        pass  # the client is gone as well
+    return encode_event(error.to_body()) + DONE_EVENT
 
 
-async def _drain(upstream: aiohttp.ClientResponse) -> None:
-    """Read the peer's end of stream after ``[DONE]`` (normally already here), so that the
-    connection goes back to the pool instead of being closed: the next request skips a connect."""
-    try:
-        async with asyncio.timeout(_DRAIN_TIMEOUT_S):
-            while await upstream.content.readany():
-                pass
-    except (TimeoutError, aiohttp.ClientError, OSError):
-        upstream.close()
-
-
-async def _read_limited(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_limited(upstream: LinkResponse, limit: int, *, truncate: bool = False) -> bytes:
     parts: list[bytes] = []
     size = 0
-    async for chunk in upstream.content.iter_any():
+    while chunk := await upstream.read_chunk():
         size += len(chunk)
         if size > limit:
-            raise _PeerFailure(f"the peer's answer is larger than {limit} bytes")
+            if truncate:
+                parts.append(chunk)
+                break
+            raise ValueError(f"the peer's answer is larger than {limit} bytes")
         parts.append(chunk)
-    return b"".join(parts)
-
-
-def _close(upstream: aiohttp.ClientResponse | None) -> None:
-    if upstream is not None:
-        upstream.close()
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return b"".join(parts)[:limit] if truncate else b"".join(parts)
 
 
 def _message(error: dict[str, Any]) -> str:

@@ -6,18 +6,16 @@ verification and health filled in), verifies peers when the decision says it cou
 matter, and forwards with the :class:`~node.offload.forward.Forwarder`, falling back to
 the next peer (or this device under ``prefer``) when a peer fails before its first byte.
 
-Integration (``node/runtime.py`` and ``node/api/openai.py``)::
+Integration (``node/runtime.py`` builds it; ``node/api/openai.py`` calls it)::
 
-    router = OffloadRouter.from_context(context, on_offload=callback)   # offload enabled, HTTP
-    await router.start()            # after discovery started (needs context.peers)
-    ...
-    response = await router.route(request, model, stream=..., request_id=...)
-    if response is not None: return response      # forwarded
-    ...local path...                               # None: serve locally
+    router = OffloadRouter(config=..., peers=..., links=link_for, ...)   # offload enabled
+    await router.start()            # after discovery started
+    outcome = await router.route(RoutedRequest(...))   # plain values, no HTTP
+    ServeHere → serve locally; Forwarded(answer) → write the peer's answer; Refused(error) → raise it
     await router.stop()             # before the HTTP client session closes
 
-``route`` raises ``InvalidRequestError`` (400) for a bad ``X-DVAI-Offload`` header and
-``NoCapableDeviceError`` (503) under ``require`` when no device qualifies.
+``route`` returns ``Refused`` with a ``NoCapableDeviceError`` (503) under ``require`` when no
+device qualifies; the caller parses ``X-DVAI-Offload`` with ``parse_offload_header`` (400 when bad).
 
 Hop marker: a request carrying ``X-DVAI-Hop`` was forwarded to us. Signed by a paired
 device it is served here whatever its ``X-DVAI-Offload`` (decision rule 1). Unsigned, the
@@ -34,20 +32,28 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-import aiohttp
-from aiohttp import web
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from node.config import NodeConfig
-from node.constants import HOP_HEADER, OFFLOAD_HEADER, VERIFY_REFRESH_FRACTION
+from node.constants import VERIFY_REFRESH_FRACTION
 from node.discovery.peers import Peer, PeerChange, PeerChangeKind, PeerTable
+from node.engine.record import RequestRecord
 from node.engine.registry import ModelRegistry
 from node.errors import DVAIError
-from node.security import AUDIT_DETAILS_KEY, PairingStore, attribution_of
+from node.security import PairingStore
+from node.transport.link import PeerLink
 
-from .forward import Forwarder, ForwardResult, ForwardSettings, ForwardStatus, ForwardTarget
+from .forward import (
+    ForwardCall,
+    Forwarder,
+    ForwardFailed,
+    ForwardSettings,
+    ForwardStatus,
+    ForwardTarget,
+    PeerAnswer,
+)
 from .health import BreakerSettings, PeerAttempt, PeerHealthBook, apply_health
 from .policy import (
     LocalState,
@@ -58,15 +64,14 @@ from .policy import (
     PeerCandidate,
     PolicySettings,
     decide,
-    parse_offload_header,
 )
 from .verify import PeerVerifier, ProbeTarget, measure_decode_rate
 
 if TYPE_CHECKING:
     from node.capability import CapabilityService
-    from node.context import NodeContext
 
-__all__ = ["OffloadCallback", "OffloadRouter"]
+__all__ = ["Forwarded", "OffloadCallback", "OffloadMetrics", "OffloadRouter", "Refused", "RouteOutcome",
+           "RoutedRequest", "ServeHere"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,61 @@ OffloadCallback = Callable[[Peer], object]
 """``on_offload(peer)``: called when a peer starts serving a forwarded request (the reference's
 ``onOffload``). Runs on the event loop; it must not block. A returned awaitable is run as a
 task; exceptions are logged and ignored."""
+
+LinkFactory = Callable[[Peer], PeerLink]
+"""The link that reaches a peer (LAN HTTP, or the data channel for a rendezvous peer)."""
+
+
+class OffloadMetrics(Protocol):
+    """What the router reports to the node's metrics (``node.metrics.NodeMetrics``)."""
+
+    def offload_started(self, peer_id: str) -> None: ...
+
+    def offload_finished(self, peer_id: str, ok: bool, tokens: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedRequest:
+    """One request to place, as plain values (the HTTP edge builds it)."""
+
+    path: str
+    """path with query (``/v1/chat/completions``): where a peer receives it."""
+    model: str
+    stream: bool
+    body: bytes
+    """the body as received, forwarded unchanged (unless the peer knows the model by another name)."""
+    payload: Mapping[str, Any]
+    """the same body, parsed."""
+    mode: OffloadMode = OffloadMode.PREFER
+    marked: bool = False
+    """the request carries the hop marker (``X-DVAI-Hop``): it may not be forwarded again."""
+    hop: bool = False
+    """… and a paired device signed it: it is served here whatever the mode (rule 1)."""
+    request_id: str = ""
+    record: RequestRecord | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServeHere:
+    """Serve the request on this node."""
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """A peer is serving it: write ``answer`` out and close it."""
+
+    answer: PeerAnswer
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """No device qualifies (``require``): answer with ``error``."""
+
+    error: NoCapableDeviceError
+
+
+RouteOutcome = ServeHere | Forwarded | Refused
+SERVE_HERE = ServeHere()
 
 
 class OffloadRouter:
@@ -88,9 +148,9 @@ class OffloadRouter:
         capability: CapabilityService | None,
         peers: PeerTable,
         pairings: PairingStore,
-        session: aiohttp.ClientSession,
+        links: LinkFactory,
         on_offload: OffloadCallback | None = None,
-        metrics: Callable[[], Any] = lambda: None,
+        metrics: OffloadMetrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
@@ -99,16 +159,17 @@ class OffloadRouter:
         self._capability = capability
         self._peers = peers
         self._pairings = pairings
+        self._links = links
         self._on_offload = on_offload
         self._metrics = metrics
         self._clock = clock
         offload = config.offload
         self.settings = PolicySettings.from_config(offload)
         self.health = PeerHealthBook(BreakerSettings(break_s=offload.circuit_break_s))
-        self._forwarder = Forwarder(session, device_id=device_id, settings=ForwardSettings.from_config(config))
+        self._forwarder = Forwarder(device_id=device_id, settings=ForwardSettings.from_config(config))
 
         async def measure(target: ProbeTarget) -> tuple[float | None, int]:
-            return await measure_decode_rate(session, target, self_device_id=device_id,
+            return await measure_decode_rate(target, self_device_id=device_id,
                                              time_limit=offload.verify_timeout,
                                              connect_timeout=offload.forward_connect_timeout,
                                              give_up_below=offload.min_local_capability or None)
@@ -116,15 +177,6 @@ class OffloadRouter:
         self.verifier = PeerVerifier(measure, on_unreachable=self._probe_unreachable, clock=clock)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: Callable[[], None] | None = None
-
-    @classmethod
-    def from_context(cls, context: NodeContext, *, on_offload: OffloadCallback | None = None) -> OffloadRouter:
-        if context.peers is None or context.pairings is None or context.http is None:
-            raise RuntimeError("the offload router needs the peer table, the pairing store and the HTTP client")
-        return cls(config=context.config, device_id=context.identity.device_id, registry=context.registry,
-                   capability=context.capability, peers=context.peers, pairings=context.pairings,
-                   session=context.http, on_offload=on_offload,
-                   metrics=lambda: getattr(context, "metrics", None))
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -147,28 +199,22 @@ class OffloadRouter:
                 await task
 
     # -- the request path --------------------------------------------------------------
-    async def route(self, request: web.Request, model: str, *, stream: bool,
-                    request_id: str = "") -> web.StreamResponse | None:
-        """The forwarded answer, or None to serve the request locally (see the module docs)."""
-        mode = parse_offload_header(request.headers.get(OFFLOAD_HEADER))
-        marked = HOP_HEADER in request.headers
-        hop = marked and attribution_of(request).signed
-        forwardable = not marked
-        decision = self.decide(mode, model, hop=hop, forwardable=forwardable)
-        decision = await self._verify_if_useful(decision, mode, model, hop=hop, forwardable=forwardable)
-        body: bytes | None = None
+    async def route(self, request: RoutedRequest) -> RouteOutcome:
+        """Where ``request`` is served (see the module docs)."""
+        mode, model, forwardable = request.mode, request.model, not request.marked
+        decision = self.decide(mode, model, hop=request.hop, forwardable=forwardable)
+        decision = await self._verify_if_useful(decision, mode, model, hop=request.hop, forwardable=forwardable)
         attempts = 0
         while decision.action is OffloadAction.FORWARD and attempts < self.settings.max_forward_attempts:
-            body = await request.read() if body is None else body
             attempts += 1
-            response = await self._forward(request, decision.peers[0], model, body, stream)
-            if response is not None:
-                return response
-            decision = self.decide(mode, model, hop=hop, forwardable=forwardable)  # the failed peer is now skipped
+            answer = await self._forward(request, decision.peers[0])
+            if answer is not None:
+                return Forwarded(answer)
+            decision = self.decide(mode, model, hop=request.hop, forwardable=forwardable)  # the failed peer is now skipped
         if decision.action is OffloadAction.REFUSE or (
                 decision.action is OffloadAction.FORWARD and mode is OffloadMode.REQUIRE):
-            raise self._refusal(decision, model, request_id)
-        return None
+            return Refused(self._refusal(decision, model, request.request_id))
+        return SERVE_HERE
 
     def decide(self, mode: OffloadMode, model: str, *, hop: bool = False, forwardable: bool = True,
                ) -> OffloadDecision:
@@ -253,7 +299,7 @@ class OffloadRouter:
             wire = self._wire_model(model, peer) if peer is not None else None
             if peer is None or pairing is None or wire is None or not self.verifier.may_probe(device_id, wire, now):
                 continue
-            targets.append(ProbeTarget(device_id, peer.base_url, pairing, wire))
+            targets.append(ProbeTarget(device_id, self._links(peer), pairing, wire))
         return targets
 
     def _refresh_if_ageing(self, device_id: str, model: str) -> None:
@@ -273,62 +319,64 @@ class OffloadRouter:
         self.health.get(device_id).breaker.record_failure(self._clock())
 
     # -- forwarding --------------------------------------------------------------------
-    async def _forward(self, request: web.Request, candidate: PeerCandidate, model: str, body: bytes,
-                       stream: bool) -> web.StreamResponse | None:
+    async def _forward(self, request: RoutedRequest, candidate: PeerCandidate) -> PeerAnswer | None:
         """Try one peer: its answer, or None when it failed before the first byte."""
         peer = self._peers.get(candidate.device_id)
         pairing = self._pairings.get(candidate.device_id, direction="outbound")
-        wire = self._wire_model(model, peer) if peer is not None else None
+        wire = self._wire_model(request.model, peer) if peer is not None else None
         if peer is None or pairing is None or wire is None:
             return None
         attempt = self.health.begin(peer.device_id, self._clock())
         if attempt is None:
             return None
-        if wire != model:
-            body = _with_model(body, wire)
-        self._metric("offload_started", peer.device_id)
-        target = ForwardTarget(peer.device_id, peer.base_url, pairing)
+        body = request.body if wire == request.model else _with_model(request.payload, wire)
+        if self._metrics is not None:
+            _safely(self._metrics.offload_started, peer.device_id)
+        target = ForwardTarget(peer.device_id, self._links(peer), pairing)
+        call = ForwardCall(request.path, body, request.stream, request.request_id or None)
         try:
-            result = await self._forwarder.forward(request, target, body, stream=stream,
-                                                   on_first_byte=lambda: self._notify(peer))
+            answer = await self._forwarder.open(
+                target, call, on_finished=lambda done: self._finished(done, attempt, peer, wire, request))
+        except ForwardFailed as exc:
+            self._finish_attempt(attempt, ForwardStatus.FAILED, 0, None)
+            log.warning("offload of %s to %s failed before the first byte (%s); trying elsewhere",
+                        request.path, _short(peer.device_id), exc)
+            return None
         except asyncio.CancelledError:
-            attempt.cancelled(self._clock())
-            self._metric("offload_finished", peer.device_id, True, 0)
+            self._finish_attempt(attempt, ForwardStatus.CANCELLED, 0, None)
             log.info("offload of %s to %s cancelled: the client went away", request.path, _short(peer.device_id))
             raise
-        self._account(attempt, result)
-        if result.status is ForwardStatus.FAILED:
-            log.warning("offload of %s to %s failed before the first byte (%s); trying elsewhere",
-                        request.path, _short(peer.device_id), result.error)
-            return None
-        self._audit(request, peer.device_id, wire, result)
-        rate = result.tokens / result.decode_seconds if result.decode_seconds > 0 else None
+        self._notify(peer)
+        return answer
+
+    def _finished(self, answer: PeerAnswer, attempt: PeerAttempt, peer: Peer, wire: str,
+                  request: RoutedRequest) -> None:
+        """A forwarded answer was closed: account for it, fill the record, log one line."""
+        result = answer.result
+        rate = result.outcome.decode_tok_per_s
+        self._finish_attempt(attempt, result.status, result.tokens, rate)
+        if request.record is not None:
+            request.record.served(peer.device_id, model=wire, prompt_tokens=result.outcome.prompt_tokens,
+                                  completion_tokens=result.tokens, first_token_s=result.first_byte_s,
+                                  decode_tok_per_s=rate, via=peer.via)
+            if result.status is ForwardStatus.BROKEN:
+                request.record.failed(result.peer_error_code or "peer_failed")
         log.info("offloaded %s (%s) to %s %s via %s: %s, %d tokens%s, first byte %.0f ms%s",
-                 request.path, model, _short(peer.device_id), peer.device_name or "", peer.via, result.status.value,
-                 result.tokens, f" at {rate:.1f} tok/s" if rate else "", (result.first_byte_s or 0) * 1000,
-                 f" ({result.error})" if result.error else "")
-        return result.response
+                 request.path, request.model, _short(peer.device_id), peer.device_name or "", peer.via,
+                 result.status.value, result.tokens, f" at {rate:.1f} tok/s" if rate else "",
+                 (result.first_byte_s or 0) * 1000, f" ({result.error})" if result.error else "")
 
-    def _account(self, attempt: PeerAttempt, result: ForwardResult) -> None:
+    def _finish_attempt(self, attempt: PeerAttempt, status: ForwardStatus, tokens: int, rate: float | None) -> None:
         now = self._clock()
-        if result.status is ForwardStatus.SERVED:
-            attempt.succeeded(now, tokens=result.tokens, decode_seconds=result.decode_seconds)
-        elif result.status is ForwardStatus.CANCELLED:
-            attempt.cancelled(now, tokens=result.tokens)
+        if status is ForwardStatus.SERVED:
+            attempt.succeeded(now, tokens=tokens, decode_seconds=tokens / rate if rate else 0.0)
+        elif status is ForwardStatus.CANCELLED:
+            attempt.cancelled(now, tokens=tokens)
         else:
-            attempt.failed(now, tokens=result.tokens)
-        ok = result.status is not ForwardStatus.FAILED and result.status is not ForwardStatus.BROKEN
-        self._metric("offload_finished", attempt.device_id, ok, result.tokens)
-
-    def _audit(self, request: web.Request, device_id: str, model: str, result: ForwardResult) -> None:
-        details = request.get(AUDIT_DETAILS_KEY)
-        if not isinstance(details, dict):
-            return
-        rate = result.tokens / result.decode_seconds if result.decode_seconds > 0 else None
-        details.update(model_served=model, prompt_tokens=result.prompt_tokens, completion_tokens=result.tokens,
-                       served_by=device_id, first_token_s=result.first_byte_s, decode_tok_per_s=rate)
-        if result.status is ForwardStatus.BROKEN:
-            details["error_code"] = result.peer_error_code or "peer_failed"
+            attempt.failed(now, tokens=tokens)
+        if self._metrics is not None:
+            ok = status is ForwardStatus.SERVED or status is ForwardStatus.CANCELLED
+            _safely(self._metrics.offload_finished, attempt.device_id, ok, tokens)
 
     def _notify(self, peer: Peer) -> None:
         if self._on_offload is None:
@@ -346,14 +394,6 @@ class OffloadRouter:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("on_offload callback failed: %r", task.exception())
-
-    def _metric(self, name: str, *args: object) -> None:
-        metrics = self._metrics()
-        if metrics is not None:
-            try:
-                getattr(metrics, name)(*args)
-            except Exception:  # noqa: BLE001 - metrics never break a request
-                log.debug("metrics hook %s failed", name, exc_info=True)
 
     def _refusal(self, decision: OffloadDecision, model: str, request_id: str) -> NoCapableDeviceError:
         paired = {p.peer_device_id for p in self._pairings.list() if p.may_call_peer}
@@ -410,15 +450,16 @@ class OffloadRouter:
         }
 
 
-def _with_model(body: bytes, model: str) -> bytes:
+def _with_model(payload: Mapping[str, Any], model: str) -> bytes:
     """The request body with ``model`` replaced (a local alias → the id the peer knows)."""
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return body
-    if not isinstance(payload, dict):
-        return body
     return json.dumps({**payload, "model": model}).encode()
+
+
+def _safely(hook: Callable[..., None], *args: object) -> None:
+    try:
+        hook(*args)
+    except Exception:  # noqa: BLE001 - metrics never break a request
+        log.debug("metrics hook %s failed", getattr(hook, "__name__", hook), exc_info=True)
 
 
 def _short(device_id: str) -> str:

@@ -27,8 +27,6 @@ from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from node.capability.probe import PROBE_PROMPT
 from node.constants import (
     HOP_HEADER,
@@ -39,8 +37,10 @@ from node.constants import (
     VERIFY_PROBE_TOKENS,
     VERIFY_RETRY_AFTER_S,
 )
+from node.engine.base import GenerationOutcome
 from node.security.pairing import Pairing
-from node.security.signing import path_with_query_of, sign_request_headers
+from node.security.signing import sign_request_headers
+from node.transport.link import LinkRequest, LinkResponse, PeerLink, PeerLinkError
 
 from .events import EventSplitter, OversizeEventError
 
@@ -69,10 +69,10 @@ class Verification:
 
 @dataclass(frozen=True, slots=True)
 class ProbeTarget:
-    """Where and how to send a probe: the peer's OpenAI base URL and our pairing with it."""
+    """Where and how to send a probe: the link to the peer and our pairing with it."""
 
     device_id: str
-    base_url: str
+    link: PeerLink
     pairing: Pairing
     model: str
     """the model name as the peer knows it."""
@@ -83,7 +83,6 @@ class VerificationFailed(Exception):
 
 
 async def measure_decode_rate(
-    session: aiohttp.ClientSession,
     target: ProbeTarget,
     *,
     self_device_id: str,
@@ -102,7 +101,7 @@ async def measure_decode_rate(
     the time since the first token up to the stop, so a slow or stalling peer is measured
     at what it delivered, without waiting for the rest.
     """
-    url = target.base_url.rstrip("/") + "/completions"
+    path = "/v1/completions"
     body = json.dumps({
         "model": target.model,
         "prompt": PROBE_PROMPT.format(salt=random.randrange(10**6)),
@@ -110,26 +109,28 @@ async def measure_decode_rate(
         "temperature": 0,
         "stream": True,
     }).encode()
-    headers = sign_request_headers(target.pairing.key, self_device_id, target.pairing.app_id, "POST",
-                                   path_with_query_of(url), body)
+    headers = sign_request_headers(target.pairing.key, self_device_id, target.pairing.app_id, "POST", path, body)
     headers.update({"Content-Type": "application/json", OFFLOAD_HEADER: "never", HOP_HEADER: self_device_id})
     timing = _ProbeTiming(monotonic)
-    client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout)
+    response: LinkResponse | None = None
     try:
         async with asyncio.timeout(time_limit) as deadline:
-            async with session.post(url, data=body, headers=headers, timeout=client_timeout) as response:
-                if response.status != 200:
-                    raise VerificationFailed(f"HTTP {response.status}")
-                await _read_probe(response, timing, deadline, give_up_below, tokens)
+            response = await target.link.open(LinkRequest("POST", path, headers, body), connect_timeout=connect_timeout)
+            if response.status != 200:
+                raise VerificationFailed(f"HTTP {response.status}")
+            await _read_probe(response, timing, deadline, give_up_below, tokens)
     except TimeoutError:
         timing.cut = True
         timing.stopped_at = monotonic()
         if timing.count == 0:
             raise VerificationFailed(f"no token within {time_limit:g} s") from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise VerificationFailed(f"{type(exc).__name__}: {exc}") from None
+    except PeerLinkError as exc:
+        raise VerificationFailed(str(exc)) from None
     except OversizeEventError:
         timing.broken = True
+    finally:
+        if response is not None:
+            response.cancel()
     return timing.result(), timing.count
 
 
@@ -153,20 +154,22 @@ class _ProbeTiming:
     def result(self) -> float | None:
         if self.broken or self.first is None:
             return None
-        if self.cut:
-            assert self.stopped_at is not None
-            elapsed = self.stopped_at - self.first
-            return (self.count - 1) / elapsed if elapsed > 0 else None
-        if self.count < VERIFY_MIN_TOKENS or self.last is None or self.last <= self.first:
+        if not self.cut and self.count < VERIFY_MIN_TOKENS:
             return None
-        return (self.count - 1) / (self.last - self.first)
+        # Cut short: the rate counts the time since the first token up to the stop (one token
+        # in all that time is a rate of zero, not an inconclusive probe).
+        last = self.stopped_at if self.cut else self.last
+        if self.cut and self.count == 1 and last is not None and last > self.first:
+            return 0.0
+        return GenerationOutcome(completion_tokens=self.count, first_token_at=self.first,
+                                 last_token_at=last).decode_tok_per_s
 
 
-async def _read_probe(response: aiohttp.ClientResponse, timing: _ProbeTiming, deadline: asyncio.Timeout,
+async def _read_probe(response: LinkResponse, timing: _ProbeTiming, deadline: asyncio.Timeout,
                       give_up_below: float | None, tokens: int) -> None:
     splitter = EventSplitter()
     loop = asyncio.get_running_loop()
-    async for chunk in response.content.iter_any():
+    while chunk := await response.read_chunk():
         arrived = timing._monotonic()  # noqa: SLF001 - the timing's own clock
         for event in splitter.feed(chunk):
             if event.error is not None:

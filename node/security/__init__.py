@@ -8,15 +8,14 @@ Integration surface (see docs/security.md, "Integration"):
 - ``make_security_middleware(config, store, nonces, loopback_only_paths=...)`` on the app.
 - ``await handle_handshake(body, remote=..., approver=..., store=..., node_device_id=...)`` in the
   handshake handler; ``await pair_with(session, url, identity=..., ...)`` to pair with a peer.
-- ``make_audit_middleware(audit, ...)`` outside the security middleware: one audit row per
-  inference request, served or refused; handlers fill ``request[AUDIT_DETAILS_KEY]``.
+- the audit log reads the per-request record (``node/api/record.py``): one row per inference
+  request, served or refused.
 """
 
 from __future__ import annotations
 
 from .approval import PairingApprover, PairingDecision, PairingHook, PairingRequest, TokenBuckets
 from .audit import AUDIT_FILE, AuditLog, AuditLogError, AuditRow
-from .audit_middleware import AUDIT_DETAILS_KEY, INFERENCE_PATHS, make_audit_middleware
 from .guard import (
     ATTRIBUTION_KEY,
     DEFAULT_PUBLIC_PATHS,
@@ -61,11 +60,9 @@ from .signing import (
 __all__ = [
     "ANONYMOUS",
     "ATTRIBUTION_KEY",
-    "AUDIT_DETAILS_KEY",
     "AUDIT_FILE",
     "DEFAULT_PUBLIC_PATHS",
     "HANDSHAKE_PATH",
-    "INFERENCE_PATHS",
     "LOOPBACK_KEY",
     "PAIRINGS_FILE",
     "SIGNATURE_VERSION",
@@ -99,7 +96,6 @@ __all__ = [
     "host_allowed",
     "is_exposed",
     "is_loopback",
-    "make_audit_middleware",
     "make_security_middleware",
     "new_nonce",
     "pair_with",

@@ -1,0 +1,148 @@
+"""The per-request record at the HTTP edge: created for every request, read when it ends.
+
+One middleware (just inside the error middleware, so it sees every status) creates the
+:class:`~node.engine.record.RequestRecord`, lets the handler and whoever serves the
+request fill it, and, once the answer is complete (streams: fully written), hands it to
+its readers: the audit log (inference endpoints), the metrics and the request log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from ..constants import MAX_METRIC_LABEL_CHARS, REQUEST_ID_HEADER
+from ..engine.record import SERVED_LOCAL, RequestRecord
+from ..errors import DVAIError
+from ..security.audit import AuditLog, AuditRow
+from ..security.guard import attribution_of, audit_peer_of
+from .middlewares import REQUEST_ID
+
+__all__ = ["CLIENT_CLOSED_STATUS", "INFERENCE_PATHS", "RECORD", "HandlerOutcome", "RecordReader",
+           "audit_reader", "log_request", "make_record_middleware", "route_label"]
+
+log = logging.getLogger("node.requests")
+
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+"""requests that get an audit row, served or refused."""
+
+QUIET_PATHS = frozenset({"/v1/dvai/health", "/metrics"})
+"""polled by peers and scrapers: their request log lines go to DEBUG, not INFO."""
+
+CLIENT_CLOSED_STATUS = 499
+"""status recorded when the client went away before the answer was complete (nginx's convention)."""
+
+UNMATCHED = "unmatched"
+
+RECORD = web.RequestKey("dvai_record", RequestRecord)
+"""``request[RECORD]``: this request's record (set by the record middleware)."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RecordReader = Callable[[RequestRecord], None]
+"""Called once per finished request; must not block (the audit log queues its row)."""
+
+
+def make_record_middleware(readers: Iterable[RecordReader], *,
+                           now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> Middleware:
+    """Create each request's record and hand it to ``readers`` once the answer is complete."""
+    listeners = tuple(readers)
+
+    @web.middleware
+    async def record_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = request.get(REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER, "")[:128]
+        record = RequestRecord(request_id=request_id, method=request.method,
+                               endpoint=request.path, arrived_ms=now_ms())
+        request[RECORD] = record
+        started = time.monotonic()
+        outcome = HandlerOutcome()
+        try:
+            return await outcome.run(handler, request)
+        finally:
+            record.route = route_label(request)
+            record.status = outcome.status
+            if outcome.code is not None:
+                record.error_code = outcome.code
+            record.latency_ms = round((time.monotonic() - started) * 1000, 3)
+            record.app_id = attribution_of(request).app_id
+            record.peer_device_id = audit_peer_of(request)
+            for reader in listeners:
+                try:
+                    reader(record)
+                except Exception:  # noqa: BLE001 - observers never break a request
+                    log.exception("request record reader %r failed", reader)
+
+    return record_middleware
+
+
+@dataclass(slots=True)
+class HandlerOutcome:
+    """How a request ended: the status and error code, whether it answered or raised."""
+
+    status: int = 500
+    code: str | None = "internal_error"
+
+    async def run(self, handler: Handler, request: web.Request) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+            self.status, self.code = response.status, None
+            return response
+        except DVAIError as exc:
+            self.status, self.code = exc.status, str(exc.code)
+            raise
+        except web.HTTPException as exc:
+            self.status, self.code = exc.status, None
+            raise
+        except asyncio.CancelledError:
+            self.status, self.code = CLIENT_CLOSED_STATUS, "client_closed_request"
+            raise
+
+
+def audit_reader(audit: AuditLog, *, paths: Collection[str] = INFERENCE_PATHS) -> RecordReader:
+    """One audit row per request to ``paths``, served or refused."""
+    watched = frozenset(paths)
+
+    def read(record: RequestRecord) -> None:
+        if record.endpoint in watched:
+            audit.record(AuditRow(
+                ts=record.arrived_ms, request_id=record.request_id, app_id=record.app_id,
+                peer_device_id=record.peer_device_id, endpoint=record.endpoint, status=record.status,
+                model_requested=record.model_requested, model_served=record.model_served,
+                prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+                latency_ms=record.latency_ms, served_by=record.served_by or SERVED_LOCAL,
+                error_code=record.error_code,
+            ))
+
+    return read
+
+
+def log_request(record: RequestRecord) -> None:
+    """One concise line per request: never prompt text, keys or signatures."""
+    level = logging.DEBUG if record.endpoint in QUIET_PATHS else logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    parts = [f"{record.method} {record.endpoint} {record.status}"]
+    if record.model_requested or record.model_served:
+        parts.append(f"model={record.model_served or record.model_requested}")
+    if record.completion_tokens is not None:
+        parts.append(f"tokens={record.prompt_tokens or 0}+{record.completion_tokens}")
+    parts.append(f"{record.latency_ms:.0f}ms")
+    if record.served_by is not None:
+        parts.append(f"served_by={record.served_by[:16]}")
+    if record.error_code:
+        parts.append(f"error={record.error_code}")
+    if record.request_id:
+        parts.append(f"id={record.request_id[:36]}")
+    log.log(level, " ".join(parts))
+
+
+def route_label(request: web.Request) -> str:
+    """The matched route's pattern (``/v1/dvai/pairings/{device_id}``), else ``unmatched``."""
+    resource = request.match_info.route.resource
+    canonical = resource.canonical if resource is not None else None
+    return canonical[:MAX_METRIC_LABEL_CHARS] if canonical else UNMATCHED

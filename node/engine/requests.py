@@ -1,0 +1,43 @@
+"""The parsed requests the engine service serves: plain frozen values, no HTTP.
+
+The HTTP edge (``node/api/schemas.py``) parses OpenAI bodies into these; the embeddable
+``Node`` builds the same values, so both reach the engine through one path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import ChatMessage, SamplingParams
+
+__all__ = ["ChatRequest", "CompletionRequest", "EmbeddingRequest", "GenerationRequest"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    model: str
+    messages: tuple[ChatMessage, ...]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    model: str
+    prompts: tuple[str, ...]
+    params: SamplingParams
+    stream: bool = False
+    include_usage: bool = False
+    echo: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    model: str
+    inputs: tuple[str, ...]
+    encoding_format: str = "float"
+
+
+GenerationRequest = ChatRequest | CompletionRequest
+"""A request that generates text (as opposed to embeddings)."""

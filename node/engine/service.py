@@ -1,0 +1,234 @@
+"""The engine service: parsed requests in, OpenAI response objects and chunks out.
+
+Used by the HTTP handlers and by the embeddable ``Node`` alike, so both speak exactly
+the same shapes. Chat and legacy completions share one generation path
+(:meth:`InferenceService.stream`); a whole answer is the same stream gathered
+(:meth:`InferenceService.complete`). The first chunk is produced only once the model
+has started, so queue-full or unknown-model errors surface as proper HTTP statuses
+before any byte is sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import struct
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import env_model_name
+from ..errors import embeddings_not_enabled
+from .base import FinishReason, GenerationOutcome
+from .record import SERVED_LOCAL, RequestRecord
+from .registry import ModelRegistry
+from .requests import ChatRequest, EmbeddingRequest, GenerationRequest
+from .slot import GenerationJob, ModelSlot
+
+__all__ = ["InferenceLimits", "InferenceService", "new_id"]
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceLimits:
+    generation_timeout: float
+    max_blank_chunks: int
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class InferenceService:
+    def __init__(self, registry: ModelRegistry, limits: InferenceLimits) -> None:
+        self.registry = registry
+        self.limits = limits
+
+    # -- text generation: one path -------------------------------------------
+    def stream(self, request: GenerationRequest, record: RequestRecord | None = None,
+               ) -> AsyncIterator[dict[str, Any]]:
+        """The answer as OpenAI chunks (``chat.completion.chunk`` or streamed ``text_completion``)."""
+        return self._chunks(request, record, with_usage=request.include_usage)
+
+    async def _chunks(self, request: GenerationRequest, record: RequestRecord | None, *, with_usage: bool,
+                      ) -> AsyncGenerator[dict[str, Any], None]:
+        slot = self.registry.resolve(request.model)
+        shape = _Shape.of(request, slot.info.id)
+        total = GenerationOutcome()
+        started = time.perf_counter()
+        for index, job, echo in _jobs(request):
+            first = True
+            async with slot.generate(job, timeout=self.limits.generation_timeout,
+                                     max_blank=self.limits.max_blank_chunks) as generation:
+                async for text in generation:
+                    yield shape.chunk(index, (echo + text) if first else text, first=first)
+                    first = False
+                outcome = generation.outcome
+            assert outcome is not None
+            _add(total, outcome)
+            if first and (shape.chat or echo):  # nothing generated: still answer the role / echo
+                yield shape.chunk(index, echo, first=True)
+            yield shape.chunk(index, None, finish=outcome.finish_reason)
+        _fill(record, slot, total, started)
+        if with_usage:
+            yield shape.usage_chunk(total)
+
+    async def complete(self, request: GenerationRequest, record: RequestRecord | None = None) -> dict[str, Any]:
+        """The whole answer (``chat.completion`` or ``text_completion``): the stream, gathered."""
+        texts: dict[int, list[str]] = {}
+        finishes: dict[int, FinishReason] = {}
+        shape: _Shape | None = None
+        usage: dict[str, int] | None = None
+        async with contextlib.aclosing(self._chunks(request, record, with_usage=True)) as chunks:
+            async for chunk in chunks:
+                shape = shape or _Shape.from_chunk(chunk, request)
+                if "usage" in chunk:
+                    usage = chunk["usage"]
+                for choice in chunk["choices"]:
+                    texts.setdefault(choice["index"], []).append(_choice_text(choice) or "")
+                    if choice["finish_reason"] is not None:
+                        finishes[choice["index"]] = choice["finish_reason"]
+        assert shape is not None and usage is not None
+        return shape.whole({i: "".join(parts) for i, parts in texts.items()}, finishes, usage)
+
+    # -- embeddings ----------------------------------------------------------
+    async def embeddings(self, request: EmbeddingRequest, record: RequestRecord | None = None) -> dict[str, Any]:
+        slot = self.registry.resolve(request.model)
+        if not slot.info.embedding:  # checked before queueing: a wrong model fails fast
+            raise embeddings_not_enabled(slot.info.id, env_model_name(slot.info.id))
+        result = await slot.embed(list(request.inputs))
+        if record is not None:
+            record.served(SERVED_LOCAL, model=slot.info.id, prompt_tokens=result.prompt_tokens, completion_tokens=0)
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode(v, request.encoding_format)}
+            for i, v in enumerate(result.vectors)
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": slot.info.id,
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+        }
+
+    # -- models --------------------------------------------------------------
+    def list_models(self) -> dict[str, Any]:
+        data = []
+        for slot in self.registry.slots():
+            info = slot.info
+            data.append(
+                {
+                    "id": info.id,
+                    "object": "model",
+                    "created": int(self.registry.started_at),
+                    "owned_by": info.owned_by,
+                    "context_length": info.ctx_size,
+                    "serves": list(info.serves),
+                    "aliases": list(info.aliases),
+                    "loaded": slot.state == "ready",
+                }
+            )
+        return {"object": "list", "data": data}
+
+
+# --------------------------------------------------------------------------
+# Response shaping
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """How chat and legacy completions differ: ids, object names, where the text goes."""
+
+    chat: bool
+    id: str
+    created: int
+    model: str
+
+    @classmethod
+    def of(cls, request: GenerationRequest, model: str) -> _Shape:
+        chat = isinstance(request, ChatRequest)
+        return cls(chat, new_id("chatcmpl" if chat else "cmpl"), int(time.time()), model)
+
+    @classmethod
+    def from_chunk(cls, chunk: dict[str, Any], request: GenerationRequest) -> _Shape:
+        return cls(isinstance(request, ChatRequest), chunk["id"], chunk["created"], chunk["model"])
+
+    def _head(self, whole: bool) -> dict[str, Any]:
+        if self.chat:
+            kind = "chat.completion" if whole else "chat.completion.chunk"
+        else:
+            kind = "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def chunk(self, index: int, text: str | None, *, first: bool = False,
+              finish: FinishReason | None = None) -> dict[str, Any]:
+        """One streamed chunk: a text delta, or (``text`` None) the finish of choice ``index``."""
+        if self.chat:
+            delta: dict[str, Any] = {} if text is None else (
+                {"role": "assistant", "content": text} if first else {"content": text})
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"text": text or "", "index": index, "logprobs": None, "finish_reason": finish}
+        return {**self._head(False), "choices": [choice]}
+
+    def usage_chunk(self, outcome: GenerationOutcome) -> dict[str, Any]:
+        return {**self._head(False), "choices": [], "usage": _usage(outcome)}
+
+    def whole(self, texts: dict[int, str], finishes: dict[int, FinishReason], usage: dict[str, int],
+              ) -> dict[str, Any]:
+        choices = []
+        for index in sorted(texts):
+            if self.chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": texts[index]},
+                                "finish_reason": finishes.get(index, "stop"), "logprobs": None})
+            else:
+                choices.append({"text": texts[index], "index": index, "logprobs": None,
+                                "finish_reason": finishes.get(index, "stop")})
+        return {**self._head(True), "choices": choices, "usage": usage}
+
+
+def _jobs(request: GenerationRequest) -> list[tuple[int, GenerationJob, str]]:
+    """(choice index, what to generate, text echoed before the first delta) per choice."""
+    if isinstance(request, ChatRequest):
+        return [(0, GenerationJob(params=request.params, messages=request.messages), "")]
+    return [(index, GenerationJob(params=request.params, prompt=prompt), prompt if request.echo else "")
+            for index, prompt in enumerate(request.prompts)]
+
+
+def _choice_text(choice: dict[str, Any]) -> str | None:
+    if "delta" in choice:
+        content = choice["delta"].get("content")
+        return content if isinstance(content, str) else None
+    text = choice.get("text")
+    return text if isinstance(text, str) else None
+
+
+def _usage(outcome: GenerationOutcome) -> dict[str, int]:
+    return {
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+    }
+
+
+def _add(total: GenerationOutcome, outcome: GenerationOutcome) -> None:
+    total.prompt_tokens += outcome.prompt_tokens
+    total.completion_tokens += outcome.completion_tokens
+    total.first_token_at = total.first_token_at or outcome.first_token_at
+    total.last_token_at = outcome.last_token_at
+    total.finish_reason = outcome.finish_reason
+
+
+def _fill(record: RequestRecord | None, slot: ModelSlot, outcome: GenerationOutcome, started: float) -> None:
+    if record is None:
+        return
+    first = None if outcome.first_token_at is None else outcome.first_token_at - started
+    record.served(SERVED_LOCAL, model=slot.info.id, prompt_tokens=outcome.prompt_tokens,
+                  completion_tokens=outcome.completion_tokens, first_token_s=first,
+                  decode_tok_per_s=outcome.decode_tok_per_s)
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
