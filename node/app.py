@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .api import mesh, metrics, offload, openai, peers, trust
+from .api import keys, mesh, metrics, offload, openai, peers, trust
 from .api.middlewares import error_middleware, origin_middleware
 from .api.record import RecordReader, audit_reader, log_request, make_record_middleware
 from .context import CONTEXT, NodeContext
@@ -34,7 +34,8 @@ def build_app(
     if context.pairings is not None and context.nonces is not None:
         public = DEFAULT_PUBLIC_PATHS | ({metrics.METRICS_PATH} if config.security.public_metrics else set())
         stack.append(make_security_middleware(config, context.pairings, context.nonces, public_paths=public,
-                                              loopback_only_paths=trust.ADMIN_PATHS, render_errors=False))
+                                              loopback_only_paths=trust.ADMIN_PATHS | keys.ADMIN_PATHS,
+                                              render_errors=False, api_keys=context.api_keys))
     stack.extend(middlewares)
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=stack)
     app[CONTEXT] = context
@@ -44,6 +45,7 @@ def build_app(
     app.add_routes(peers.routes)
     app.add_routes(metrics.routes)
     app.add_routes(offload.routes)
+    app.add_routes(keys.routes)
     for table in route_tables:
         app.add_routes(table)
     return app

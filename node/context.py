@@ -22,6 +22,7 @@ from .identity import DeviceIdentity, NodeIdentity
 if TYPE_CHECKING:
     from .capability import CapabilityService
     from .discovery import DiscoveryService, PeerTable
+    from .hub.keys import ApiKeyStore
     from .metrics import NodeMetrics
     from .offload.router import OffloadRouter
     from .security import AuditLog, NonceCache, PairingApprover, PairingStore
@@ -52,6 +53,8 @@ class NodeContext:
     """Local tok/s scores per model (node/capability); inert unless offload is enabled."""
     metrics: NodeMetrics | None = None
     """Prometheus instruments of this node (node/metrics.py), served at ``GET /metrics``."""
+    api_keys: ApiKeyStore | None = None
+    """API keys for ``Authorization: Bearer`` callers (node/hub/keys.py)."""
     router: OffloadRouter | None = None
     """Decides per request: local, forwarded to a peer, or refused (offload enabled, HTTP only)."""
 

@@ -29,6 +29,7 @@ from .engine.registry import ModelRegistry
 from .engine.service import InferenceLimits, InferenceService
 from .errors import ConfigError
 from .fsutil import atomic_write_json, read_json
+from .hub.keys import ApiKeyStore
 from .identity import IdentityHandle, open_node_identity
 from .metrics import NodeMetrics
 from .offload.router import OffloadCallback, OffloadRouter
@@ -202,6 +203,7 @@ class Node:
             nonces=NonceCache(),
             approver=PairingApprover.from_config(config.security, hook=self.on_pairing_request),
             audit=audit,
+            api_keys=ApiKeyStore.load(state_dir),
         )
         context.metrics = _build_metrics(context)
         return context

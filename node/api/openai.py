@@ -13,7 +13,8 @@ from aiohttp import web
 from ..constants import HOP_HEADER, OFFLOAD_HEADER, SERVED_BY_HEADER
 from ..context import CONTEXT, NodeContext
 from ..engine.requests import GenerationRequest
-from ..offload.policy import parse_offload_header
+from ..hub.keys import check_scopes
+from ..offload.policy import OffloadMode, parse_offload_header
 from ..offload.router import Forwarded, Refused, RoutedRequest
 from ..security.guard import attribution_of
 from .middlewares import REQUEST_ID, read_json
@@ -41,8 +42,9 @@ async def generate(request: web.Request, payload: dict[str, Any], parsed: Genera
     context = request.app[CONTEXT]
     record = request[RECORD]
     record.requested(parsed.model)
+    may_offload = key_allows(request, context, parsed.model)
     if context.router is not None:  # offload disabled: X-DVAI-Offload is ignored, as a single node
-        outcome = await context.router.route(await routed(request, payload, parsed))
+        outcome = await context.router.route(await routed(request, payload, parsed, may_offload=may_offload))
         if isinstance(outcome, Forwarded):
             return await write_peer_answer(request, outcome.answer)
         if isinstance(outcome, Refused):
@@ -60,6 +62,7 @@ async def embeddings(request: web.Request) -> web.Response:
     context = request.app[CONTEXT]
     record = request[RECORD]
     record.requested(parsed.model)
+    key_allows(request, context, parsed.model)
     # always local: embeddings are not offloaded (docs/offload.md)
     return web.json_response(await context.inference.embeddings(parsed, record), headers=served_here(context))
 
@@ -69,15 +72,27 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response(request.app[CONTEXT].inference.list_models())
 
 
-async def routed(request: web.Request, payload: dict[str, Any], parsed: GenerationRequest) -> RoutedRequest:
+async def routed(request: web.Request, payload: dict[str, Any], parsed: GenerationRequest, *,
+                 may_offload: bool = True) -> RoutedRequest:
     """What the router needs to know of this request, as plain values."""
     marked = HOP_HEADER in request.headers
+    mode = parse_offload_header(request.headers.get(OFFLOAD_HEADER))
     return RoutedRequest(
         path=request.raw_path, model=parsed.model, stream=parsed.stream, body=await request.read(),
-        payload=payload, mode=parse_offload_header(request.headers.get(OFFLOAD_HEADER)), marked=marked,
+        payload=payload, mode=mode if may_offload else OffloadMode.NEVER, marked=marked,
         hop=marked and attribution_of(request).signed, request_id=request.get(REQUEST_ID, ""),
         record=request[RECORD],
     )
+
+
+def key_allows(request: web.Request, context: NodeContext, model: str) -> bool:
+    """Check an API key's model scope (403 when out of scope); whether it lets the request be offloaded."""
+    key_id = attribution_of(request).api_key
+    key = context.api_keys.get(key_id) if key_id is not None and context.api_keys is not None else None
+    if key is None:
+        return True
+    check_scopes(key, path=request.path, model=model)
+    return key.scopes.offload
 
 
 def served_here(context: NodeContext) -> dict[str, str]:

@@ -25,6 +25,7 @@ from aiohttp.typedefs import Middleware
 from ..config import NodeConfig, SecurityConfig
 from ..constants import MESH_PATH
 from ..errors import AuthenticationError, DVAIError, PayloadTooLargeError, PermissionDeniedError
+from ..hub.keys import KEY_PREFIX, ApiKeyStore, bearer_token, check_scopes
 from .pairing import PairingStore
 from .signing import (
     ANONYMOUS,
@@ -180,9 +181,10 @@ def decide_access(
                                     code="loopback_only")
     if paths and all(_matches(policy.public_paths, (path,)) for path in paths):
         return
-    if policy.require_pairing and not loopback and not attribution.signed:
-        raise AuthenticationError("this node requires signed requests from non-loopback callers; pair "
-                                  "first (`dvai-node pair <this node's URL>`)", code="signature_required")
+    if policy.require_pairing and not loopback and not attribution.authenticated:
+        raise AuthenticationError("this node requires signed requests or an API key from non-loopback "
+                                  "callers; pair first (`dvai-node pair <this node's URL>`) or ask its "
+                                  "operator for a key (`dvai-node keys create`)", code="signature_required")
 
 
 # --------------------------------------------------------------------------
@@ -199,6 +201,7 @@ def make_security_middleware(
     loopback_only_paths: Collection[str] = (),
     remote_addr: RemoteAddr = lambda request: request.remote,
     render_errors: bool = True,
+    api_keys: ApiKeyStore | None = None,
 ) -> Middleware:
     """Host allowlist → signature check → access policy, then ``request[ATTRIBUTION_KEY]``.
 
@@ -221,6 +224,8 @@ def make_security_middleware(
             body = await _read_body(request)
             attribution = verify_signed_request(request.headers, request.method, request.raw_path, body,
                                                 lookup_key=store.get, nonces=nonces, now_ms=now_ms())
+        elif api_keys is not None and (token := bearer_token(request.headers.get("Authorization"))):
+            attribution = authenticate_key(api_keys, token, request.path)
         pairing = store.get(attribution.peer_device_id) if attribution.signed else None
         decide_access(policy, paths=_route_paths(request), loopback=loopback, attribution=attribution,
                       admin_peer=pairing is not None and pairing.admin,
@@ -246,10 +251,22 @@ def attribution_of(request: web.Request) -> Attribution:
     return value if isinstance(value, Attribution) else ANONYMOUS_ATTRIBUTION
 
 
+def authenticate_key(keys: ApiKeyStore, token: str, path: str) -> Attribution:
+    """The attribution of a request made with API key ``token``. Tokens that are not ours
+    (an SDK's placeholder such as ``unused``) are ignored, as if absent; one of ours that is
+    wrong, expired, revoked or out of scope for ``path`` is refused."""
+    if not token.startswith(KEY_PREFIX + "-"):
+        return ANONYMOUS_ATTRIBUTION
+    key = keys.authenticate(token)
+    check_scopes(key, path=path)
+    return Attribution(peer_device_id=f"apikey:{key.id}", app_id=key.app_id, api_key=key.id)
+
+
 def audit_peer_of(request: web.Request) -> str:
-    """The audit log's ``peer_device_id``: the signing device, ``self`` (loopback) or ``anonymous``."""
+    """The audit log's ``peer_device_id``: the signing device, ``apikey:<id>``, ``self`` (loopback)
+    or ``anonymous``."""
     attribution = attribution_of(request)
-    if attribution.signed:
+    if attribution.signed or attribution.api_key is not None:
         return attribution.peer_device_id
     return "self" if request.get(LOOPBACK_KEY) else ANONYMOUS
 

@@ -49,6 +49,13 @@ class Attribution:
     peer_device_id: str = ANONYMOUS
     app_id: str = ANONYMOUS
     signed: bool = False
+    api_key: str | None = None
+    """the id of the API key (``Authorization: Bearer``) the request was made with."""
+
+    @property
+    def authenticated(self) -> bool:
+        """Signed by a paired device, or made with a valid API key."""
+        return self.signed or self.api_key is not None
 
 
 ANONYMOUS_ATTRIBUTION = Attribution()

@@ -1,0 +1,59 @@
+"""API key administration (loopback-only): mint, list and revoke ``Authorization: Bearer`` keys."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from aiohttp import web
+
+from ..context import CONTEXT
+from ..errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
+from ..hub.keys import ApiKeyStore, parse_scopes
+from .middlewares import read_json
+
+routes = web.RouteTableDef()
+
+ADMIN_PATHS = frozenset({"/v1/dvai/keys", "/v1/dvai/keys/"})
+
+
+def _keys(request: web.Request) -> ApiKeyStore:
+    keys = request.app[CONTEXT].api_keys
+    if keys is None:
+        raise ServiceUnavailableError("API keys are not available on this node")
+    return keys
+
+
+@routes.get("/v1/dvai/keys")
+async def list_keys(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [k.to_json() for k in _keys(request).list()]})
+
+
+@routes.post("/v1/dvai/keys")
+async def create_key(request: web.Request) -> web.Response:
+    """``{"appId", "name"?, "scopes"?: {"models", "endpoints", "offload"}, "expiresIn"?: seconds}``;
+    the answer carries the key itself, once."""
+    keys = _keys(request)
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    name = body.get("name", "")
+    if not isinstance(name, str):
+        raise InvalidRequestError("'name' must be a string", param="name")
+    expires = body.get("expiresIn")
+    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, (int, float))
+                                or not math.isfinite(expires) or not 0 < expires <= 10 * 365 * 86400):
+        raise InvalidRequestError("'expiresIn' must be a number of seconds, at most ten years", param="expiresIn")
+    record, token = await asyncio.to_thread(keys.create, body.get("appId"), name=name,  # type: ignore[arg-type]
+                                            scopes=parse_scopes(body.get("scopes")), expires_in_s=expires)
+    return web.json_response({**record.to_json(), "key": token}, status=201)
+
+
+@routes.delete("/v1/dvai/keys/{key_id}")
+async def revoke_key(request: web.Request) -> web.Response:
+    key_id = request.match_info["key_id"]
+    record = await asyncio.to_thread(_keys(request).revoke, key_id)
+    if record is None:
+        raise NotFoundError(f"no API key with id {key_id[:40]!r}", param="key_id")
+    return web.json_response(record.to_json())
+
