@@ -128,6 +128,14 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HubConfig:
+    substitution: Literal["off", "same-family", "map"] = "off"
+    """serve a request for a model nobody here has with another (docs/hub.md)."""
+    substitution_map: tuple[str, ...] = ()
+    """``map`` policy entries, each ``"requested=served"``."""
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     state_dir: Path | None = None
     cache_dir: Path | None = None
@@ -147,6 +155,7 @@ class NodeConfig:
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
 
     @property
     def default_model_id(self) -> str:

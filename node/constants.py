@@ -37,6 +37,8 @@ MAX_TOKENS_CAP = 1 << 20
 # --- Offload ----------------------------------------------------------------
 OFFLOAD_HEADER = "X-DVAI-Offload"
 SERVED_BY_HEADER = "X-DVAI-Served-By"
+SUBSTITUTED_HEADER = "X-DVAI-Substituted-From"
+"""on an answer served by another model than the one asked for (hub substitution): the name asked for."""
 HOP_HEADER = "X-DVAI-Hop"
 REQUEST_ID_HEADER = "X-Request-Id"
 NO_CAPABLE_DEVICE_RETRY_AFTER = 30

@@ -22,7 +22,9 @@ from .identity import DeviceIdentity, NodeIdentity
 if TYPE_CHECKING:
     from .capability import CapabilityService
     from .discovery import DiscoveryService, PeerTable
+    from .hub.interceptor import ChatCompletionInterceptor
     from .hub.keys import ApiKeyStore
+    from .hub.substitution import SubstitutionPolicy
     from .metrics import NodeMetrics
     from .offload.router import OffloadRouter
     from .security import AuditLog, NonceCache, PairingApprover, PairingStore
@@ -55,6 +57,10 @@ class NodeContext:
     """Prometheus instruments of this node (node/metrics.py), served at ``GET /metrics``."""
     api_keys: ApiKeyStore | None = None
     """API keys for ``Authorization: Bearer`` callers (node/hub/keys.py)."""
+    interceptor: ChatCompletionInterceptor | None = None
+    """the host's first-chance hook for chat completions (node/hub/interceptor.py)."""
+    substitution: SubstitutionPolicy | None = None
+    """which model serves a request for one nobody here has (node/hub/substitution.py)."""
     router: OffloadRouter | None = None
     """Decides per request: local, forwarded to a peer, or refused (offload enabled, HTTP only)."""
 

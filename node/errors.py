@@ -77,9 +77,11 @@ class NotFoundError(DVAIError, LookupError):
 class ModelNotFoundError(NotFoundError):
     code = "model_not_found"
 
-    def __init__(self, model: str, available: list[str] | None = None) -> None:
+    def __init__(self, model: str, available: list[str] | None = None, *, reason: str | None = None) -> None:
         hint = f"; available: {', '.join(available)}" if available else ""
-        super().__init__(f"The model '{model}' does not exist on this node{hint}", param="model")
+        why = f" and {reason}" if reason else ""
+        super().__init__(f"The model '{model}' does not exist on this node{why}{hint}", param="model",
+                         code="model_family_unknown" if reason else None)
 
 
 class OffloadDisabledError(NotFoundError):

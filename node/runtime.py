@@ -29,7 +29,9 @@ from .engine.registry import ModelRegistry
 from .engine.service import InferenceLimits, InferenceService
 from .errors import ConfigError
 from .fsutil import atomic_write_json, read_json
+from .hub.interceptor import ChatCompletionInterceptor
 from .hub.keys import ApiKeyStore
+from .hub.substitution import SubstitutionPolicy
 from .identity import IdentityHandle, open_node_identity
 from .metrics import NodeMetrics
 from .offload.router import OffloadCallback, OffloadRouter
@@ -62,6 +64,7 @@ class Node:
         on_pairing_request: PairingHook | None = None,
         on_qr_pairing: QrApprover | None = None,
         on_offload: OffloadCallback | None = None,
+        chat_completion_interceptor: ChatCompletionInterceptor | None = None,
         **overrides: Any,
     ) -> None:
         """Hooks: ``on_pairing_request(request)`` decides LAN pairing requests;
@@ -69,10 +72,13 @@ class Node:
         (unset: QR pairings complete once both sides' key confirmations verify). See docs/security.md.
         ``on_offload(peer)`` is called when a peer starts serving a request this node forwarded
         (the reference's ``onOffload``; see docs/offload.md).
+        ``chat_completion_interceptor(body, context, headers)`` sees every chat completion first
+        and may answer it (the reference's ``chatCompletionInterceptor``; see docs/hub.md).
         """
         self.on_pairing_request = on_pairing_request
         self.on_qr_pairing = on_qr_pairing
         self.on_offload = on_offload
+        self.chat_completion_interceptor = chat_completion_interceptor
         if config is None:
             config = load_config(overrides=overrides) if overrides else NodeConfig()
         elif overrides:
@@ -204,6 +210,8 @@ class Node:
             approver=PairingApprover.from_config(config.security, hook=self.on_pairing_request),
             audit=audit,
             api_keys=ApiKeyStore.load(state_dir),
+            interceptor=self.chat_completion_interceptor,
+            substitution=SubstitutionPolicy.from_config(config.hub),
         )
         context.metrics = _build_metrics(context)
         return context

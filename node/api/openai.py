@@ -6,17 +6,22 @@ place it (when offload is on), and write the answer — the local engine's, or a
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from aiohttp import web
 
-from ..constants import HOP_HEADER, OFFLOAD_HEADER, SERVED_BY_HEADER
+from ..constants import HOP_HEADER, OFFLOAD_HEADER, SERVED_BY_HEADER, SUBSTITUTED_HEADER
 from ..context import CONTEXT, NodeContext
 from ..engine.requests import GenerationRequest
+from ..errors import ModelNotFoundError
+from ..hub.interceptor import InterceptContext, InterceptedResponse, run_interceptor
 from ..hub.keys import check_scopes
+from ..hub.substitution import UnknownFamilyError, choose_substitute
 from ..offload.policy import OffloadMode, parse_offload_header
 from ..offload.router import Forwarded, Refused, RoutedRequest
-from ..security.guard import attribution_of
+from ..security.guard import attribution_of, audit_peer_of
 from .middlewares import REQUEST_ID, read_json
 from .record import RECORD
 from .schemas import parse_chat_request, parse_completion_request, parse_embedding_request
@@ -28,7 +33,18 @@ routes = web.RouteTableDef()
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     payload = await read_json(request)
-    return await generate(request, payload, parse_chat_request(payload))
+    parsed = parse_chat_request(payload)
+    context = request.app[CONTEXT]
+    if context.interceptor is not None:
+        request[RECORD].requested(parsed.model)
+        key_allows(request, context, parsed.model)
+        attribution = attribution_of(request)
+        intercepted = await run_interceptor(context.interceptor, payload, InterceptContext(
+            app_id=attribution.app_id, peer_device_id=audit_peer_of(request), api_key_id=attribution.api_key,
+            request_id=request.get(REQUEST_ID, ""), model=parsed.model), request.headers)
+        if intercepted is not None:
+            return await write_intercepted(request, intercepted)
+    return await generate(request, payload, parsed)
 
 
 @routes.post("/v1/completions")
@@ -43,6 +59,8 @@ async def generate(request: web.Request, payload: dict[str, Any], parsed: Genera
     record = request[RECORD]
     record.requested(parsed.model)
     may_offload = key_allows(request, context, parsed.model)
+    requested = parsed.model
+    parsed = substituted(context, parsed)
     if context.router is not None:  # offload disabled: X-DVAI-Offload is ignored, as a single node
         outcome = await context.router.route(await routed(request, payload, parsed, may_offload=may_offload))
         if isinstance(outcome, Forwarded):
@@ -50,6 +68,8 @@ async def generate(request: web.Request, payload: dict[str, Any], parsed: Genera
         if isinstance(outcome, Refused):
             raise outcome.error
     headers = served_here(context)
+    if parsed.model != requested:
+        headers[SUBSTITUTED_HEADER] = requested[:200]
     if parsed.stream:
         return await stream_events(request, context.inference.stream(parsed, record), headers=headers,
                                    record=record)
@@ -93,6 +113,40 @@ def key_allows(request: web.Request, context: NodeContext, model: str) -> bool:
         return True
     check_scopes(key, path=request.path, model=model)
     return key.scopes.offload
+
+
+def substituted(context: NodeContext, parsed: GenerationRequest) -> GenerationRequest:
+    """The request, for the model the substitution policy picks when neither this node nor a
+    peer serves the one asked for (unchanged otherwise)."""
+    policy = context.substitution
+    if policy is None or context.registry.serves(parsed.model) or _a_peer_serves(context, parsed.model):
+        return parsed
+    available = [slot.info.id for slot in context.registry.slots() if not slot.info.embedding]
+    try:
+        choice = choose_substitute(parsed.model, available, policy)
+    except UnknownFamilyError:
+        raise ModelNotFoundError(parsed.model, available,
+                                 reason="its name does not say which model family it is, so no substitute "
+                                        "can be chosen") from None
+    return parsed if choice is None else dataclasses.replace(parsed, model=choice)
+
+
+def _a_peer_serves(context: NodeContext, model: str) -> bool:
+    if context.router is None or context.peers is None:
+        return False
+    return any(model in peer.loaded_models for peer in context.peers.snapshot())
+
+
+async def write_intercepted(request: web.Request, answer: InterceptedResponse) -> web.StreamResponse:
+    if answer.stream is not None:
+        return await stream_events(request, _as_dicts(answer.stream), headers=dict(answer.headers),
+                                   record=request[RECORD])
+    return web.json_response(dict(answer.body or {}), status=answer.status, headers=dict(answer.headers))
+
+
+async def _as_dicts(chunks: AsyncIterator[Mapping[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    async for chunk in chunks:
+        yield dict(chunk)
 
 
 def served_here(context: NodeContext) -> dict[str, str]:

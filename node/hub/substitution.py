@@ -25,6 +25,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ..config import HubConfig
+from ..errors import ConfigError
+
 __all__ = ["UNKNOWN_FAMILY", "ModelName", "SubstitutionMode", "SubstitutionPolicy", "choose_substitute",
            "parse_model_name"]
 
@@ -123,6 +126,18 @@ class SubstitutionPolicy:
     mode: SubstitutionMode = SubstitutionMode.OFF
     mapping: Mapping[str, str] | None = None
     """``map`` mode: requested name → a model this node serves."""
+
+    @classmethod
+    def from_config(cls, hub: HubConfig) -> SubstitutionPolicy:
+        mapping = {}
+        for index, entry in enumerate(hub.substitution_map):
+            requested, sep, served = entry.partition("=")
+            if not sep or not requested.strip() or not served.strip():
+                raise ConfigError(f"hub.substitution_map[{index}]: expected \"requested=served\", got {entry!r}")
+            mapping[requested.strip()] = served.strip()
+        if hub.substitution == "map" and not mapping:
+            raise ConfigError("hub.substitution = \"map\" needs entries in hub.substitution_map")
+        return cls(SubstitutionMode(hub.substitution), mapping)
 
 
 class UnknownFamilyError(ValueError):
