@@ -29,6 +29,8 @@ def build_app(
         readers.append(audit_reader(context.audit))
     if context.metrics is not None:
         readers.append(context.metrics.observe_request)
+    if context.usage is not None:
+        readers.append(context.usage.record)
     readers.append(log_request)
     stack: list[Any] = [error_middleware, make_record_middleware(readers), origin_middleware(config.cors_origin)]
     if context.pairings is not None and context.nonces is not None:

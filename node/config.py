@@ -128,11 +128,30 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class QuotaConfig:
+    """One ``[[hub.quotas]]`` rule (docs/hub.md#quotas)."""
+
+    app_id: str = "*"
+    device_id: str | None = None
+    """limit each device separately (``*``: every device); unset: the app's devices together."""
+    model: str | None = None
+    """limit each model separately, or only this model (``*``: each model)."""
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    """prompt + completion tokens per UTC day."""
+    concurrent: int | None = None
+    """requests being answered at once."""
+
+
+@dataclass(frozen=True, slots=True)
 class HubConfig:
     substitution: Literal["off", "same-family", "map"] = "off"
     """serve a request for a model nobody here has with another (docs/hub.md)."""
     substitution_map: tuple[str, ...] = ()
     """``map`` policy entries, each ``"requested=served"``."""
+    quotas: tuple[QuotaConfig, ...] = ()
+    usage_retention_days: int = 90
+    """days of per-app usage kept (``GET /v1/dvai/usage``)."""
 
 
 @dataclass(frozen=True, slots=True)

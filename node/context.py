@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from .discovery import DiscoveryService, PeerTable
     from .hub.interceptor import ChatCompletionInterceptor
     from .hub.keys import ApiKeyStore
+    from .hub.quotas import QuotaBook
     from .hub.substitution import SubstitutionPolicy
+    from .hub.usage import UsageStore
     from .metrics import NodeMetrics
     from .offload.router import OffloadRouter
     from .security import AuditLog, NonceCache, PairingApprover, PairingStore
@@ -61,6 +63,10 @@ class NodeContext:
     """the host's first-chance hook for chat completions (node/hub/interceptor.py)."""
     substitution: SubstitutionPolicy | None = None
     """which model serves a request for one nobody here has (node/hub/substitution.py)."""
+    usage: UsageStore | None = None
+    """requests and tokens per day, app, device and model (node/hub/usage.py)."""
+    quotas: QuotaBook | None = None
+    """per-app limits (node/hub/quotas.py); empty unless ``[[hub.quotas]]`` is configured."""
     router: OffloadRouter | None = None
     """Decides per request: local, forwarded to a peer, or refused (offload enabled, HTTP only)."""
 

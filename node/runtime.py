@@ -31,7 +31,9 @@ from .errors import ConfigError
 from .fsutil import atomic_write_json, read_json
 from .hub.interceptor import ChatCompletionInterceptor
 from .hub.keys import ApiKeyStore
+from .hub.quotas import QuotaBook
 from .hub.substitution import SubstitutionPolicy
+from .hub.usage import UsageStore
 from .identity import IdentityHandle, open_node_identity
 from .metrics import NodeMetrics
 from .offload.router import OffloadCallback, OffloadRouter
@@ -193,6 +195,7 @@ class Node:
         limits = InferenceLimits(config.generation_timeout, config.max_blank_chunks)
         for warning in exposure_warnings(config):
             log.warning("%s", warning)
+        usage = UsageStore.open(state_dir, retention_days=config.hub.usage_retention_days)
         audit = None
         if config.audit.enabled:
             audit = AuditLog(state_dir / AUDIT_FILE, retention_days=config.audit.retention_days,
@@ -212,6 +215,8 @@ class Node:
             api_keys=ApiKeyStore.load(state_dir),
             interceptor=self.chat_completion_interceptor,
             substitution=SubstitutionPolicy.from_config(config.hub),
+            usage=usage,
+            quotas=QuotaBook(config.hub.quotas, usage=usage.tokens_today),
         )
         context.metrics = _build_metrics(context)
         return context
@@ -267,6 +272,8 @@ class Node:
             await context.registry.stop()
             if context.audit is not None:
                 await context.audit.close()
+            if context.usage is not None:
+                await asyncio.to_thread(context.usage.close)
             if context.http is not None:
                 await context.http.close()
             if self._port is not None:

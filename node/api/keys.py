@@ -1,4 +1,4 @@
-"""API key administration (loopback-only): mint, list and revoke ``Authorization: Bearer`` keys."""
+"""Hub administration (loopback-only): API keys (mint, list, revoke) and per-app usage."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .middlewares import read_json
 
 routes = web.RouteTableDef()
 
-ADMIN_PATHS = frozenset({"/v1/dvai/keys", "/v1/dvai/keys/"})
+ADMIN_PATHS = frozenset({"/v1/dvai/keys", "/v1/dvai/keys/", "/v1/dvai/usage"})
 
 
 def _keys(request: web.Request) -> ApiKeyStore:
@@ -57,3 +57,16 @@ async def revoke_key(request: web.Request) -> web.Response:
         raise NotFoundError(f"no API key with id {key_id[:40]!r}", param="key_id")
     return web.json_response(record.to_json())
 
+
+@routes.get("/v1/dvai/usage")
+async def usage(request: web.Request) -> web.Response:
+    """Requests and tokens per UTC day, app, device and model: ``?days=7&app=com.acme.chat``."""
+    store = request.app[CONTEXT].usage
+    if store is None:
+        raise ServiceUnavailableError("usage accounting is not available on this node")
+    raw_days = request.query.get("days", "7")
+    if not raw_days.isdigit() or not 1 <= int(raw_days) <= 3660:
+        raise InvalidRequestError("'days' must be an integer from 1 to 3660", param="days")
+    app_id = request.query.get("app")
+    rows = await asyncio.to_thread(store.query, days=int(raw_days), app_id=app_id[:128] if app_id else None)
+    return web.json_response({"object": "list", "data": rows})

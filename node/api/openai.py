@@ -18,6 +18,7 @@ from ..engine.requests import GenerationRequest
 from ..errors import ModelNotFoundError
 from ..hub.interceptor import InterceptContext, InterceptedResponse, run_interceptor
 from ..hub.keys import check_scopes
+from ..hub.quotas import QuotaLease, QuotaSubject
 from ..hub.substitution import UnknownFamilyError, choose_substitute
 from ..offload.policy import OffloadMode, parse_offload_header
 from ..offload.router import Forwarded, Refused, RoutedRequest
@@ -33,32 +34,41 @@ routes = web.RouteTableDef()
 @routes.post("/v1/chat/completions")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     payload = await read_json(request)
-    parsed = parse_chat_request(payload)
-    context = request.app[CONTEXT]
-    if context.interceptor is not None:
-        request[RECORD].requested(parsed.model)
-        key_allows(request, context, parsed.model)
-        attribution = attribution_of(request)
-        intercepted = await run_interceptor(context.interceptor, payload, InterceptContext(
-            app_id=attribution.app_id, peer_device_id=audit_peer_of(request), api_key_id=attribution.api_key,
-            request_id=request.get(REQUEST_ID, ""), model=parsed.model), request.headers)
-        if intercepted is not None:
-            return await write_intercepted(request, intercepted)
-    return await generate(request, payload, parsed)
+    return await serve(request, payload, parse_chat_request(payload), intercept=True)
 
 
 @routes.post("/v1/completions")
 async def completions(request: web.Request) -> web.StreamResponse:
     payload = await read_json(request)
-    return await generate(request, payload, parse_completion_request(payload))
+    return await serve(request, payload, parse_completion_request(payload))
 
 
-async def generate(request: web.Request, payload: dict[str, Any], parsed: GenerationRequest) -> web.StreamResponse:
+async def serve(request: web.Request, payload: dict[str, Any], parsed: GenerationRequest, *,
+                intercept: bool = False) -> web.StreamResponse:
+    """Admit the caller (key scopes, quotas), let the interceptor see it, then generate."""
+    context = request.app[CONTEXT]
+    request[RECORD].requested(parsed.model)
+    may_offload = key_allows(request, context, parsed.model)
+    lease = admit(request, context, parsed.model)
+    try:
+        if intercept and context.interceptor is not None:
+            attribution = attribution_of(request)
+            intercepted = await run_interceptor(context.interceptor, payload, InterceptContext(
+                app_id=attribution.app_id, peer_device_id=audit_peer_of(request), api_key_id=attribution.api_key,
+                request_id=request.get(REQUEST_ID, ""), model=parsed.model), request.headers)
+            if intercepted is not None:
+                return await write_intercepted(request, intercepted)
+        return await generate(request, payload, parsed, may_offload=may_offload)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+async def generate(request: web.Request, payload: dict[str, Any], parsed: GenerationRequest, *,
+                   may_offload: bool = True) -> web.StreamResponse:
     """Offload it, or run it here: one JSON answer or an SSE stream, recorded either way."""
     context = request.app[CONTEXT]
     record = request[RECORD]
-    record.requested(parsed.model)
-    may_offload = key_allows(request, context, parsed.model)
     requested = parsed.model
     parsed = substituted(context, parsed)
     if context.router is not None:  # offload disabled: X-DVAI-Offload is ignored, as a single node
@@ -80,11 +90,15 @@ async def generate(request: web.Request, payload: dict[str, Any], parsed: Genera
 async def embeddings(request: web.Request) -> web.Response:
     parsed = parse_embedding_request(await read_json(request))
     context = request.app[CONTEXT]
-    record = request[RECORD]
-    record.requested(parsed.model)
+    request[RECORD].requested(parsed.model)
     key_allows(request, context, parsed.model)
-    # always local: embeddings are not offloaded (docs/offload.md)
-    return web.json_response(await context.inference.embeddings(parsed, record), headers=served_here(context))
+    lease = admit(request, context, parsed.model)
+    try:  # always local: embeddings are not offloaded (docs/offload.md)
+        return web.json_response(await context.inference.embeddings(parsed, request[RECORD]),
+                                 headers=served_here(context))
+    finally:
+        if lease is not None:
+            lease.release()
 
 
 @routes.get("/v1/models")
@@ -113,6 +127,13 @@ def key_allows(request: web.Request, context: NodeContext, model: str) -> bool:
         return True
     check_scopes(key, path=request.path, model=model)
     return key.scopes.offload
+
+
+def admit(request: web.Request, context: NodeContext, model: str) -> QuotaLease | None:
+    """Count the request against the caller's quotas (429 when over); the lease to release at its end."""
+    if not context.quotas:
+        return None
+    return context.quotas.admit(QuotaSubject(attribution_of(request).app_id, audit_peer_of(request), model))
 
 
 def substituted(context: NodeContext, parsed: GenerationRequest) -> GenerationRequest:
