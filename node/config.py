@@ -144,12 +144,27 @@ class QuotaConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ExternalEngineConfig:
+    """One ``[[hub.external_engines]]`` entry: another OpenAI-compatible server (docs/hub.md)."""
+
+    name: str
+    base_url: str
+    """its OpenAI base URL, e.g. ``http://127.0.0.1:11434/v1``."""
+    models: tuple[str, ...]
+    api_key: str = ""
+    max_concurrent: int = 4
+    max_waiting: int = 32
+    health_interval: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
 class HubConfig:
     substitution: Literal["off", "same-family", "map"] = "off"
     """serve a request for a model nobody here has with another (docs/hub.md)."""
     substitution_map: tuple[str, ...] = ()
     """``map`` policy entries, each ``"requested=served"``."""
     quotas: tuple[QuotaConfig, ...] = ()
+    external_engines: tuple[ExternalEngineConfig, ...] = ()
     usage_retention_days: int = 90
     """days of per-app usage kept (``GET /v1/dvai/usage``)."""
 

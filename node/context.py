@@ -22,6 +22,7 @@ from .identity import DeviceIdentity, NodeIdentity
 if TYPE_CHECKING:
     from .capability import CapabilityService
     from .discovery import DiscoveryService, PeerTable
+    from .hub.external import ExternalEngines
     from .hub.interceptor import ChatCompletionInterceptor
     from .hub.keys import ApiKeyStore
     from .hub.quotas import QuotaBook
@@ -67,6 +68,8 @@ class NodeContext:
     """requests and tokens per day, app, device and model (node/hub/usage.py)."""
     quotas: QuotaBook | None = None
     """per-app limits (node/hub/quotas.py); empty unless ``[[hub.quotas]]`` is configured."""
+    external: ExternalEngines | None = None
+    """models served by other OpenAI-compatible servers (node/hub/external.py)."""
     router: OffloadRouter | None = None
     """Decides per request: local, forwarded to a peer, or refused (offload enabled, HTTP only)."""
 

@@ -29,6 +29,7 @@ from .engine.registry import ModelRegistry
 from .engine.service import InferenceLimits, InferenceService
 from .errors import ConfigError
 from .fsutil import atomic_write_json, read_json
+from .hub.external import ExternalEngines
 from .hub.interceptor import ChatCompletionInterceptor
 from .hub.keys import ApiKeyStore
 from .hub.quotas import QuotaBook
@@ -36,6 +37,7 @@ from .hub.substitution import SubstitutionPolicy
 from .hub.usage import UsageStore
 from .identity import IdentityHandle, open_node_identity
 from .metrics import NodeMetrics
+from .offload.forward import ForwardSettings
 from .offload.router import OffloadCallback, OffloadRouter
 from .security import (
     AUDIT_FILE,
@@ -112,6 +114,9 @@ class Node:
         try:
             context.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5))
             context.qr = self._qr_service(context)
+            context.external = ExternalEngines(self.config.hub.external_engines, context.http,
+                                               ForwardSettings.from_config(self.config), context.identity.device_id)
+            await context.external.start()
             if context.audit is not None:
                 await context.audit.start()
             await context.registry.start(wait=False)
@@ -270,6 +275,8 @@ class Node:
             if context.capability is not None:
                 await context.capability.stop()
             await context.registry.stop()
+            if context.external is not None:
+                await context.external.stop()
             if context.audit is not None:
                 await context.audit.close()
             if context.usage is not None:

@@ -7,6 +7,7 @@ place it (when offload is on), and write the answer — the local engine's, or a
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..hub.interceptor import InterceptContext, InterceptedResponse, run_interce
 from ..hub.keys import check_scopes
 from ..hub.quotas import QuotaLease, QuotaSubject
 from ..hub.substitution import UnknownFamilyError, choose_substitute
+from ..offload.forward import ForwardCall
 from ..offload.policy import OffloadMode, parse_offload_header
 from ..offload.router import Forwarded, Refused, RoutedRequest
 from ..security.guard import attribution_of, audit_peer_of
@@ -71,6 +73,12 @@ async def generate(request: web.Request, payload: dict[str, Any], parsed: Genera
     record = request[RECORD]
     requested = parsed.model
     parsed = substituted(context, parsed)
+    external = context.external.engine_for(parsed.model) if context.external else None
+    if external is not None:
+        call = ForwardCall(request.raw_path, await request.read() if parsed.model == requested
+                           else json.dumps({**payload, "model": parsed.model}).encode(), parsed.stream,
+                           request.get(REQUEST_ID) or None)
+        return await write_peer_answer(request, await external.open(call, parsed.model, record))
     if context.router is not None:  # offload disabled: X-DVAI-Offload is ignored, as a single node
         outcome = await context.router.route(await routed(request, payload, parsed, may_offload=may_offload))
         if isinstance(outcome, Forwarded):
@@ -103,7 +111,11 @@ async def embeddings(request: web.Request) -> web.Response:
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response(request.app[CONTEXT].inference.list_models())
+    context = request.app[CONTEXT]
+    listing = context.inference.list_models()
+    if context.external:
+        listing["data"] += context.external.list_models(int(context.registry.started_at))
+    return web.json_response(listing)
 
 
 async def routed(request: web.Request, payload: dict[str, Any], parsed: GenerationRequest, *,
@@ -140,9 +152,11 @@ def substituted(context: NodeContext, parsed: GenerationRequest) -> GenerationRe
     """The request, for the model the substitution policy picks when neither this node nor a
     peer serves the one asked for (unchanged otherwise)."""
     policy = context.substitution
-    if policy is None or context.registry.serves(parsed.model) or _a_peer_serves(context, parsed.model):
+    external = context.external.model_ids() if context.external else []
+    if (policy is None or context.registry.serves(parsed.model) or parsed.model in external
+            or _a_peer_serves(context, parsed.model)):
         return parsed
-    available = [slot.info.id for slot in context.registry.slots() if not slot.info.embedding]
+    available = [slot.info.id for slot in context.registry.slots() if not slot.info.embedding] + external
     try:
         choice = choose_substitute(parsed.model, available, policy)
     except UnknownFamilyError:

@@ -64,6 +64,11 @@ class EventSplitter:
 
     def feed(self, data: bytes) -> list[PeerEvent]:
         buffer = self._buffer + data if self._buffer else data
+        if b"\r" in buffer:
+            # Servers may end lines with CRLF (sse-starlette does; the SSE spec allows CR, LF or CRLF):
+            # events are relayed with LF. A CR at the very end may be half of a CRLF: keep it for later.
+            tail = b"\r" if buffer.endswith(b"\r") else b""
+            buffer = buffer[:len(buffer) - len(tail)].replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail
         events = []
         start = 0
         while True:

@@ -54,8 +54,11 @@ _DRAIN_TIMEOUT_S = 0.25
 @dataclass(frozen=True, slots=True)
 class ForwardTarget:
     device_id: str
+    """who serves it: a peer's device id (or ``external:<name>`` for an external engine)."""
     link: PeerLink
-    pairing: Pairing
+    pairing: Pairing | None
+    """signs the request (peers); None: ``bearer`` authenticates it instead (external engines)."""
+    bearer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +151,12 @@ class Forwarder:
 
     async def _send(self, target: ForwardTarget, call: ForwardCall) -> LinkResponse:
         def request() -> LinkRequest:
-            headers = sign_request_headers(target.pairing.key, self._device_id, target.pairing.app_id, "POST",
-                                           call.path, call.body)
+            headers: dict[str, str] = {}
+            if target.pairing is not None:
+                headers = sign_request_headers(target.pairing.key, self._device_id, target.pairing.app_id,
+                                               "POST", call.path, call.body)
+            elif target.bearer:
+                headers["Authorization"] = f"Bearer {target.bearer}"
             headers.update({"Content-Type": "application/json", OFFLOAD_HEADER: "never",
                             HOP_HEADER: self._device_id})
             if call.request_id:
