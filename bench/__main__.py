@@ -10,6 +10,7 @@ BENCHMARKS = (
     "bench.offload_bench",  # issue 5: one hop vs direct, router vs baselines on real nodes
     "bench.mesh_sim",  # issue 5: SIMULATED mesh, router vs baselines on a virtual clock
     "bench.rendezvous_bench",  # issue 6: pairings per second, memory per idle session
+    "bench.hub_bench",  # issue 13: what API keys, signatures and quotas add per request
 )
 
 for name in BENCHMARKS:
