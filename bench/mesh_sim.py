@@ -40,7 +40,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.offload.health import BreakerSettings, PeerAttempt, PeerHealthBook, apply_health  # noqa: E402
+from node.offload.breaker import BreakerSettings, PeerAttempt, PeerHealthBook, apply_health  # noqa: E402
 from node.offload.policy import (  # noqa: E402
     LocalState,
     OffloadAction,

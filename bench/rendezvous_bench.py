@@ -140,7 +140,7 @@ async def protocol_pairing(http: aiohttp.ClientSession, url: str, device_id: str
 
 
 async def full_pairing(http: aiohttp.ClientSession, url: str, identities: tuple[Any, Any]) -> None:
-    from node.security.rendezvous_client import QrPairingInitiator, QrPairingScanner
+    from node.transport.rendezvous_client import QrPairingInitiator, QrPairingScanner
 
     initiator = QrPairingInitiator(identity=identities[0], device_name="a", rendezvous_url=url, http=http)
     scanner = QrPairingScanner(identity=identities[1], device_name="b", http=http)

@@ -122,7 +122,7 @@ CIRCUIT_TRIAL_TIMEOUT_S = 90.0
 through (a leaked attempt must not block a peer forever); above the generation timeout."""
 
 OBSERVED_RATE_ALPHA = 0.3
-"""EWMA weight of the newest observed tok/s sample (see node/offload/health.py)."""
+"""EWMA weight of the newest observed tok/s sample (see node/offload/breaker.py)."""
 
 OBSERVED_MIN_TOKENS = 8
 """tokens; shorter responses are too noisy to update a peer's observed tok/s."""

@@ -20,6 +20,7 @@ from .engine.service import InferenceService
 from .identity import DeviceIdentity, NodeIdentity
 
 if TYPE_CHECKING:
+    from .audit import AuditLog
     from .capability import CapabilityService
     from .discovery import DiscoveryService, PeerTable
     from .hub.external import ExternalEngines
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
     from .hub.usage import UsageStore
     from .metrics import NodeMetrics
     from .offload.router import OffloadRouter
-    from .security import AuditLog, NonceCache, PairingApprover, PairingStore
-    from .security.qr_service import QrPairingService
+    from .pairing import PairingApprover, PairingStore
+    from .pairing.qr_service import QrPairingService
+    from .security import NonceCache
 
 
 @dataclass(slots=True)

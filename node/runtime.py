@@ -21,6 +21,7 @@ from aiohttp import web
 
 from .api.schemas import parse_chat_request, parse_completion_request, parse_embedding_request
 from .app import build_app
+from .audit import AUDIT_FILE, AuditLog
 from .capability import CapabilityScore, CapabilityService, CapabilityStore
 from .config import NodeConfig, load_config, override_config
 from .context import NodeContext
@@ -39,21 +40,11 @@ from .identity import IdentityHandle, open_node_identity
 from .metrics import NodeMetrics
 from .offload.forward import ForwardSettings
 from .offload.router import OffloadCallback, OffloadRouter
-from .security import (
-    AUDIT_FILE,
-    AuditLog,
-    NonceCache,
-    PairingApprover,
-    PairingStore,
-    exposure_warnings,
-    is_loopback,
-)
-from .security.approval import PairingHook
-from .security.pairing import Pairing
-from .security.qr_pairing import PairingResult
-from .security.qr_service import QrPairingService
-from .security.rendezvous_client import Approver as QrApprover
+from .pairing import Pairing, PairingApprover, PairingHook, PairingResult, PairingStore
+from .pairing.qr_service import QrPairingService
+from .security import NonceCache, exposure_warnings, is_loopback
 from .transport.http_link import HttpPeerLink
+from .transport.rendezvous_client import Approver as QrApprover
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +348,7 @@ class Node:
     # -- pairing -------------------------------------------------------------
     async def pair_qr(self) -> dict[str, Any]:
         """Start a QR pairing: the ``pair-qr`` body (payload, QR as text/SVG/PNG, session id)."""
-        from .security.qr_service import offer_to_json
+        from .pairing.qr_service import offer_to_json
 
         qr = self._qr()
         offer, _ = await qr.offer()
@@ -373,8 +364,8 @@ class Node:
     async def pair_scan(self, payload: str) -> dict[str, Any]:
         """Complete a QR pairing from a scanned ``dvai://pair?…`` payload."""
         from .api.trust import pairing_error
-        from .security.qr_pairing import PairingFailedError
-        from .security.qr_service import result_to_json
+        from .pairing.qr import PairingFailedError
+        from .pairing.qr_service import result_to_json
 
         try:
             return result_to_json(await self._qr().scan(payload))

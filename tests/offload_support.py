@@ -241,7 +241,7 @@ class InconclusiveStubPeer:
     async def _handshake(self, request: web.Request) -> web.Response:
         import secrets
 
-        from node.security import encode_key
+        from node.pairing import encode_key
 
         body = await request.json()
         return web.json_response({"paired": True, "pairedAt": int(time.time() * 1000), "via": "lan-handshake",

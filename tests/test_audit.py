@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from node.audit.log import AUDIT_FILE, AuditLog, AuditLogError, AuditRow
 from node.config import AuditConfig
-from node.security.audit import AUDIT_FILE, AuditLog, AuditLogError, AuditRow
 
 NOW = 1_778_184_673_778
 DAY = 86_400_000
@@ -185,8 +185,8 @@ async def test_the_audit_reader_records_served_and_refused_requests(aiohttp_clie
     from node.api.record import RECORD, audit_reader, make_record_middleware
     from node.config import NodeConfig
     from node.errors import DVAIError, ServiceUnavailableError
+    from node.pairing.store import Pairing, PairingStore
     from node.security.guard import make_security_middleware
-    from node.security.pairing import Pairing, PairingStore
     from node.security.signing import NonceCache, sign_request_headers
 
     store = PairingStore(tmp_path / "pairings.json")
@@ -270,7 +270,7 @@ async def test_a_value_sqlite_cannot_bind_loses_only_its_batch(tmp_path: Path) -
 
 async def test_a_dead_writer_fails_callers_instead_of_hanging(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import node.security.audit as audit_module
+    import node.audit.log as audit_module
 
     def broken(row: AuditRow) -> tuple[object, ...]:
         raise RuntimeError("a bug in the writer")

@@ -29,7 +29,8 @@ CLIENT = textwrap.dedent("""
     import aiohttp
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from node.identity import DeviceIdentity
-    from node.security import decode_key, make_handshake_proof, sign_request_headers
+    from node.pairing import decode_key, make_handshake_proof
+    from node.security import sign_request_headers
 
     async def main(port, secret):
         identity = DeviceIdentity.from_private_key(Ed25519PrivateKey.from_private_bytes(bytes.fromhex(secret)))

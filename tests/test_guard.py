@@ -18,6 +18,7 @@ from aiohttp import web
 
 from node.config import NodeConfig, SecurityConfig
 from node.errors import DVAIError
+from node.pairing.store import Pairing, PairingStore
 from node.security.guard import (
     ATTRIBUTION_KEY,
     attribution_of,
@@ -30,7 +31,6 @@ from node.security.guard import (
     pairing_required,
     split_host,
 )
-from node.security.pairing import Pairing, PairingStore
 from node.security.signing import (
     HEADER_APP_ID,
     HEADER_NONCE,
@@ -396,7 +396,7 @@ NETNS_SCRIPT = textwrap.dedent("""
     from aiohttp import web
     from node.config import NodeConfig
     from node.security.guard import make_security_middleware, attribution_of
-    from node.security.pairing import Pairing, PairingStore
+    from node.pairing.store import Pairing, PairingStore
     from node.security.signing import NonceCache, sign_request_headers
 
     async def main():

@@ -24,7 +24,8 @@ from node.api.record import UNMATCHED
 from node.constants import MAX_METRIC_PEER_LABELS
 from node.engine.record import RequestRecord
 from node.metrics import OTHER, BoundedLabels, NodeMetrics
-from node.security import Pairing, sign_request_headers
+from node.pairing import Pairing
+from node.security import sign_request_headers
 
 CHAT = "/v1/chat/completions"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

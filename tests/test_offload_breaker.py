@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.offload.health import (
+from node.offload.breaker import (
     BreakerSettings,
     CircuitBreaker,
     CircuitState,

@@ -36,7 +36,7 @@ from node.offload.verify import (
     VerificationFailed,
     measure_decode_rate,
 )
-from node.security.pairing import Pairing
+from node.pairing.store import Pairing
 from node.security.signing import NonceCache, verify_signed_request
 from node.transport.http_link import HttpPeerLink
 

@@ -14,11 +14,11 @@ from node.config import load_config
 from node.discovery.peers import HealthReport, PeerClaim, PeerTable
 from node.engine.registry import ModelRegistry
 from node.identity import load_or_create_identity
-from node.offload.health import PeerAttempt
+from node.offload.breaker import PeerAttempt
 from node.offload.policy import OffloadAction, OffloadMode, Reason
 from node.offload.router import OffloadRouter, _with_model
 from node.offload.verify import PeerVerifier, ProbeTarget
-from node.security.pairing import Pairing, PairingStore
+from node.pairing.store import Pairing, PairingStore
 from node.transport.http_link import HttpPeerLink
 
 

@@ -25,9 +25,9 @@ from node.errors import (
     RateLimitedError,
 )
 from node.identity import DeviceIdentity
-from node.security.approval import PairingApprover, PairingRequest, TokenBuckets
-from node.security.handshake import handle_handshake, handshake_proof_message, make_handshake_proof, pair_with
-from node.security.pairing import (
+from node.pairing.approval import PairingApprover, PairingRequest, TokenBuckets
+from node.pairing.handshake import handle_handshake, handshake_proof_message, make_handshake_proof, pair_with
+from node.pairing.store import (
     PAIRINGS_FILE,
     Pairing,
     PairingStore,

@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from node.identity import DeviceIdentity, device_id_from_public_key
-from node.security.qr_pairing import (
+from node.pairing.qr import (
     PairingFailedError,
     PairingTranscript,
     QrPayload,

@@ -9,8 +9,8 @@ import pytest
 
 from node.errors import ConflictError, InvalidRequestError, NotFoundError
 from node.identity import DeviceIdentity
-from node.security.qr_pairing import PairingFailedError, PairingResult
-from node.security.qr_service import QrPairingService, offer_to_json, result_to_json
+from node.pairing.qr import PairingFailedError, PairingResult
+from node.pairing.qr_service import QrPairingService, offer_to_json, result_to_json
 
 from .rendezvous_support import TamperingStore, make_config, replace_last_event_data, running
 

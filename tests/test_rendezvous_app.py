@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from node.identity import DeviceIdentity
-from node.security.qr_pairing import b64encode
+from node.pairing.qr import b64encode
 
 from .rendezvous_support import make_config, request, running
 

@@ -14,8 +14,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from node.identity import DeviceIdentity
-from node.security.qr_pairing import PairingFailedError, b64encode, parse_pairing_uri, public_bytes
-from node.security.rendezvous_client import (
+from node.pairing.qr import PairingFailedError, b64encode, parse_pairing_uri, public_bytes
+from node.security.signing import compose_signed_message, sign_hmac, verify_hmac
+from node.transport.rendezvous_client import (
     PairingAbortedError,
     PairingCancelledError,
     PairingExpiredError,
@@ -24,7 +25,6 @@ from node.security.rendezvous_client import (
     QrPairingScanner,
     RendezvousHttpClient,
 )
-from node.security.signing import compose_signed_message, sign_hmac, verify_hmac
 from rendezvous.config import RendezvousConfig
 from rendezvous.server import RendezvousServer
 from rendezvous.sessions import PairingSession, SessionState

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node.errors import AuthenticationError
-from node.security.pairing import Pairing, PairingStore
+from node.pairing.store import Pairing, PairingStore
 from node.security.signing import (
     HEADER_APP_ID,
     HEADER_NONCE,

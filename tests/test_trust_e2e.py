@@ -11,7 +11,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from node.security import decode_key, sign_request_headers
+from node.pairing import decode_key
+from node.security import sign_request_headers
 
 from .conftest import REPO, NodeProcess, start_node_process
 

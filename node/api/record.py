@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from ..audit.log import AuditLog, AuditRow
 from ..constants import MAX_METRIC_LABEL_CHARS, REQUEST_ID_HEADER
 from ..engine.record import SERVED_LOCAL, RequestRecord
 from ..errors import DVAIError
-from ..security.audit import AuditLog, AuditRow
 from ..security.guard import attribution_of, audit_peer_of
 from .middlewares import REQUEST_ID
 

@@ -21,10 +21,9 @@ from ..errors import (
     ServiceUnavailableError,
     UpstreamError,
 )
-from ..security import handle_handshake, pair_with
-from ..security.qr_pairing import PairingFailedError
-from ..security.qr_service import QrPairingService, offer_to_json, result_to_json
-from ..security.rendezvous_client import PairingExpiredError, RendezvousError
+from ..pairing import PairingFailedError, handle_handshake, pair_with
+from ..pairing.qr_service import QrPairingService, offer_to_json, result_to_json
+from ..transport.rendezvous_client import PairingExpiredError, RendezvousError
 from .middlewares import read_json
 
 routes = web.RouteTableDef()

@@ -34,7 +34,7 @@ from node.config import NodeConfig
 from node.constants import FORWARD_MAX_RESPONSE_BYTES, HOP_HEADER, OFFLOAD_HEADER, REQUEST_ID_HEADER
 from node.engine.base import GenerationOutcome
 from node.errors import UpstreamError
-from node.security.pairing import Pairing
+from node.pairing.store import Pairing
 from node.security.signing import sign_request_headers
 from node.transport.link import LinkRequest, LinkResponse, PeerLink, PeerLinkError
 

@@ -42,9 +42,10 @@ from node.discovery.peers import Peer, PeerChange, PeerChangeKind, PeerTable
 from node.engine.record import RequestRecord
 from node.engine.registry import ModelRegistry
 from node.errors import DVAIError
-from node.security import PairingStore
+from node.pairing.store import PairingStore
 from node.transport.link import PeerLink
 
+from .breaker import BreakerSettings, PeerAttempt, PeerHealthBook, apply_health
 from .forward import (
     ForwardCall,
     Forwarder,
@@ -54,7 +55,6 @@ from .forward import (
     ForwardTarget,
     PeerAnswer,
 )
-from .health import BreakerSettings, PeerAttempt, PeerHealthBook, apply_health
 from .policy import (
     LocalState,
     NoCapableDeviceError,

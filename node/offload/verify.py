@@ -38,7 +38,7 @@ from node.constants import (
     VERIFY_RETRY_AFTER_S,
 )
 from node.engine.base import GenerationOutcome
-from node.security.pairing import Pairing
+from node.pairing.store import Pairing
 from node.security.signing import sign_request_headers
 from node.transport.link import LinkRequest, LinkResponse, PeerLink, PeerLinkError
 

@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -26,7 +26,6 @@ from ..config import NodeConfig, SecurityConfig
 from ..constants import MESH_PATH
 from ..errors import AuthenticationError, DVAIError, PayloadTooLargeError, PermissionDeniedError
 from ..hub.keys import KEY_PREFIX, ApiKeyStore, bearer_token, check_scopes
-from .pairing import PairingStore
 from .signing import (
     ANONYMOUS,
     ANONYMOUS_ATTRIBUTION,
@@ -35,6 +34,9 @@ from .signing import (
     NonceCache,
     verify_signed_request,
 )
+
+if TYPE_CHECKING:  # the store is passed in; security never loads the pairing package
+    from ..pairing.store import PairingStore
 
 _HAS_REQUEST_KEY = hasattr(web, "RequestKey")  # aiohttp >= 3.13; plain strings before
 ATTRIBUTION_KEY: Any = web.RequestKey("dvai_attribution", Attribution) if _HAS_REQUEST_KEY else "dvai_attribution"

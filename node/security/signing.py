@@ -62,7 +62,7 @@ ANONYMOUS_ATTRIBUTION = Attribution()
 
 
 class SigningCredential(Protocol):
-    """What verification needs from a pairing (``node.security.pairing.Pairing`` is one)."""
+    """What verification needs from a pairing (``node.pairing.Pairing`` is one)."""
 
     @property
     def key(self) -> bytes: ...

@@ -32,8 +32,8 @@ from ..constants import (
     PAIRING_PROMPT_TIMEOUT_S,
 )
 from ..errors import NotFoundError, RateLimitedError
-from .pairing import decode_key
-from .signing import NonceCache
+from ..security.signing import NonceCache
+from .store import decode_key
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from ..errors import (
 )
 from ..identity import device_id_from_public_key, verify_device_signature
 from .approval import PairingApprover, PairingRequest
-from .pairing import Pairing, PairingStore, decode_key, encode_key
+from .store import Pairing, PairingStore, decode_key, encode_key
 
 HANDSHAKE_PATH = f"{MESH_PATH}/handshake"
 HEALTH_PATH = f"{MESH_PATH}/health"

@@ -1,6 +1,6 @@
 """QR pairing over a rendezvous, the network part: ``QrPairingInitiator`` and ``QrPairingScanner``.
 
-The crypto is in ``node.security.qr_pairing`` (pure functions); this module
+The crypto is in ``node.pairing.qr`` (pure functions); this module
 only moves its messages through the rendezvous HTTP API (``docs/rendezvous.md``)
 and runs the steps in order (``docs/pairing-protocol.md``)::
 
@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 
 from ..identity import DeviceIdentity
-from .qr_pairing import (
+from ..pairing.qr import (
     PairingFailedError,
     PairingResult,
     PairingTranscript,

@@ -1,6 +1,6 @@
 """QR pairing, the pure part: the ``dvai://pair`` payload, key agreement, key confirmation.
 
-No I/O here (``node.security.rendezvous_client`` talks to the rendezvous).
+No I/O here (``node.transport.rendezvous_client`` talks to the rendezvous).
 The protocol, byte for byte, with known-answer values, is in
 ``docs/pairing-protocol.md``. In short::
 

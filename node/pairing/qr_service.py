@@ -23,14 +23,14 @@ import aiohttp
 
 from ..errors import ConflictError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from ..identity import DeviceIdentity
-from .qr_pairing import PairingFailedError, PairingResult
-from .rendezvous_client import (
+from ..transport.rendezvous_client import (
     Approver,
     PairingCancelledError,
     QrOffer,
     QrPairingInitiator,
     QrPairingScanner,
 )
+from .qr import PairingFailedError, PairingResult
 
 log = logging.getLogger(__name__)
 
