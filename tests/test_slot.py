@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 
 import pytest
 
 from node.engine.base import GenerationOutcome, ModelInfo, SamplingParams
+from node.engine.queue import ModelQueue
 from node.engine.simulated import SimulatedEngine
-from node.engine.slot import GenerationJob, ModelSlot
-from node.errors import GenerationStalledError, GenerationTimeoutError, QueueFullError
+from node.engine.slot import GenerationJob, ModelSlot, SlotState
+from node.errors import GenerationStalledError, GenerationTimeoutError, ModelUnavailableError, QueueFullError
 
 
 def simulated_slot(tok_per_s: float = 500.0, depth: int = 4) -> ModelSlot:
@@ -116,3 +119,55 @@ async def test_blank_chunks_end_the_generation() -> None:
     with pytest.raises(GenerationStalledError):
         await asyncio.wait_for(run(slot, 10, [], "again"), 2)
     await slot.close()
+
+
+async def test_model_queue_admits_in_order_and_refuses_past_its_limit() -> None:
+    queue = ModelQueue("m", limit=1)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def hold(name: str) -> None:
+        async with queue.turn():
+            order.append(name)
+            await release.wait()
+
+    first = asyncio.create_task(hold("first"))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(hold("second"))
+    await asyncio.sleep(0)
+    assert (queue.depth, queue.waiting, queue.busy) == (2, 1, True)
+    with pytest.raises(QueueFullError, match="queue_depth 1"):
+        async with queue.turn():
+            pass
+    release.set()
+    await asyncio.gather(first, second)
+    assert order == ["first", "second"]
+    assert (queue.depth, queue.waiting, queue.busy) == (0, 0, False)
+
+
+class FailingEngine(SimulatedEngine):
+    def load(self) -> None:
+        raise RuntimeError("no such file")
+
+
+async def test_slot_state_changes_are_logged_old_to_new(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="node.engine.slot")
+    slot = simulated_slot()
+    assert slot.state is SlotState.UNLOADED and json.dumps(slot.state) == '"unloaded"'
+    await slot.ensure_loaded()
+    await slot.unload()
+    info = ModelInfo(id="broken", path="simulated", ctx_size=512, embedding=False)
+    broken = ModelSlot(FailingEngine(info, tok_per_s=10), queue_depth=1)
+    with pytest.raises(ModelUnavailableError):
+        await broken.ensure_loaded()
+    assert broken.state is SlotState.FAILED and broken.error == "no such file"
+    transitions = [r.getMessage() for r in caplog.records if "->" in r.getMessage()]
+    assert transitions == [
+        "model sim: unloaded -> loading",
+        "model sim: loading -> ready",
+        "model sim: ready -> unloaded",
+        "model broken: unloaded -> loading",
+        "model broken: loading -> failed (no such file)",
+    ]
+    await slot.close()
+    await broken.close()

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from ..capability import CapabilityDisabledError, CapabilityService, check_probe_tokens
 from ..context import CONTEXT, NodeContext
+from ..engine.slot import SlotState
 from ..errors import InvalidRequestError
 from ..identity import make_health_proof
 from ..version import __version__
@@ -29,8 +30,8 @@ def health_body(context: NodeContext) -> dict[str, Any]:
     models = [
         {
             "id": slot.info.id,
-            "state": slot.state,
-            "loaded": slot.state == "ready",
+            "state": slot.state.value,
+            "loaded": slot.state is SlotState.READY,
             "queueDepth": slot.queue_depth,
             "serves": list(slot.info.serves),
             **({"error": slot.error} if slot.error else {}),

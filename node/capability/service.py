@@ -15,7 +15,7 @@ from ..constants import OBSERVED_MIN_TOKENS
 from ..engine.base import GenerationOutcome, ModelInfo
 from ..engine.registry import ModelRegistry
 from ..engine.simulated import SimulatedEngine
-from ..engine.slot import ModelSlot
+from ..engine.slot import ModelSlot, SlotState
 from ..errors import DVAIError
 from .probe import check_probe_tokens, probe
 from .score import (
@@ -180,7 +180,7 @@ class CapabilityService:
         with contextlib.suppress(Exception):
             await self.registry.wait_preloaded()
         for slot in self.registry.slots():
-            if slot.info.embedding or slot.state != "ready" or self._stored(slot) is not None:
+            if slot.info.embedding or slot.state is not SlotState.READY or self._stored(slot) is not None:
                 continue
             try:
                 await self.run_probe(slot.info.id)

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import ModelConfig, NodeConfig
 from ..errors import ModelNotFoundError
 from .base import Engine, ModelInfo
-from .slot import ModelSlot
+from .slot import ModelSlot, SlotState
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class ModelRegistry:
     def ready(self) -> bool:
         """Every preloaded model is loaded (the health endpoint's ``ok`` vs ``loading``)."""
         return all(
-            self._slots[model_id].state == "ready"
+            self._slots[model_id].state is SlotState.READY
             for model_id, cfg in self._configs.items()
             if cfg.preload
         )
@@ -93,14 +93,14 @@ class ModelRegistry:
     def loading(self) -> bool:
         """A preloaded model is still on its way (not yet ready, not failed)."""
         return any(
-            self._slots[model_id].state in ("unloaded", "loading")
+            self._slots[model_id].state in (SlotState.UNLOADED, SlotState.LOADING)
             for model_id, cfg in self._configs.items()
             if cfg.preload
         )
 
     @property
     def failed(self) -> list[ModelSlot]:
-        return [s for s in self._slots.values() if s.state == "failed"]
+        return [s for s in self._slots.values() if s.state is SlotState.FAILED]
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self, *, wait: bool = True) -> None:
@@ -139,7 +139,7 @@ class ModelRegistry:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for slot in self._slots.values():
-                if slot.keep_alive is not None and slot.state == "ready":
+                if slot.keep_alive is not None and slot.state is SlotState.READY:
                     if slot.idle_for(now) > slot.keep_alive:
                         try:
                             await slot.unload()

@@ -1,10 +1,11 @@
-"""One loaded model: its worker thread, its FIFO queue, and the bridge to asyncio.
+"""One loaded model: its state, its worker thread, its request queue, and the bridge to asyncio.
 
-Requests for the same model wait their turn in arrival order; the queue is
-bounded, and a request whose client leaves while waiting is simply dropped
-(its task is cancelled while it awaits the lock). Tokens travel from the
-worker thread to the event loop with ``call_soon_threadsafe`` as they are
-produced; cancelling the consuming task stops the generation at the next token.
+Requests for the same model wait their turn in arrival order in the model's
+``ModelQueue`` (``queue.py``: bounded, FIFO). Tokens travel from the worker
+thread to the event loop with ``call_soon_threadsafe`` as they are produced;
+cancelling the consuming task stops the generation at the next token. The
+slot's ``SlotState`` changes only through ``ModelSlot._set_state``, which logs
+``old -> new``.
 """
 
 from __future__ import annotations
@@ -17,22 +18,30 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from enum import StrEnum
 
-from ..constants import QUEUE_RETRY_AFTER
 from ..errors import (
     DVAIError,
     EngineError,
     GenerationStalledError,
     GenerationTimeoutError,
     ModelUnavailableError,
-    QueueFullError,
 )
 from .base import ChatMessage, EmbeddingResult, Engine, GenerationOutcome, ModelInfo, SamplingParams
+from .queue import ModelQueue
 
 log = logging.getLogger(__name__)
 
-SlotState = Literal["unloaded", "loading", "ready", "failed"]
+
+
+class SlotState(StrEnum):
+    """A model slot's life cycle; the values are the ``state`` strings of the JSON APIs."""
+
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
 OutcomeListener = Callable[[ModelInfo, GenerationOutcome], None]
 
 
@@ -159,52 +168,51 @@ class ModelSlot:
     def __init__(self, engine: Engine, *, queue_depth: int, keep_alive: float | None = None) -> None:
         self.engine = engine
         self.info = engine.info
-        self.queue_depth_limit = queue_depth
+        self.queue = ModelQueue(engine.info.id, limit=queue_depth)
         self.keep_alive = keep_alive
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{engine.info.id}")
-        self.state: SlotState = "unloaded"
+        self.state = SlotState.UNLOADED
         self.error: str | None = None
         self.last_used = time.monotonic()
-        self._lock = asyncio.Lock()
         self._load_lock = asyncio.Lock()
-        self._waiting = 0
-        self._running = 0
         self._listeners: list[OutcomeListener] = []
+
+    # -- state -------------------------------------------------------------
+    def _set_state(self, new: SlotState, *, error: str | None = None) -> None:
+        """The one place the state changes (``error`` is kept only with ``FAILED``)."""
+        old, self.state, self.error = self.state, new, error
+        log.debug("model %s: %s -> %s%s", self.info.id, old.value, new.value, f" ({error})" if error else "")
+
+    @property
+    def loaded(self) -> bool:
+        return self.state is SlotState.READY
 
     # -- queue -------------------------------------------------------------
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return self.queue.waiting
 
     @property
     def queue_depth(self) -> int:
         """Requests waiting plus the one running."""
-        return self._waiting + self._running
+        return self.queue.depth
+
+    @property
+    def queue_depth_limit(self) -> int:
+        return self.queue.limit
 
     @property
     def busy(self) -> bool:
-        return self._lock.locked() or self._waiting > 0
+        return self.queue.busy
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
-        if self._lock.locked() and self._waiting >= self.queue_depth_limit:
-            raise QueueFullError(
-                f"model '{self.info.id}' has {self._waiting} requests waiting (queue_depth "
-                f"{self.queue_depth_limit}); retry later",
-                retry_after=QUEUE_RETRY_AFTER,
-            )
-        self._waiting += 1
-        try:
-            await self._lock.acquire()
-        finally:
-            self._waiting -= 1
-        self._running = 1
-        try:
-            yield
-        finally:
-            self._running = 0
-            self.last_used = time.monotonic()
-            self._lock.release()
+        """This request's turn in the model's queue; the slot counts as used when it ends."""
+        async with self.queue.turn():
+            try:
+                yield
+            finally:
+                self.last_used = time.monotonic()
 
     # -- work --------------------------------------------------------------
     def generate(self, job: GenerationJob, *, timeout: float, max_blank: int) -> Generation:
@@ -229,30 +237,30 @@ class ModelSlot:
 
     # -- lifecycle ---------------------------------------------------------
     async def ensure_loaded(self) -> None:
-        if self.state == "ready":
+        if self.loaded:
             return
         async with self._load_lock:
-            if self.state == "ready":
+            if self.loaded:  # another request loaded it while this one waited
                 return
-            self.state = "loading"
+            self._set_state(SlotState.LOADING)
             started = time.perf_counter()
             try:
                 await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.load)
             except Exception as exc:
-                self.state = "failed"
-                self.error = exc.message if isinstance(exc, DVAIError) else str(exc)
+                error = exc.message if isinstance(exc, DVAIError) else str(exc)
+                self._set_state(SlotState.FAILED, error=error)
                 raise ModelUnavailableError(
-                    f"model '{self.info.id}' could not be loaded: {self.error}", retry_after=30
+                    f"model '{self.info.id}' could not be loaded: {error}", retry_after=30
                 ) from exc
-            self.state, self.error = "ready", None
+            self._set_state(SlotState.READY)
             log.info("model %s loaded in %.1f s", self.info.id, time.perf_counter() - started)
 
     async def unload(self) -> None:
         async with self._load_lock:
-            if self.state != "ready":
+            if self.state is not SlotState.READY:
                 return
             await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.close)
-            self.state = "unloaded"
+            self._set_state(SlotState.UNLOADED)
             log.info("model %s unloaded", self.info.id)
 
     async def close(self) -> None:
