@@ -6,28 +6,26 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
-from ..cli import _EXTRA_PARSERS, command
+from ..capability.probe import check_probe_tokens
+from ..capability.score import CapabilityScore
+from ..capability.service import CapabilityService
+from ..capability.store import CapabilityStore
 from ..config import ModelConfig, NodeConfig, model_id_for_path
 from ..engine.registry import ModelRegistry
 from ..errors import DVAIError
-from .probe import check_probe_tokens
-from .score import CapabilityScore
-from .service import CapabilityService
-from .store import CapabilityStore
+
+DESCRIPTION = (
+    "Load the model in this process, time a cold run of N decode tokens (end of sequence suppressed) and "
+    "save the score in the state dir's capability.json, where a node with offload enabled reuses it. Runs "
+    "even when offload is disabled: it is an explicit request (GET /v1/dvai/capability and POST "
+    "/v1/dvai/probe need offload enabled)."
+)
 
 
-def _add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    # Not ``parents=[common]``: its ``--model PATH`` would replace the configured models.
-    parser = sub.add_parser(
-        "probe",
-        help="measure this device's decode speed (tok/s) for a model and save it",
-        description="Load the model in this process, time a cold run of N decode tokens (end of "
-        "sequence suppressed) and save the score in the state dir's capability.json, where a node "
-        "with offload enabled reuses it. Runs even when offload is disabled: it is an explicit "
-        "request (GET /v1/dvai/capability and POST /v1/dvai/probe need offload enabled).",
-    )
+def configure(parser: argparse.ArgumentParser) -> None:
+    # ``--model`` here names a configured model (or a file) to probe; it does not replace the models.
     parser.add_argument("--config", metavar="FILE", help="TOML config file")
     parser.add_argument("--state-dir", metavar="DIR", help="where capability.json is saved")
     parser.add_argument("--model", dest="probe_model", metavar="ID|PATH",
@@ -37,11 +35,7 @@ def _add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
-_EXTRA_PARSERS.append(_add_parser)
-
-
-@command("probe")
-def _probe(args: argparse.Namespace, config: NodeConfig) -> int:
+def run(args: argparse.Namespace, config: NodeConfig) -> int:
     try:
         return asyncio.run(probe_command(config, model=args.probe_model, tokens=args.tokens))
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from .cli_admin import AdminError, call
+from .client import AdminError, call
 
 POLL_INTERVAL_S = 0.5
 

@@ -1,0 +1,190 @@
+"""``dvai-node models``, and the commands that manage a running node over its loopback admin API:
+``pair``, ``pairing``, ``audit``, ``peers``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from ..config import NodeConfig
+from .base import add_node_options
+from .client import AdminError, add_client_options, call, local_time, node_url, print_table, run_client
+from .qr import pair_by_qr
+from .serve import describe_source
+
+AUDIT_DEFAULT_LIMIT = 50
+
+# -- models ------------------------------------------------------------------------------
+
+
+def configure_models(parser: argparse.ArgumentParser) -> None:
+    add_node_options(parser)
+
+
+def run_models(args: argparse.Namespace, config: NodeConfig) -> int:
+    """List the configured models."""
+    print(f"{'ID':<24} {'SERVES':<18} {'CTX':>6}  SOURCE")
+    for model in config.models:
+        serves = "embedding" if model.embedding else "chat,completion"
+        source = describe_source(model)
+        aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
+        print(f"{model.id:<24} {serves:<18} {model.ctx_size:>6}  {source}{aliases}")
+    return 0
+
+
+# -- pair / pairing ----------------------------------------------------------------------
+
+
+def configure_pair(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", nargs="?", help="a discovered peer's device id, or its base URL")
+    parser.add_argument("--app-id", help="the app id to pair as (default: this device id)")
+    parser.add_argument("--qr", action="store_true", help="show a QR code for a device elsewhere to scan")
+    parser.add_argument("--scan", metavar="PAYLOAD", help="complete a QR pairing from its dvai://pair payload")
+    add_client_options(parser)
+
+
+def run_pair(args: argparse.Namespace, config: NodeConfig) -> int:
+    async def go() -> int:
+        base = node_url(args, config)
+        if args.qr or args.scan:
+            return await pair_by_qr(args, base)
+        if not args.target:
+            raise AdminError("give a device id or URL to pair with (or --qr / --scan)")
+        target = args.target
+        body: dict[str, Any] = {"url": target} if target.startswith(("http://", "https://")) else {
+            "deviceId": target}
+        if args.app_id:
+            body["appId"] = args.app_id
+        print(f"asking {target} to pair (the peer's owner may have to approve)…", file=sys.stderr)
+        result = await call("POST", f"{base}/dvai/pairings", body, timeout=180)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"paired with {result.get('peerDeviceName') or ''} {result['peerDeviceId']} "
+                  f"({result.get('via')})")
+        return 0
+
+    return run_client(go())
+
+
+def configure_pairing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["list", "revoke", "pending", "approve", "deny"])
+    parser.add_argument("device_id", nargs="?", help="the peer (revoke, approve, deny)")
+    add_client_options(parser)
+
+
+def run_pairing(args: argparse.Namespace, config: NodeConfig) -> int:
+    async def go() -> int:
+        base = node_url(args, config)
+        if args.action in ("revoke", "approve", "deny") and not args.device_id:
+            raise AdminError(f"`pairing {args.action}` needs a device id")
+        if args.action == "list":
+            result = await call("GET", f"{base}/dvai/pairings")
+            rows = [[p.get("peerDeviceName") or "", p["peerDeviceId"], p.get("role", ""), p.get("via", ""),
+                     p.get("appId") or "", local_time(p.get("pairedAt"))] for p in result["data"]]
+            header = ["NAME", "DEVICE ID", "ROLE", "VIA", "APP", "PAIRED AT"]
+        elif args.action == "pending":
+            result = await call("GET", f"{base}/dvai/pairing-requests")
+            rows = [[r.get("peerDeviceName") or "", r["peerDeviceId"], "yes" if r.get("proven") else "NO",
+                     r.get("remote", ""), r.get("appId") or "", local_time(r.get("receivedAt"))]
+                    for r in result["data"]]
+            header = ["NAME", "DEVICE ID", "ID PROVEN", "FROM", "APP", "RECEIVED"]
+        elif args.action == "revoke":
+            result = await call("DELETE", f"{base}/dvai/pairings/{quote(args.device_id, safe='')}")
+            print(f"revoked {args.device_id}") if not args.json else print(json.dumps(result))
+            return 0
+        else:
+            result = await call("POST", f"{base}/dvai/pairing-requests/{quote(args.device_id, safe='')}/{args.action}")
+            print(f"{args.action}d {args.device_id}") if not args.json else print(json.dumps(result))
+            return 0
+        if args.json:
+            print(json.dumps(result["data"], indent=2))
+        elif rows:
+            print_table(rows, header)
+        else:
+            print("(none)")
+        return 0
+
+    return run_client(go())
+
+
+# -- audit -------------------------------------------------------------------------------
+
+
+def configure_audit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--since", type=float, metavar="SECONDS", help="only rows newer than this many seconds")
+    parser.add_argument("--app", help="only this app id")
+    parser.add_argument("--peer", help="only this peer device id (or self / anonymous)")
+    parser.add_argument("--status", type=int, help="only this HTTP status")
+    parser.add_argument("--limit", type=int, default=AUDIT_DEFAULT_LIMIT)
+    add_client_options(parser)
+
+
+def audit_query(args: argparse.Namespace, now_ms: int) -> dict[str, str]:
+    """The ``GET /v1/dvai/audit`` query for the flags: ages in seconds become unix-ms bounds."""
+    query = {"limit": str(args.limit)}
+    if args.since is not None:
+        query["since"] = str(int(now_ms - args.since * 1000))
+    for key, value in (("app_id", args.app), ("peer", args.peer), ("status", args.status)):
+        if value is not None:
+            query[key] = str(value)
+    return query
+
+
+def run_audit(args: argparse.Namespace, config: NodeConfig) -> int:
+    async def go() -> int:
+        base = node_url(args, config)
+        query = audit_query(args, int(time.time() * 1000))
+        result = await call("GET", f"{base}/dvai/audit?{urlencode(query)}")
+        if args.json:
+            print(json.dumps(result["data"], indent=2))
+            return 0
+        rows = [[local_time(r.get("ts")), r.get("endpoint", ""), str(r.get("status", "")), r.get("appId") or "",
+                 r.get("peerDeviceId") or "", r.get("modelServed") or r.get("modelRequested") or "",
+                 f"{r.get('promptTokens') or 0}/{r.get('completionTokens') or 0}",
+                 f"{r.get('latencyMs', 0):.0f}", r.get("servedBy") or ""] for r in result["data"]]
+        if rows:
+            print_table(rows, ["TIME", "ENDPOINT", "STATUS", "APP", "PEER", "MODEL", "TOKENS", "MS", "SERVED BY"])
+        else:
+            print("(no rows)")
+        return 0
+
+    return run_client(go())
+
+
+# -- peers -------------------------------------------------------------------------------
+
+
+def configure_peers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fresh", action="store_true", help="health-check every peer before listing")
+    add_client_options(parser)
+
+
+def run_peers(args: argparse.Namespace, config: NodeConfig) -> int:
+    async def go() -> int:
+        base = node_url(args, config)
+        result = await call("GET", f"{base}/dvai/peers" + ("?fresh=1" if args.fresh else ""))
+        if args.json:
+            print(json.dumps(result["data"], indent=2))
+            return 0
+        now_ms = time.time() * 1000
+        rows = []
+        for peer in result["data"]:
+            speeds = ", ".join(f"{m} {v:g}" for m, v in sorted(peer.get("capability", {}).items())) or "-"
+            seen = peer.get("lastSeenAt")
+            ago = f"{max(0.0, (now_ms - seen) / 1000):.1f}s ago" if isinstance(seen, (int, float)) else "-"
+            rows.append([peer.get("deviceName", ""), peer["deviceId"], peer.get("address", ""),
+                         ",".join(peer.get("loadedModels", [])) or "-", speeds, peer.get("via", ""),
+                         peer.get("state", ""), ago])
+        if rows:
+            print_table(rows, ["NAME", "DEVICE ID", "ADDRESS", "MODELS", "TOK/S (claimed)", "VIA", "STATE",
+                               "LAST SEEN"])
+        else:
+            print("(no peers)")
+        return 0
+
+    return run_client(go())

@@ -1,0 +1,65 @@
+"""``dvai-node serve``: run the node until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+
+from ..config import ModelConfig, NodeConfig
+from ..errors import ConfigError
+from ..version import __version__
+from .base import add_node_options
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_node_options(parser)
+
+
+def run(args: argparse.Namespace, config: NodeConfig) -> int:
+    try:
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        return 0
+    except ConfigError as exc:
+        print(f"dvai-node: {exc}", file=sys.stderr)
+        return 2
+
+
+async def serve(config: NodeConfig, *, stop: asyncio.Event | None = None) -> int:
+    """Run until SIGINT/SIGTERM (or until ``stop`` is set, for embedders and tests)."""
+    from ..runtime import Node
+
+    node = Node(config)
+    await node.start(wait_ready=False)
+    try:
+        context = node.context
+        assert context is not None
+        print(f"dvai-node {__version__}  device {context.identity.device_id} ({context.device_name})")
+        print(f"OpenAI base URL: {node.base_url or '(in-process only)'}")
+        for model in config.models:
+            print(f"  model {model.id}: {describe_source(model)}")
+        sys.stdout.flush()
+        await context.registry.wait_preloaded()
+        failed = context.registry.failed
+        if failed:
+            for slot in failed:
+                print(f"model {slot.info.id} failed to load: {slot.error}", file=sys.stderr)
+        print("ready" if not failed else "running with failed models", flush=True)
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        await node.close()
+    return 0
+
+
+def describe_source(model: ModelConfig) -> str:
+    if model.engine == "simulated":
+        return f"SIMULATED engine at {model.simulated_tok_per_s:g} tok/s"
+    return model.path or "built-in Gemma 3 270M (Q4_K_M)"
