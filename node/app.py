@@ -36,7 +36,7 @@ def build_app(
     if context.pairings is not None and context.nonces is not None:
         public = DEFAULT_PUBLIC_PATHS | ({metrics.METRICS_PATH} if config.security.public_metrics else set())
         stack.append(make_security_middleware(config, context.pairings, context.nonces, public_paths=public,
-                                              loopback_only_paths=trust.ADMIN_PATHS | keys.ADMIN_PATHS,
+                                              loopback_only_paths=trust.ADMIN_PATHS | keys.ADMIN_PATHS | mesh.ADMIN_PATHS,
                                               render_errors=False, api_keys=context.api_keys))
     stack.extend(middlewares)
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=stack)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from node.errors import ConfigError
+from node.version import __version__
 
 from .config import ENV_PREFIX, RendezvousConfig, load_rendezvous_config
 from .server import RendezvousServer, serve
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Every setting can also come from a TOML file (--config) or {ENV_PREFIX}<KEY> variables; "
         "flags win over the environment, which wins over the file.",
     )
+    parser.add_argument("--version", action="version", version=f"dvai-rendezvous {__version__}")
     parser.add_argument("--config", metavar="FILE", help="TOML config file")
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 38980; 0 = any free port)")
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
     parser.add_argument("--db", metavar="FILE", help="SQLite file, or :memory: to keep nothing")
     parser.add_argument("--session-ttl", type=float, metavar="SECONDS", help="pairing session lifetime (default 120)")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), metavar="LEVEL",
+                        help="how much the service logs: debug, info, warning, error (default info)")
     return parser
 
 

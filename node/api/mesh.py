@@ -66,6 +66,79 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
 
 
+# -- status (loopback admin) -------------------------------------------------------------
+
+STATUS_PATH = "/v1/dvai/status"
+ADMIN_PATHS = frozenset({STATUS_PATH})
+"""loopback-only (or a paired admin device): what the node has loaded and queued, its peers."""
+
+
+def status_body(context: NodeContext, now: float) -> dict[str, Any]:
+    """``GET /v1/dvai/status``: models with state, queue and keep-alive left; peers; offload counts.
+
+    ``now`` is ``time.monotonic()`` (the clock of the slots' last use).
+    """
+    health = health_body(context)
+    models = [
+        {
+            "id": slot.info.id,
+            "state": slot.state.value,
+            "queueDepth": slot.queue_depth,
+            "waiting": slot.waiting,
+            "queueLimit": slot.queue_depth_limit,
+            "keepAliveS": slot.keep_alive,
+            "keepAliveLeftS": _round(slot.keep_alive_left(now)),
+            "idleS": _round(slot.idle_for(now)),
+            "serves": list(slot.info.serves),
+            **({"error": slot.error} if slot.error else {}),
+        }
+        for slot in context.registry.slots()
+    ]
+    counters: dict[str, dict[str, Any]] = {}
+    if context.router is not None:
+        counters = {entry["deviceId"]: entry for entry in context.router.status()["peers"]}
+    peers = []
+    for peer in context.peers.snapshot() if context.peers is not None else ():
+        counted = counters.get(peer.device_id, {})
+        peers.append({
+            "deviceId": peer.device_id,
+            "deviceName": peer.device_name,
+            "state": peer.state.value,
+            "address": peer.address,
+            "loadedModels": list(peer.loaded_models),
+            "forwarded": counted.get("requests", 0),
+            "failed": counted.get("failures", 0),
+            "inFlight": counted.get("inFlight", 0),
+            "circuit": counted.get("circuit", "closed"),
+        })
+    return {
+        "object": "dvai.status",
+        "status": health["status"],
+        "version": health["version"],
+        "uptimeS": health["uptimeS"],
+        "deviceId": health["deviceId"],
+        "deviceName": health["deviceName"],
+        "baseUrl": context.base_url,
+        "models": models,
+        "offload": {
+            "enabled": context.config.offload.enabled,
+            "forwarded": sum(entry.get("requests", 0) for entry in counters.values()),
+            "failed": sum(entry.get("failures", 0) for entry in counters.values()),
+            "inFlight": sum(entry.get("inFlight", 0) for entry in counters.values()),
+        },
+        "peers": peers,
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+@routes.get(STATUS_PATH)
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(status_body(request.app[CONTEXT], time.monotonic()))
+
+
 # -- capability ----------------------------------------------------------------------
 # Only meaningful with offload enabled (the reference's probeCapability is a no-op
 # otherwise): both routes answer 404 ``offload_disabled`` then, saying how to enable it.

@@ -8,6 +8,7 @@ from the table. One module per group of commands:
 - ``serve``: ``serve``;
 - ``admin``: ``models`` and the admin-API clients ``pair``, ``pairing``, ``audit``, ``peers``
   (``client`` finds the running node and calls it; ``qr`` runs ``pair --qr`` / ``--scan``);
+- ``status``: ``status`` / ``ps``, what the running node has loaded and queued;
 - ``probe``: ``probe``, an in-process speed measurement.
 """
 
@@ -21,13 +22,15 @@ from collections.abc import Sequence
 from ..config import load_config
 from ..errors import ConfigError
 from ..version import __version__
-from . import admin, probe, serve
+from . import admin, probe, serve, status
 from .base import Command, overrides_from_args
 
 COMMANDS: tuple[Command, ...] = (
     Command("serve", "run the node (the default command)", serve.configure, serve.run),
     Command("models", "list the models this node's configuration serves", admin.configure_models,
             admin.run_models),
+    Command("status", "show what the running node has loaded, queued and for how long", status.configure,
+            status.run, aliases=("ps",)),
     Command("peers", "show the peers this node has discovered", admin.configure_peers, admin.run_peers),
     Command("pair", "pair with a peer (by device id or URL)", admin.configure_pair, admin.run_pair),
     Command("pairing", "list, revoke and approve pairings", admin.configure_pairing, admin.run_pairing),

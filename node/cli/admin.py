@@ -11,7 +11,8 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from ..config import NodeConfig
-from .base import add_node_options
+from ..engine.model_file import model_file_problem
+from .base import add_config_option
 from .client import AdminError, add_client_options, call, local_time, node_url, print_table, run_client
 from .qr import pair_by_qr
 from .serve import describe_source
@@ -22,18 +23,26 @@ AUDIT_DEFAULT_LIMIT = 50
 
 
 def configure_models(parser: argparse.ArgumentParser) -> None:
-    add_node_options(parser)
+    add_config_option(parser)
+    parser.add_argument("--model", metavar="PATH", help="list this GGUF file as `serve --model PATH` would "
+                        "serve it (checked: it must exist and be a GGUF file)")
 
 
 def run_models(args: argparse.Namespace, config: NodeConfig) -> int:
-    """List the configured models."""
+    """List the configured models; exit 1 naming each model file that is missing or not GGUF."""
+    problems = []
     print(f"{'ID':<24} {'SERVES':<18} {'CTX':>6}  SOURCE")
     for model in config.models:
         serves = "embedding" if model.embedding else "chat,completion"
         source = describe_source(model)
         aliases = f" (aliases: {', '.join(model.aliases)})" if model.aliases else ""
         print(f"{model.id:<24} {serves:<18} {model.ctx_size:>6}  {source}{aliases}")
-    return 0
+        problem = model_file_problem(model.path) if model.engine != "simulated" and model.path else None
+        if problem:
+            problems.append(f"dvai-node: model {model.id}: {problem}")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
 
 
 # -- pair / pairing ----------------------------------------------------------------------
@@ -117,18 +126,22 @@ def run_pairing(args: argparse.Namespace, config: NodeConfig) -> int:
 
 def configure_audit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", type=float, metavar="SECONDS", help="only rows newer than this many seconds")
+    parser.add_argument("--until", type=float, metavar="SECONDS",
+                        help="only rows older than this many seconds (with --since: a window in the past)")
     parser.add_argument("--app", help="only this app id")
     parser.add_argument("--peer", help="only this peer device id (or self / anonymous)")
     parser.add_argument("--status", type=int, help="only this HTTP status")
-    parser.add_argument("--limit", type=int, default=AUDIT_DEFAULT_LIMIT)
+    parser.add_argument("--limit", type=int, default=AUDIT_DEFAULT_LIMIT, metavar="N",
+                        help=f"show at most N rows, newest first (1 to 10000, default {AUDIT_DEFAULT_LIMIT})")
     add_client_options(parser)
 
 
 def audit_query(args: argparse.Namespace, now_ms: int) -> dict[str, str]:
     """The ``GET /v1/dvai/audit`` query for the flags: ages in seconds become unix-ms bounds."""
     query = {"limit": str(args.limit)}
-    if args.since is not None:
-        query["since"] = str(int(now_ms - args.since * 1000))
+    for key, age in (("since", args.since), ("until", args.until)):
+        if age is not None:
+            query[key] = str(int(now_ms - age * 1000))
     for key, value in (("app_id", args.app), ("peer", args.peer), ("status", args.status)):
         if value is not None:
             query[key] = str(value)
@@ -138,7 +151,7 @@ def audit_query(args: argparse.Namespace, now_ms: int) -> dict[str, str]:
 def run_audit(args: argparse.Namespace, config: NodeConfig) -> int:
     async def go() -> int:
         base = node_url(args, config)
-        query = audit_query(args, int(time.time() * 1000))
+        query = audit_query(args, time.time_ns() // 1_000_000)
         result = await call("GET", f"{base}/dvai/audit?{urlencode(query)}")
         if args.json:
             print(json.dumps(result["data"], indent=2))

@@ -25,22 +25,12 @@ class Command:
     description: str | None = None
 
 
-def add_node_options(parser: argparse.ArgumentParser) -> None:
-    """The flags that configure a node (``serve``)."""
-    parser.add_argument("--config", metavar="FILE", help="TOML config file")
-    parser.add_argument("--state-dir", metavar="DIR", help="where identity, pairings and caches live")
-    parser.add_argument("--port", type=int, help="HTTP base port (default 38883; 0 = any free port)")
-    parser.add_argument("--host", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--model", metavar="PATH", help="serve this GGUF file instead of the built-in model")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+def add_config_option(parser: argparse.ArgumentParser, text: str = "TOML config file") -> None:
+    parser.add_argument("--config", metavar="FILE", help=text)
 
 
-def add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML config file")
-
-
-def add_state_dir_option(parser: argparse.ArgumentParser, help: str) -> None:  # noqa: A002
-    parser.add_argument("--state-dir", metavar="DIR", help=help)
+def add_state_dir_option(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--state-dir", metavar="DIR", help=text)
 
 
 def add_log_level_option(parser: argparse.ArgumentParser) -> None:

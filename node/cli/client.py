@@ -19,7 +19,7 @@ import aiohttp
 
 from ..config import NodeConfig
 from ..fsutil import read_json
-from .base import add_node_options
+from .base import add_config_option, add_state_dir_option
 
 
 class AdminError(Exception):
@@ -28,8 +28,9 @@ class AdminError(Exception):
 
 def add_client_options(parser: argparse.ArgumentParser) -> None:
     """The flags every client command takes: how to find the node, and ``--json``."""
-    add_node_options(parser)
     parser.add_argument("--url", help="the running node's base URL (default: read from the state dir)")
+    add_state_dir_option(parser, "the running node's state dir, where it wrote endpoint.json (its URL)")
+    add_config_option(parser, "the running node's TOML config file (read only for its state_dir)")
     parser.add_argument("--json", action="store_true", help="print raw JSON")
 
 
@@ -77,10 +78,14 @@ def run_client(coro: Coroutine[Any, Any, int]) -> int:
         return 130
 
 
-def print_table(rows: list[list[str]], header: list[str]) -> None:
+def format_table(rows: list[list[str]], header: list[str]) -> list[str]:
+    """Left-aligned columns two spaces apart, the header first."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return ["  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+
+
+def print_table(rows: list[list[str]], header: list[str]) -> None:
+    print("\n".join(format_table(rows, header)))
 
 
 def local_time(ms: Any) -> str:

@@ -15,6 +15,7 @@ from ..capability.store import CapabilityStore
 from ..config import ModelConfig, NodeConfig, model_id_for_path
 from ..engine.registry import ModelRegistry
 from ..errors import DVAIError
+from .base import add_config_option, add_log_level_option, add_state_dir_option
 
 DESCRIPTION = (
     "Load the model in this process, time a cold run of N decode tokens (end of sequence suppressed) and "
@@ -26,13 +27,13 @@ DESCRIPTION = (
 
 def configure(parser: argparse.ArgumentParser) -> None:
     # ``--model`` here names a configured model (or a file) to probe; it does not replace the models.
-    parser.add_argument("--config", metavar="FILE", help="TOML config file")
-    parser.add_argument("--state-dir", metavar="DIR", help="where capability.json is saved")
+    add_config_option(parser)
+    add_state_dir_option(parser, "where capability.json is saved")
     parser.add_argument("--model", dest="probe_model", metavar="ID|PATH",
                         help="a configured model id or alias (default: the default model), or a GGUF file")
     parser.add_argument("--tokens", type=int, metavar="N", help="decode tokens to time (default: "
                         "offload.probe_tokens, 50)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    add_log_level_option(parser)
 
 
 def run(args: argparse.Namespace, config: NodeConfig) -> int:

@@ -11,11 +11,19 @@ import sys
 from ..config import ModelConfig, NodeConfig
 from ..errors import ConfigError
 from ..version import __version__
-from .base import add_node_options
+from .base import add_config_option, add_log_level_option, add_state_dir_option
+
+STATE_DIR_HELP = ("where the node keeps its state: device identity key, pairings, audit log, capability "
+                  "scores, endpoint.json (not the model cache)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_node_options(parser)
+    add_config_option(parser)
+    add_state_dir_option(parser, STATE_DIR_HELP)
+    parser.add_argument("--port", type=int, help="HTTP base port (default 38883; 0 = any free port)")
+    parser.add_argument("--host", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--model", metavar="PATH", help="serve this GGUF file instead of the built-in model")
+    add_log_level_option(parser)
 
 
 def run(args: argparse.Namespace, config: NodeConfig) -> int:

@@ -270,6 +270,13 @@ class ModelSlot:
     def idle_for(self, now: float) -> float:
         return 0.0 if self.busy else now - self.last_used
 
+    def keep_alive_left(self, now: float) -> float | None:
+        """Seconds until the idle reaper may unload this model; None when it stays (no
+        ``keep_alive``) or is not loaded. ``now`` is ``time.monotonic()``."""
+        if self.keep_alive is None or not self.loaded:
+            return None
+        return max(0.0, self.keep_alive - self.idle_for(now))
+
     # -- observers ---------------------------------------------------------
     def add_listener(self, listener: OutcomeListener) -> None:
         self._listeners.append(listener)
