@@ -11,8 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .common.errors import ConfigError
 from .config import ModelConfig, NodeConfig, load_config, model_id_for_path
-from .errors import ConfigError
 from .version import __version__
 
 log = logging.getLogger("dvai.cli")

@@ -18,8 +18,9 @@ from urllib.parse import quote, urlencode
 import aiohttp
 
 from .cli import _EXTRA_PARSERS, command
+from .common.clock import unix_ms
+from .common.fsutil import read_json
 from .config import NodeConfig
-from .fsutil import read_json
 from .runtime import ENDPOINT_FILE
 
 
@@ -178,7 +179,7 @@ def _audit(args: argparse.Namespace, config: NodeConfig) -> int:
         base = node_url(args, config)
         query = {"limit": str(args.limit)}
         if args.since is not None:
-            query["since"] = str(int((time.time() - args.since) * 1000))
+            query["since"] = str(unix_ms() - int(args.since * 1000))
         for key, value in (("app_id", args.app), ("peer", args.peer), ("status", args.status)):
             if value is not None:
                 query[key] = str(value)
@@ -208,7 +209,7 @@ def _peers(args: argparse.Namespace, config: NodeConfig) -> int:
         if args.json:
             print(json.dumps(result["data"], indent=2))
             return 0
-        now_ms = time.time() * 1000
+        now_ms = unix_ms()
         rows = []
         for peer in result["data"]:
             speeds = ", ".join(f"{m} {v:g}" for m, v in sorted(peer.get("capability", {}).items())) or "-"

@@ -18,7 +18,14 @@ from typing import Any
 
 from aiohttp import web
 
-from node.errors import DVAIError, InvalidRequestError, PayloadTooLargeError, RateLimitedError
+from node.common.errors import (
+    DVAIError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    error_body,
+    http_error_body,
+)
 from node.version import __version__
 
 from . import sessions as rules
@@ -375,7 +382,7 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except Exception:  # noqa: BLE001 - the one place an unexpected failure becomes a clean 500
         log.exception("unhandled error on %s %s", request.method, request.path)
-        body = DVAIError("internal error in the rendezvous").to_body()
+        body = error_body("internal error in the rendezvous")
         response = web.json_response(body, status=500)
     request.app[METRICS_KEY].requests.labels(route, str(response.status)).inc()
     return response
@@ -383,16 +390,11 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 def _http_exception_response(exc: web.HTTPException) -> web.Response:
     if exc.status == 413:
-        error: DVAIError = PayloadTooLargeError("request body is too large")
+        body = PayloadTooLargeError("request body is too large").to_body()
     else:
-        error = DVAIError(exc.reason or "request failed", code=_http_code(exc.status))
-        error.error_type = "invalid_request_error" if exc.status < 500 else "server_error"
+        body = http_error_body(exc.status, exc.reason or "request failed")
     headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-    return web.json_response(error.to_body(), status=exc.status, headers=headers)
-
-
-def _http_code(status: int) -> str:
-    return {404: "not_found", 405: "method_not_allowed"}.get(status, f"http_{status}")
+    return web.json_response(body, status=exc.status, headers=headers)
 
 
 def _route_name(request: web.Request) -> str:

@@ -13,8 +13,9 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from node.common.b64 import b64url_encode as b64encode
 from node.identity import DeviceIdentity
-from node.security.qr_pairing import PairingFailedError, b64encode, parse_pairing_uri, public_bytes
+from node.security.qr_pairing import PairingFailedError, parse_pairing_uri, public_bytes
 from node.security.rendezvous_client import (
     PairingAbortedError,
     PairingCancelledError,

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from node.errors import AuthenticationError, ConfigError, InvalidRequestError
+from node.common.errors import AuthenticationError, ConfigError, InvalidRequestError
+from node.common.tokenbucket import TokenBucket
 from node.identity import DeviceIdentity
 from rendezvous import sessions as rules
 from rendezvous.config import RendezvousConfig, load_rendezvous_config
-from rendezvous.ratelimit import ClientRateLimiter, RateRule, TokenBucket
+from rendezvous.ratelimit import ClientRateLimiter, RateRule
 from rendezvous.sessions import (
     PairingSession,
     Role,

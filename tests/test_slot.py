@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
+from node.common.errors import GenerationStalledError, GenerationTimeoutError, QueueFullError
 from node.engine.base import GenerationOutcome, ModelInfo, SamplingParams
 from node.engine.simulated import SimulatedEngine
 from node.engine.slot import GenerationJob, ModelSlot
-from node.errors import GenerationStalledError, GenerationTimeoutError, QueueFullError
 
 
 def simulated_slot(tok_per_s: float = 500.0, depth: int = 4) -> ModelSlot:

@@ -8,8 +8,8 @@ from typing import Any
 from aiohttp import web
 
 from ..capability import CapabilityDisabledError, CapabilityService, check_probe_tokens
+from ..common.errors import InvalidRequestError
 from ..context import CONTEXT, NodeContext
-from ..errors import InvalidRequestError
 from ..identity import make_health_proof
 from ..version import __version__
 from .middlewares import read_json

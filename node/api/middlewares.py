@@ -10,14 +10,15 @@ from typing import Any
 
 from aiohttp import web
 
-from ..constants import REQUEST_ID_HEADER
-from ..errors import (
+from ..common.errors import (
     DVAIError,
     InvalidRequestError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    error_body,
     http_error_body,
 )
+from ..constants import REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return web.json_response(http_error_body(exc.status, message), status=exc.status, headers=headers)
     except Exception:  # noqa: BLE001
         log.exception("unhandled error on %s %s", request.method, request.path)
-        body = {"error": {"message": "internal server error", "type": "server_error",
-                          "code": "internal_error", "param": None}}
+        body = error_body("internal server error")
         return web.json_response(body, status=500, headers={REQUEST_ID_HEADER: request[REQUEST_ID]})
     if not response.prepared:
         response.headers.setdefault(REQUEST_ID_HEADER, request[REQUEST_ID])

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from ..common.clock import unix_ms
+from ..common.errors import DVAIError
 from ..constants import MAX_METRIC_LABEL_CHARS, REQUEST_ID_HEADER
 from ..engine.record import SERVED_LOCAL, RequestRecord
-from ..errors import DVAIError
 from ..security.audit import AuditLog, AuditRow
 from ..security.guard import attribution_of, audit_peer_of
 from .middlewares import REQUEST_ID
@@ -49,7 +50,7 @@ RecordReader = Callable[[RequestRecord], None]
 
 
 def make_record_middleware(readers: Iterable[RecordReader], *,
-                           now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> Middleware:
+                           now_ms: Callable[[], int] = unix_ms) -> Middleware:
     """Create each request's record and hand it to ``readers`` once the answer is complete."""
     listeners = tuple(readers)
 

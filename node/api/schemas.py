@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..common.errors import InvalidRequestError, UnsupportedParameterError
 from ..constants import MAX_TOKENS_CAP
 from ..engine.base import ChatMessage, SamplingParams
 from ..engine.requests import ChatRequest, CompletionRequest, EmbeddingRequest
-from ..errors import InvalidRequestError, UnsupportedParameterError
 
 MAX_STOP_SEQUENCES = 4
 MAX_EMBEDDING_INPUTS = 2048

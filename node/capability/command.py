@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..cli import _EXTRA_PARSERS, command
+from ..common.errors import DVAIError
 from ..config import ModelConfig, NodeConfig, model_id_for_path
 from ..engine.registry import ModelRegistry
-from ..errors import DVAIError
 from .probe import check_probe_tokens
 from .score import CapabilityScore
 from .service import CapabilityService

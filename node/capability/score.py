@@ -7,9 +7,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..constants import CAPABILITY_MAX_TOK_PER_S, CAPABILITY_NOTIFY_MIN_CHANGE, CAPABILITY_OBSERVED_ALPHA
+from ..common.errors import OffloadDisabledError
+from ..constants import CAPABILITY_MAX_TOK_PER_S, CAPABILITY_NOTIFY_MIN_CHANGE
 from ..engine.base import Engine
-from ..errors import OffloadDisabledError
 
 ScoreSource = Literal["probe", "heuristic", "observed"]
 
@@ -110,11 +110,6 @@ def heuristic_tok_per_s(size_bytes: int, threads: int, copy_bandwidth: float) ->
         return None
     gain = math.sqrt(min(max(threads, 1), HEURISTIC_THREAD_GAIN_CAP))
     return min(HEURISTIC_EFFICIENCY * copy_bandwidth * gain / size_bytes, CAPABILITY_MAX_TOK_PER_S)
-
-
-def ewma(previous: float, sample: float, alpha: float = CAPABILITY_OBSERVED_ALPHA) -> float:
-    """Exponentially weighted moving average: ``alpha`` is the newest sample's weight."""
-    return alpha * sample + (1.0 - alpha) * previous
 
 
 def changed_enough(old: float | None, new: float, threshold: float = CAPABILITY_NOTIFY_MIN_CHANGE) -> bool:

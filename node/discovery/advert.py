@@ -24,6 +24,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..common.device_ids import is_valid_device_id
 from ..constants import (
     MAX_DEVICE_NAME_CHARS,
     MAX_TXT_BYTES,
@@ -32,7 +33,7 @@ from ..constants import (
     MAX_VERSION_CHARS,
     MDNS_TXT_FORMAT_VERSION,
 )
-from ..identity import NodeIdentity, is_valid_device_id
+from ..identity import NodeIdentity
 from ..version import __version__
 from .model import PeerClaim
 from .validate import (

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import aiohttp
 
+from ..common.device_ids import is_valid_device_id
 from ..constants import (
     HEALTH_CHECK_TIMEOUT_S,
     HEALTH_POKE_MIN_INTERVAL_S,
@@ -31,7 +32,7 @@ from ..constants import (
     MAX_PEER_MODELS,
     MAX_VERSION_CHARS,
 )
-from ..identity import NodeIdentity, check_health_proof, is_valid_device_id
+from ..identity import NodeIdentity, check_health_proof
 from .logonce import WarnOnce
 from .merge import MergeOutcome
 from .model import HealthReport, PeerSeed

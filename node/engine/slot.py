@@ -19,8 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
-from ..constants import QUEUE_RETRY_AFTER
-from ..errors import (
+from ..common.errors import (
     DVAIError,
     EngineError,
     GenerationStalledError,
@@ -28,6 +27,7 @@ from ..errors import (
     ModelUnavailableError,
     QueueFullError,
 )
+from ..constants import QUEUE_RETRY_AFTER
 from .base import ChatMessage, EmbeddingResult, Engine, GenerationOutcome, ModelInfo, SamplingParams
 
 log = logging.getLogger(__name__)

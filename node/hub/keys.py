@@ -19,14 +19,15 @@ import logging
 import re
 import secrets
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
-from ..fsutil import atomic_write_json, read_json
+from ..common.b64 import b64url_encode
+from ..common.clock import unix_ms
+from ..common.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+from ..common.fsutil import atomic_write_json, read_json
 
 __all__ = ["API_KEYS_FILE", "ApiKey", "ApiKeyStore", "KeyScopes", "bearer_token", "check_scopes", "parse_scopes"]
 
@@ -114,7 +115,7 @@ def bearer_token(authorization: str | None) -> str | None:
 class ApiKeyStore:
     """The node's API keys, loaded once and saved atomically on every change."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], int] = unix_ms) -> None:
         self.path = path
         self._clock = clock
         self._keys: dict[str, ApiKey] = {}
@@ -158,7 +159,7 @@ class ApiKeyStore:
                 raise InvalidRequestError(f"this node already has {MAX_API_KEYS} API keys; revoke some",
                                           code="too_many_keys")
             key_id = base64.b32encode(secrets.token_bytes(10)).decode().lower()[:12]
-            secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+            secret = b64url_encode(secrets.token_bytes(32))
             token = f"{KEY_PREFIX}-{key_id}-{secret}"
             now = self._clock()
             record = ApiKey(id=key_id, app_id=app_id, name=name, digest=_digest(token),

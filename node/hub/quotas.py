@@ -20,8 +20,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from ..common.errors import RateLimitedError
 from ..config import QuotaConfig
-from ..errors import RateLimitedError
 
 __all__ = ["QuotaBook", "QuotaLease", "QuotaSubject", "UsageReader", "seconds_until_utc_midnight"]
 

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..common.fsutil import ensure_private_dir
 from ..engine.record import RequestRecord
-from ..fsutil import ensure_private_dir
 from .quotas import QuotaSubject
 
 __all__ = ["USAGE_FILE", "UsageStore", "utc_day"]

@@ -30,15 +30,20 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from node.common.errors import UpstreamError
+from node.common.sse import DONE_EVENT, EventSplitter, OversizeEventError, PeerEvent, encode_event
 from node.config import NodeConfig
-from node.constants import FORWARD_MAX_RESPONSE_BYTES, HOP_HEADER, OFFLOAD_HEADER, REQUEST_ID_HEADER
+from node.constants import (
+    FORWARD_MAX_EVENT_BYTES,
+    FORWARD_MAX_RESPONSE_BYTES,
+    HOP_HEADER,
+    OFFLOAD_HEADER,
+    REQUEST_ID_HEADER,
+)
 from node.engine.base import GenerationOutcome
-from node.errors import UpstreamError
 from node.security.pairing import Pairing
 from node.security.signing import sign_request_headers
 from node.transport.link import LinkRequest, LinkResponse, PeerLink, PeerLinkError
-
-from .events import DONE_EVENT, EventSplitter, OversizeEventError, PeerEvent, encode_event
 
 __all__ = ["ForwardCall", "ForwardFailed", "ForwardResult", "ForwardSettings", "ForwardStatus", "ForwardTarget",
            "Forwarder", "PeerAnswer"]
@@ -197,7 +202,7 @@ class PeerAnswer:
         self._settings = settings
         self._monotonic = monotonic
         self._on_finished = on_finished
-        self._splitter = EventSplitter()
+        self._splitter = EventSplitter(max_event_bytes=FORWARD_MAX_EVENT_BYTES)
         self._tally = _Tally(monotonic, self.result.outcome)
         self._first: list[PeerEvent] = []
         self._body = b""

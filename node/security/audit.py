@@ -22,6 +22,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..common.clock import MS_PER_DAY, unix_ms
+from ..common.fsutil import SECRET_MODE, ensure_private_dir
 from ..config import AuditConfig
 from ..constants import (
     AUDIT_BATCH_MAX,
@@ -30,12 +32,10 @@ from ..constants import (
     AUDIT_QUERY_MAX_ROWS,
     AUDIT_QUEUE_MAX,
 )
-from ..fsutil import SECRET_MODE, ensure_private_dir
 
 logger = logging.getLogger(__name__)
 
 AUDIT_FILE = "audit.sqlite3"
-_DAY_MS = 86_400_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -122,7 +122,7 @@ class AuditLog:
         retention_days: float = 30.0,
         max_rows: int = 100_000,
         enabled: bool = True,
-        now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        now_ms: Callable[[], int] = unix_ms,
         prune_interval_s: float = AUDIT_PRUNE_INTERVAL_S,
         queue_max: int = AUDIT_QUEUE_MAX,
         on_commit: Callable[[int], None] | None = None,
@@ -323,7 +323,7 @@ class AuditLog:
         return len(rows)
 
     def _prune(self, conn: sqlite3.Connection) -> int:
-        cutoff = self._now_ms() - int(self.retention_days * _DAY_MS)
+        cutoff = self._now_ms() - int(self.retention_days * MS_PER_DAY)
         with conn:
             deleted = conn.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)).rowcount
             deleted += conn.execute(

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from ..errors import ConflictError, InvalidRequestError, NotFoundError, ServiceUnavailableError
+from ..common.errors import ConflictError, InvalidRequestError, NotFoundError, ServiceUnavailableError
 from ..identity import DeviceIdentity
 from .qr_pairing import PairingFailedError, PairingResult
 from .rendezvous_client import (
