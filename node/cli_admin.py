@@ -61,10 +61,10 @@ class AdminError(Exception):
 def node_url(args: argparse.Namespace, config: NodeConfig) -> str:
     """The base URL (``…/v1``) of the node that owns this state dir."""
     if args.url:
-        return args.url.rstrip("/")
+        return str(args.url).rstrip("/")
     record = read_json(config.resolved_state_dir() / ENDPOINT_FILE, default=None, tolerate_corrupt=True)
     if isinstance(record, dict) and isinstance(record.get("baseUrl"), str):
-        return record["baseUrl"]
+        return str(record["baseUrl"])
     raise AdminError(
         f"no running node found for state dir {config.resolved_state_dir()}; start `dvai-node serve` "
         "or pass --url"

@@ -232,7 +232,7 @@ class ModelSlot:
         if self.state == "ready":
             return
         async with self._load_lock:
-            if self.state == "ready":
+            if self.state == "ready":  # type: ignore[comparison-overlap]  # loaded while we waited
                 return
             self.state = "loading"
             started = time.perf_counter()

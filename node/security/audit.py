@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..common.clock import MS_PER_DAY, unix_ms
 from ..common.fsutil import SECRET_MODE, ensure_private_dir
@@ -56,6 +56,8 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 """
+
+_T = TypeVar("_T")
 
 
 class AuditLogError(RuntimeError):
@@ -225,14 +227,15 @@ class AuditLog:
 
     # -- the writer thread ---------------------------------------------------
 
-    async def _submit(self, run: Callable[[sqlite3.Connection], Any], *, default: Any) -> Any:
+    async def _submit(self, run: Callable[[sqlite3.Connection], _T], *, default: _T) -> _T:
         if not self.enabled:
             return default
         if self._closed or self._thread is None:
             raise AuditLogError("the audit log is closed")
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._queue.put(_Job(run, future))
-        return await asyncio.wrap_future(future)
+        result: _T = await asyncio.wrap_future(future)
+        return result
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
         try:
