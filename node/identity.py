@@ -22,6 +22,12 @@ from .common.clock import unix_ms
 from .common.device_ids import device_id_from_public_key, verify_device_signature
 from .common.fsutil import atomic_write_bytes, atomic_write_json, ensure_private_dir, read_json
 from .common.messages import health_proof_message
+from .constants import (
+    B64_FIELD_MAX_CHARS,
+    B64_KEY_MAX_CHARS,
+    HEALTH_CHALLENGE_MAX_CHARS,
+    MAX_DEVICE_NAME_CHARS,
+)
 
 KEY_FILE = "identity.key"
 
@@ -73,10 +79,6 @@ def load_or_create_identity(state_dir: Path) -> DeviceIdentity:
 
 INSTANCE_FILE = "instance.json"
 LOCK_FILE = "node.lock"
-DEVICE_NAME_MAX_CHARS = 63
-"""characters; a DNS-SD instance label is at most 63 bytes, names longer than that are cut."""
-HEALTH_CHALLENGE_MAX_CHARS = 64
-"""characters of the ``challenge`` query parameter a health handler accepts (hex)."""
 
 _log = logging.getLogger(__name__)
 
@@ -146,7 +148,7 @@ def default_device_name(hostname: str | None = None) -> str:
     """The host name without its domain, cut to 63 characters; ``dvai-node`` if empty."""
     name = (hostname if hostname is not None else socket.gethostname()).split(".")[0]
     name = "".join(ch for ch in name if ch.isprintable()).strip()
-    return name[:DEVICE_NAME_MAX_CHARS] or "dvai-node"
+    return name[:MAX_DEVICE_NAME_CHARS] or "dvai-node"
 
 
 def new_instance_id() -> str:
@@ -253,7 +255,7 @@ def check_health_proof(proof: object, challenge: str, device_id: str, instance_i
     public_key, signature = proof.get("publicKey"), proof.get("signature")
     if not isinstance(public_key, str) or not isinstance(signature, str):
         return False
-    if len(public_key) > 64 or len(signature) > 128:
+    if len(public_key) > B64_KEY_MAX_CHARS or len(signature) > B64_FIELD_MAX_CHARS:
         return False
     try:
         public_raw, signature_raw = b64url_decode(public_key), b64url_decode(signature)

@@ -30,6 +30,7 @@ from node.version import __version__
 
 from . import sessions as rules
 from .config import RendezvousConfig
+from .constants import MAX_CLIENT_ADDRESS_CHARS
 from .manager import SessionLimits, SessionManager
 from .metrics import CONTENT_TYPE_LATEST, RendezvousMetrics
 from .ratelimit import ClientRateLimiter, RateRule
@@ -336,7 +337,7 @@ def client_address(request: web.Request) -> str:
         forwarded = request.headers.get("X-Forwarded-For", "")
         hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
         if hops:
-            return hops[-1][:64]
+            return hops[-1][:MAX_CLIENT_ADDRESS_CHARS]
     return request.remote or "unknown"
 
 

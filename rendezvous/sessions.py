@@ -36,14 +36,14 @@ from node.common.errors import (
     NotFoundError,
 )
 
+from .constants import MAX_ABORT_REASON
+
 SESSION_ID_BYTES = 16
 """128 random bits per session id (the issue asks for at least 64)."""
 
 TOKEN_BYTES = 16
 """128 random bits per role token; only its SHA-256 is stored."""
 
-MAX_ABORT_REASON = 200
-"""characters of a client-given abort reason kept and relayed."""
 
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 

@@ -26,16 +26,11 @@ from node.common.device_ids import is_valid_device_id, verify_device_signature
 from node.common.messages import presence_auth_message
 from node.common.tokenbucket import TokenBucket
 
+from .constants import MAX_HELLO_FIELD_CHARS, MAX_MESSAGE_ID, MAX_PRESENCE_QUERY
 from .metrics import RendezvousMetrics
 from .store import RendezvousStore
 
 log = logging.getLogger(__name__)
-
-MAX_PRESENCE_QUERY = 64
-"""device ids one presence query may ask about; bounds the reply."""
-
-MAX_MESSAGE_ID = 64
-"""characters of a client's optional message id echoed in errors."""
 
 SEND_TIMEOUT = 5.0
 """seconds a relay may wait on a slow receiver before the message is dropped."""
@@ -260,7 +255,7 @@ def _message_id(text: str) -> Any:
 
 
 def _unb64(text: str) -> bytes | None:
-    if len(text) > 200:
+    if len(text) > MAX_HELLO_FIELD_CHARS:
         return None
     try:
         return b64url_decode(text)

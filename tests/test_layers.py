@@ -166,3 +166,33 @@ def test_rendezvous_and_common_load_no_engine_discovery_or_offload(statement: st
              if any(_within(name, package) for package in ("node.engine", "node.discovery", "node.offload"))]
     assert not heavy, f"{statement} loads {heavy}"
     assert set(loaded) <= {"node", "node.version"} | {name for name in loaded if _within(name, "node.common")}
+
+
+_CAP_NAME = re.compile(r"_?(MAX|MIN)_\w+|\w+_(MAX|MIN|LIMIT)(_\w+)?")
+CAP_MODULES = ("node.constants", "rendezvous.constants")
+NOT_CAPS = {
+    "node.engine.simulated.DEFAULT_SIMULATED_MAX_TOKENS",  # a default answer length, not a limit
+    "node.security.rendezvous_client.RETRY_MAX_S",  # our own back-off schedule, not a limit on input
+    "node.transport.rendezvous_client.RETRY_MAX_S",  # (the same module after the package split)
+}
+
+
+def test_caps_live_in_the_constants_modules() -> None:
+    """A module-level numeric limit (``MAX_*``, ``*_MAX_*``, ``*_LIMIT``) outside the constants modules
+    is a cap a reader auditing ``node/constants.py`` would miss."""
+    stray = []
+    for module, path in _modules():
+        if module in CAP_MODULES:
+            continue
+        for statement in ast.parse(path.read_text()).body:
+            targets = statement.targets if isinstance(statement, ast.Assign) else (
+                [statement.target] if isinstance(statement, ast.AnnAssign) else [])
+            value = getattr(statement, "value", None)
+            numeric = isinstance(value, (ast.Constant, ast.BinOp)) and not isinstance(
+                getattr(value, "value", 0), (str, bytes))
+            for target in targets:
+                name = f"{module}.{getattr(target, 'id', '')}"
+                if isinstance(target, ast.Name) and _CAP_NAME.fullmatch(target.id) and numeric \
+                        and name not in NOT_CAPS:
+                    stray.append(name)
+    assert not stray, f"move these caps to node/constants.py (or rendezvous/constants.py): {stray}"

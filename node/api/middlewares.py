@@ -18,7 +18,10 @@ from ..common.errors import (
     error_body,
     http_error_body,
 )
-from ..constants import REQUEST_ID_HEADER
+from ..constants import (
+    REQUEST_ID_HEADER,
+    REQUEST_ID_MAX_CHARS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ def error_response(error: DVAIError, request_id: str | None = None) -> web.Respo
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost: every failure leaves as an OpenAI-shaped JSON error, never a stack trace."""
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    request[REQUEST_ID] = request_id[:128]
+    request[REQUEST_ID] = request_id[:REQUEST_ID_MAX_CHARS]
     try:
         response = await handler(request)
     except DVAIError as exc:

@@ -19,7 +19,7 @@ from aiohttp.typedefs import Middleware
 
 from ..common.clock import unix_ms
 from ..common.errors import DVAIError
-from ..constants import MAX_METRIC_LABEL_CHARS, REQUEST_ID_HEADER
+from ..constants import MAX_METRIC_LABEL_CHARS, REQUEST_ID_HEADER, REQUEST_ID_MAX_CHARS
 from ..engine.record import SERVED_LOCAL, RequestRecord
 from ..security.audit import AuditLog, AuditRow
 from ..security.guard import attribution_of, audit_peer_of
@@ -56,7 +56,7 @@ def make_record_middleware(readers: Iterable[RecordReader], *,
 
     @web.middleware
     async def record_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = request.get(REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER, "")[:128]
+        request_id = request.get(REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER, "")[:REQUEST_ID_MAX_CHARS]
         record = RequestRecord(request_id=request_id, method=request.method,
                                endpoint=request.path, arrived_ms=now_ms())
         request[RECORD] = record

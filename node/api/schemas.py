@@ -10,13 +10,9 @@ import math
 from typing import Any
 
 from ..common.errors import InvalidRequestError, UnsupportedParameterError
-from ..constants import MAX_TOKENS_CAP
+from ..constants import MAX_COMPLETION_PROMPTS, MAX_EMBEDDING_INPUTS, MAX_STOP_SEQUENCES, MAX_TOKENS_CAP
 from ..engine.base import ChatMessage, SamplingParams
 from ..engine.requests import ChatRequest, CompletionRequest, EmbeddingRequest
-
-MAX_STOP_SEQUENCES = 4
-MAX_EMBEDDING_INPUTS = 2048
-MAX_COMPLETION_PROMPTS = 16
 
 # Parameters we recognise but do not implement: a clear 400 beats silently ignoring them.
 _UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "top_logprobs",

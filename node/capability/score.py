@@ -8,7 +8,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..common.errors import OffloadDisabledError
-from ..constants import CAPABILITY_MAX_TOK_PER_S, CAPABILITY_NOTIFY_MIN_CHANGE
+from ..constants import (
+    CAPABILITY_MAX_TOK_PER_S,
+    CAPABILITY_MODEL_ID_MAX_CHARS,
+    CAPABILITY_NOTIFY_MIN_CHANGE,
+    CAPABILITY_VERSION_MAX_CHARS,
+)
 from ..engine.base import Engine
 
 ScoreSource = Literal["probe", "heuristic", "observed"]
@@ -76,9 +81,9 @@ class CapabilityScore:
         if not isinstance(data, dict):
             raise ValueError("a score must be an object")
         model_id, version, source = data.get("modelId"), data.get("libraryVersion"), data.get("source")
-        if not isinstance(model_id, str) or not 0 < len(model_id) <= 256:
+        if not isinstance(model_id, str) or not 0 < len(model_id) <= CAPABILITY_MODEL_ID_MAX_CHARS:
             raise ValueError("modelId must be a non-empty string")
-        if not isinstance(version, str) or len(version) > 64:
+        if not isinstance(version, str) or len(version) > CAPABILITY_VERSION_MAX_CHARS:
             raise ValueError("libraryVersion must be a short string")
         if source not in ("probe", "heuristic", "observed"):
             raise ValueError("source must be probe, heuristic or observed")

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 
 from ..common.device_ids import is_valid_device_id
 from ..constants import (
+    MAX_API_PATH_CHARS,
     MAX_DEVICE_NAME_CHARS,
+    MAX_INSTANCE_ID_CHARS,
     MAX_TXT_BYTES,
     MAX_TXT_ITEM_BYTES,
     MAX_TXT_ITEMS,
@@ -43,9 +45,6 @@ from .validate import (
     clean_text,
     clean_tok_per_s,
 )
-
-MAX_API_PATH_CHARS = 64
-MAX_INSTANCE_ID_CHARS = 32
 
 
 @dataclass(frozen=True, slots=True)

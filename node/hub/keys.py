@@ -28,6 +28,7 @@ from ..common.b64 import b64url_encode
 from ..common.clock import unix_ms
 from ..common.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from ..common.fsutil import atomic_write_json, read_json
+from ..constants import MAX_API_KEYS, MAX_KEY_NAME_CHARS
 
 __all__ = ["API_KEYS_FILE", "ApiKey", "ApiKeyStore", "KeyScopes", "bearer_token", "check_scopes", "parse_scopes"]
 
@@ -35,9 +36,6 @@ log = logging.getLogger(__name__)
 
 API_KEYS_FILE = "api_keys.json"
 KEY_PREFIX = "dvai"
-MAX_API_KEYS = 10_000
-"""keys kept at most: bounds the file and the lookup table an admin mistake can grow."""
-MAX_KEY_NAME_CHARS = 100
 _KEY_RE = re.compile(r"^dvai-([a-z2-7]{12})-([A-Za-z0-9_-]{43})$")
 _APP_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ANY = "*"

@@ -46,6 +46,7 @@ from ..common.errors import (
 )
 from ..common.messages import handshake_proof_message
 from ..constants import (
+    B64_FIELD_MAX_CHARS,
     MESH_PATH,
     PAIRING_CLIENT_TIMEOUT_S,
     PAIRING_FIELD_MAX_CHARS,
@@ -250,7 +251,7 @@ def _proof_bytes(body: Mapping[str, Any], name: str, size: int) -> bytes:
     if not isinstance(value, str):
         raise InvalidRequestError(f"'{name}' must be a base64url string", param=name)
     raw = None
-    if len(value) <= 128:  # padding tolerated (Java's encoder adds it): node/common/b64.py
+    if len(value) <= B64_FIELD_MAX_CHARS:  # padding tolerated (Java's encoder adds it): node/common/b64.py
         try:
             raw = b64url_decode(value)
         except ValueError:

@@ -33,7 +33,11 @@ from typing import Any, Literal, get_args
 from ..common.b64 import b64url_decode, b64url_encode
 from ..common.errors import ConflictError, NotFoundError
 from ..common.fsutil import SECRET_MODE, atomic_write_json, ensure_private_dir
-from ..constants import PAIRING_KEY_BYTES, PAIRINGS_MAX
+from ..constants import (
+    B64_KEY_MAX_CHARS,
+    PAIRING_KEY_BYTES,
+    PAIRINGS_MAX,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ def encode_key(key: bytes) -> str:
 
 def decode_key(text: str) -> bytes:
     """Decode a base64url pairing key (padding optional); it must be exactly 256 bits."""
-    if not isinstance(text, str) or len(text) > 64:
+    if not isinstance(text, str) or len(text) > B64_KEY_MAX_CHARS:
         raise ValueError("pairing key must be a base64url string")
     try:
         key = b64url_decode(text)

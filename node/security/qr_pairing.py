@@ -37,6 +37,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ..common.b64 import b64url_decode, b64url_encode
 from ..common.clock import unix_ms
 from ..common.device_ids import is_valid_device_id, verify_device_signature
+from ..constants import (
+    QR_MAX_B64_FIELD_CHARS,
+    QR_MAX_CONFIRMATION_CHARS,
+    QR_MAX_DEVICE_NAME_BYTES,
+    QR_MAX_SECRET_BYTES,
+    QR_MAX_URI_CHARS,
+    QR_MIN_SECRET_BYTES,
+)
 from ..identity import DeviceIdentity
 
 PAIRING_VERSION = 1
@@ -44,14 +52,6 @@ PROTOCOL_LABEL = b"dvai-pair-v1"
 URI_PREFIX = "dvai://pair?"
 SECRET_BYTES = 32
 """bytes of the one-time secret put in the QR (256 bits; at least 16 are accepted)."""
-MIN_SECRET_BYTES = 16
-MAX_SECRET_BYTES = 64
-MAX_URI_CHARS = 2048
-"""characters of a pairing URI we parse at all; a real one is about 250."""
-MAX_DEVICE_NAME_BYTES = 128
-"""UTF-8 bytes of a device name carried in a confirmation message."""
-MAX_CONFIRMATION_CHARS = 2048
-"""characters of a confirmation message we parse at all; a real one is about 330."""
 OKM_BYTES = 72
 SHORT_CODE_DIGITS = 6
 
@@ -152,14 +152,14 @@ class PairingResult:
 
 
 def new_secret(random_bytes: bytes) -> bytes:
-    if not MIN_SECRET_BYTES <= len(random_bytes) <= MAX_SECRET_BYTES:
-        raise ValueError(f"the one-time secret must be {MIN_SECRET_BYTES}-{MAX_SECRET_BYTES} bytes")
+    if not QR_MIN_SECRET_BYTES <= len(random_bytes) <= QR_MAX_SECRET_BYTES:
+        raise ValueError(f"the one-time secret must be {QR_MIN_SECRET_BYTES}-{QR_MAX_SECRET_BYTES} bytes")
     return random_bytes
 
 
 def parse_pairing_uri(text: str) -> QrPayload:
     """Parse and check a ``dvai://pair?...`` URI; ``ValueError`` says what is wrong."""
-    if not isinstance(text, str) or len(text) > MAX_URI_CHARS:
+    if not isinstance(text, str) or len(text) > QR_MAX_URI_CHARS:
         raise ValueError("not a pairing payload (not a string, or too long)")
     text = text.strip()
     if not text.startswith(URI_PREFIX):
@@ -184,8 +184,8 @@ def parse_pairing_uri(text: str) -> QrPayload:
     if len(key) != 32:
         raise ValueError("pairing payload: 'k' must be a 32-byte X25519 public key")
     secret = decode_b64_field(values["t"], "t")
-    if not MIN_SECRET_BYTES <= len(secret) <= MAX_SECRET_BYTES:
-        raise ValueError(f"pairing payload: 't' must be {MIN_SECRET_BYTES}-{MAX_SECRET_BYTES} bytes")
+    if not QR_MIN_SECRET_BYTES <= len(secret) <= QR_MAX_SECRET_BYTES:
+        raise ValueError(f"pairing payload: 't' must be {QR_MIN_SECRET_BYTES}-{QR_MAX_SECRET_BYTES} bytes")
     return QrPayload(values["r"].rstrip("/"), values["s"], key, values["d"], secret)
 
 
@@ -312,7 +312,7 @@ def decode_b64_field(text: str, name: str) -> bytes:
 
 
 def b64decode_or_fail(value: Any) -> bytes:
-    if not isinstance(value, str) or len(value) > 200:
+    if not isinstance(value, str) or len(value) > QR_MAX_B64_FIELD_CHARS:
         raise PairingFailedError("key confirmation failed: malformed field")
     try:
         return decode_b64_field(value, "field")
@@ -348,7 +348,7 @@ def _finish_mac(keys: SessionKeys, transcript: PairingTranscript) -> bytes:
 
 
 def _parse_message(message: str, names: tuple[str, ...]) -> dict[str, Any]:
-    if not isinstance(message, str) or len(message) > MAX_CONFIRMATION_CHARS:
+    if not isinstance(message, str) or len(message) > QR_MAX_CONFIRMATION_CHARS:
         raise PairingFailedError("key confirmation failed: message missing or too long")
     try:
         fields = json.loads(message)
@@ -364,8 +364,8 @@ def _parse_message(message: str, names: tuple[str, ...]) -> dict[str, Any]:
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ValueError("a device name must be a non-empty string")
-    if len(name.encode()) > MAX_DEVICE_NAME_BYTES:
-        raise ValueError(f"a device name must be at most {MAX_DEVICE_NAME_BYTES} UTF-8 bytes")
+    if len(name.encode()) > QR_MAX_DEVICE_NAME_BYTES:
+        raise ValueError(f"a device name must be at most {QR_MAX_DEVICE_NAME_BYTES} UTF-8 bytes")
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise ValueError("a device name must not contain control characters")
     return name

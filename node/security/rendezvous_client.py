@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 
 from ..common.b64 import b64url_encode
+from ..constants import RENDEZVOUS_MAX_RESPONSE_BYTES
 from ..identity import DeviceIdentity
 from .qr_pairing import (
     PairingFailedError,
@@ -63,8 +64,6 @@ REQUEST_TIMEOUT_S = 10.0
 RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 2.0
 """seconds between retries of a long-poll while the rendezvous is unreachable (doubling from the first)."""
-MAX_RESPONSE_BYTES = 64 * 1024
-"""bytes of a rendezvous response we read; a real one is under 4 KiB."""
 
 
 class RendezvousError(PairingFailedError):
@@ -170,7 +169,7 @@ class RendezvousHttpClient:
                 method, self.base_url + path, json=body, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=time_limit),
             ) as response:
-                raw = await response.content.read(MAX_RESPONSE_BYTES + 1)
+                raw = await response.content.read(RENDEZVOUS_MAX_RESPONSE_BYTES + 1)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise RendezvousError(f"cannot reach the rendezvous at {self.base_url}: {exc or type(exc).__name__}") from exc
@@ -178,7 +177,7 @@ class RendezvousHttpClient:
 
 
 def _decode_response(status: int, raw: bytes) -> dict[str, Any]:
-    if len(raw) > MAX_RESPONSE_BYTES:
+    if len(raw) > RENDEZVOUS_MAX_RESPONSE_BYTES:
         raise RendezvousError("the rendezvous sent an oversize response", status=status)
     try:
         data = json.loads(raw) if raw else {}
