@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from node.common.clock import ms_from_seconds
 from node.common.errors import (
     DVAIError,
     InvalidRequestError,
@@ -178,7 +179,7 @@ async def create_session(request: web.Request) -> web.Response:
         {
             "session_id": session.id,
             "initiator_token": token,
-            "expires_at": _ms(session.expires_at),
+            "expires_at": ms_from_seconds(session.expires_at),
             "ttl_seconds": config.session_ttl,
             "rendezvous_url": config.base_url,
         },
@@ -196,7 +197,7 @@ async def join_session(request: web.Request) -> web.Response:
             "session_id": session.id,
             "scanner_token": token,
             "initiator_public_key": session.initiator_public_key,
-            "expires_at": _ms(session.expires_at),
+            "expires_at": ms_from_seconds(session.expires_at),
             "state": session.state.value,
         }
     )
@@ -322,14 +323,12 @@ def _session_view(session: PairingSession, role: Role, after: int) -> dict[str, 
         "session_id": session.id,
         "role": role.value,
         "state": session.state.value,
-        "expires_at": _ms(session.expires_at),
+        "expires_at": ms_from_seconds(session.expires_at),
         "events": [event.to_json() for event in session.events_after(after)],
         "last_seq": session.last_seq,
     }
 
 
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000)
 
 
 def client_address(request: web.Request) -> str:

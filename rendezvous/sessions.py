@@ -27,6 +27,7 @@ from enum import StrEnum
 from typing import Any
 
 from node.common.b64 import b64url_decode, b64url_encode
+from node.common.clock import ms_from_seconds
 from node.common.device_ids import is_valid_device_id
 from node.common.errors import (
     AuthenticationError,
@@ -95,7 +96,7 @@ class SessionEvent:
     data: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "kind": self.kind, "at": int(self.at * 1000), "data": dict(self.data)}
+        return {"seq": self.seq, "kind": self.kind, "at": ms_from_seconds(self.at), "data": dict(self.data)}
 
 
 @dataclass(frozen=True, slots=True)
