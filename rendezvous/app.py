@@ -26,6 +26,7 @@ from node.common.errors import (
     RateLimitedError,
     error_body,
     http_error_body,
+    http_error_headers,
 )
 from node.version import __version__
 
@@ -393,7 +394,7 @@ def _http_exception_response(exc: web.HTTPException) -> web.Response:
         body = PayloadTooLargeError("request body is too large").to_body()
     else:
         body = http_error_body(exc.status, exc.reason or "request failed")
-    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+    headers = http_error_headers(exc.headers)
     return web.json_response(body, status=exc.status, headers=headers)
 
 

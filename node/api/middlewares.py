@@ -17,6 +17,7 @@ from ..common.errors import (
     PermissionDeniedError,
     error_body,
     http_error_body,
+    http_error_headers,
 )
 from ..constants import (
     REQUEST_ID_HEADER,
@@ -52,7 +53,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             message = f"method {request.method} is not allowed on {request.path}"
         elif exc.status == 404:
             message = f"no such endpoint: {request.method} {request.path}"
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        headers = http_error_headers(exc.headers)
         headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
         return web.json_response(http_error_body(exc.status, message), status=exc.status, headers=headers)
     except Exception:  # noqa: BLE001

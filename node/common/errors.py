@@ -52,6 +52,12 @@ def http_error_body(status: int, message: str) -> dict[str, Any]:
     return error_body(message, error_type=error_type, code=code)
 
 
+def http_error_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an HTTP error worth passing on to the client (``Allow``, ``Retry-After``);
+    the rest describe the framework's own response."""
+    return {name: value for name, value in headers.items() if name.lower() in ("allow", "retry-after")}
+
+
 class DVAIError(Exception):
     """Base of every error the node reports to a client."""
 
