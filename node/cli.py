@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from .common.errors import ConfigError
+from .common.signals import wait_for_stop_signal
 from .config import ModelConfig, NodeConfig, load_config, model_id_for_path
 from .version import __version__
 
@@ -114,12 +113,7 @@ async def serve(config: NodeConfig, *, stop: asyncio.Event | None = None) -> int
             for slot in failed:
                 print(f"model {slot.info.id} failed to load: {slot.error}", file=sys.stderr)
         print("ready" if not failed else "running with failed models", flush=True)
-        stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await wait_for_stop_signal(stop)
     finally:
         await node.close()
     return 0

@@ -1,8 +1,12 @@
-"""node/common: the one base64url rule, the one error body, the clock, the EWMA, the token bucket."""
+"""node/common: the one base64url rule, the one error body, the clock, the EWMA, the token bucket,
+the stop signal."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import os
+import signal
 import time
 
 import pytest
@@ -19,6 +23,7 @@ from node.common.errors import (
     http_error_headers,
 )
 from node.common.ewma import ewma
+from node.common.signals import wait_for_stop_signal
 from node.common.tokenbucket import TokenBucket
 
 
@@ -88,3 +93,17 @@ def test_token_bucket_refills_at_its_rate_up_to_its_burst() -> None:
     assert bucket.take(0.0) == pytest.approx(0.5)  # one token in half a second
     assert not bucket.is_full(0.5) and bucket.is_full(1.0)
     assert bucket.take(100.0) == 0.0 and bucket.tokens == pytest.approx(1.0)  # capped at the burst
+
+
+async def test_wait_for_stop_signal_ends_on_sigint_or_the_event_and_removes_its_handlers() -> None:
+    waiting = asyncio.create_task(wait_for_stop_signal())
+    await asyncio.sleep(0.01)  # the handlers are installed
+    os.kill(os.getpid(), signal.SIGINT)
+    await asyncio.wait_for(waiting, 5)
+    assert not asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)  # already removed
+    stop = asyncio.Event()
+    waiting = asyncio.create_task(wait_for_stop_signal(stop))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    stop.set()
+    await asyncio.wait_for(waiting, 5)
