@@ -196,3 +196,16 @@ def test_caps_live_in_the_constants_modules() -> None:
                         and name not in NOT_CAPS:
                     stray.append(name)
     assert not stray, f"move these caps to node/constants.py (or rendezvous/constants.py): {stray}"
+
+
+def test_the_node_package_resolves_its_public_names_on_first_use() -> None:
+    code = ("import json, sys, node; before = sorted(m for m in sys.modules if m.startswith('node'));"
+            "values = {name: type(getattr(node, name)).__name__ for name in node.__all__};"
+            "print(json.dumps([before, values, sorted(set(node.__all__) - set(dir(node)))]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    before, values, missing_from_dir = json.loads(result.stdout)
+    assert before == ["node", "node.version"]  # importing the package loads nothing else
+    assert {"Node", "NodeConfig", "DVAIError", "load_config", "sign_hmac", "verify_hmac"} <= set(values)
+    assert values["Node"] == "type" and values["compose_signed_message"] == "function"
+    assert missing_from_dir == []
