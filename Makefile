@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dvai-installed
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,9 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check node rendezvous tests bench
+
+typecheck: setup
+	$(BIN)/mypy --strict node rendezvous
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)

@@ -28,7 +28,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node.hub.keys import ApiKeyStore  # noqa: E402
-from node.security.pairing import Pairing, PairingStore  # noqa: E402
+from node.pairing.store import Pairing, PairingStore  # noqa: E402
 from node.security.signing import sign_request_headers  # noqa: E402
 from tests.conftest import start_node_process  # noqa: E402
 

@@ -9,16 +9,14 @@ with a message that names the key and the expected type.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tomllib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .common.errors import ConfigError
+from .common.settings import EnvString, build_dataclass, deep_merge, env_to_mapping, parse_json, read_toml
 from .constants import (
     DEFAULT_CTX_SIZE,
     DEFAULT_GENERATION_TIMEOUT,
@@ -27,7 +25,6 @@ from .constants import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_QUEUE_DEPTH,
 )
-from .errors import ConfigError
 
 ENV_PREFIX = "DVAI_"
 DEFAULT_MODEL_ID = "gemma3-270m"
@@ -220,7 +217,7 @@ def load_config(
     merged: dict[str, Any] = {}
     if file is not None:
         merged = deep_merge(merged, read_toml(file))
-    from_env = env_to_mapping(os.environ if env is None else env)
+    from_env = env_to_mapping(os.environ if env is None else env, ENV_PREFIX)
     if isinstance(from_env.get("models"), dict):
         file_models = merged.get("models")
         known: dict[str, Any] = file_models if isinstance(file_models, dict) else {DEFAULT_MODEL_ID: {}}
@@ -266,63 +263,20 @@ def _match_env_models(env_models: dict[str, Any], known: Mapping[str, Any]) -> d
     return {by_env_name.get(name, name): value for name, value in env_models.items()}
 
 
-def read_toml(file: str | Path) -> dict[str, Any]:
-    try:
-        with open(file, "rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"config file not found: {file}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {file} is not valid TOML: {exc}") from exc
-
-
-def env_to_mapping(env: Mapping[str, str], prefix: str = ENV_PREFIX) -> dict[str, Any]:
-    """``DVAI_OFFLOAD__ENABLED=true`` → ``{"offload": {"enabled": "true"}}`` (strings kept)."""
-    out: dict[str, Any] = {}
-    for name, value in env.items():
-        if not name.startswith(prefix) or name == prefix:
-            continue
-        parts = [p.lower() for p in name[len(prefix):].split("__")]
-        if any(not p for p in parts):
-            raise ConfigError(f"environment variable {name}: empty key segment")
-        target = out
-        for part in parts[:-1]:
-            nxt = target.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"environment variable {name} conflicts with another setting")
-            target = nxt
-        target[parts[-1]] = _EnvString(value)
-    return out
-
-
 def config_from_mapping(data: Mapping[str, Any]) -> NodeConfig:
     data = dict(data)
     if "models" in data:
         data["models"] = _models_from_mapping(data["models"])
-    config = _build(NodeConfig, data, "")
+    config = build_dataclass(NodeConfig, data, "")
     _check(config)
     return config
-
-
-def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-class _EnvString(str):
-    """A value that came from the environment: parsed by the target type."""
 
 
 def _models_from_mapping(value: Any) -> tuple[ModelConfig, ...]:
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, ModelConfig) for v in value):
         return tuple(value)
-    if isinstance(value, _EnvString):
-        value = _parse_json(value, "models")
+    if isinstance(value, EnvString):
+        value = parse_json(value, "models")
     if not isinstance(value, Mapping) or not value:
         raise ConfigError("models: expected a table of model aliases, e.g. [models.gemma3-270m]")
     models = []
@@ -332,109 +286,8 @@ def _models_from_mapping(value: Any) -> tuple[ModelConfig, ...]:
             continue
         if not isinstance(spec, Mapping):
             raise ConfigError(f"models.{alias}: expected a table")
-        models.append(_build(ModelConfig, {"id": str(alias), **spec}, f"models.{alias}."))
+        models.append(build_dataclass(ModelConfig, {"id": str(alias), **spec}, f"models.{alias}."))
     return tuple(models)
-
-
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' (known keys: {', '.join(sorted(names))})"
-        )
-    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in data.items()}
-    return cls(**kwargs)
-
-
-build_dataclass = _build  # public name: other services (rendezvous) build their configs with it
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:  # noqa: C901 - one branch per type
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, _EnvString) and value.lower() in ("", "none", "null")):
-            if type(None) in args:
-                return None
-        non_none = [a for a in args if a is not type(None)]
-        errors = []
-        for arg in non_none:
-            try:
-                return _coerce(arg, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
-        return str(value)
-    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):
-            return value
-        if isinstance(value, _EnvString):
-            value = _parse_json(value, key)
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a table")
-        return _build(hint, value, key + ".")
-    if origin is tuple:
-        item_type = args[0]
-        if isinstance(value, _EnvString):
-            text = value.strip()
-            value = _parse_json(text, key) if text.startswith("[") else [
-                v.strip() for v in text.split(",") if v.strip()
-            ]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list of {_type_name(item_type)}")
-        return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, _EnvString) and value.lower() in _BOOLS:
-            return _BOOLS[value.lower()]
-        raise ConfigError(f"{key}: expected a boolean (true/false), got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, _EnvString):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, _EnvString):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if hint is Path:
-        if isinstance(value, (str, Path)):
-            return Path(value).expanduser()
-        raise ConfigError(f"{key}: expected a path, got {value!r}")
-    raise ConfigError(f"{key}: unsupported config type {hint!r}")
-
-
-_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", str(hint))
-
-
-def _parse_json(text: str, key: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{key}: expected JSON, got {text!r}") from exc
 
 
 def _check(config: NodeConfig) -> None:

@@ -152,7 +152,8 @@ MAX_MODEL_ID_CHARS = 128
 """characters in one advertised model id; longer ids are dropped."""
 
 MAX_DEVICE_NAME_CHARS = 63
-"""characters of a peer's device name we keep (the DNS-SD instance label limit)."""
+"""characters of a device name we keep, a peer's or our own (the DNS-SD instance label limit:
+63 bytes; longer names are cut)."""
 
 MAX_VERSION_CHARS = 32
 """characters of a peer's version string we keep."""
@@ -279,3 +280,98 @@ FORWARD_MAX_EVENT_BYTES = 1024 * 1024
 HANDSHAKE_PROOFS_REMEMBERED = 10_000
 """handshake device proofs remembered for replay detection (handshakes are rate-limited, so a
 full window rarely holds more than a few hundred)."""
+
+# --- Caps on hostile input gathered from the modules that enforce them ----------
+
+# Request parsing (node/api/schemas.py)
+MAX_STOP_SEQUENCES = 4
+"""stop strings per request (OpenAI's own limit); each is checked against every token."""
+
+MAX_COMPLETION_PROMPTS = 16
+"""prompts in one /v1/completions request; each becomes a generation in the model's queue."""
+
+MAX_EMBEDDING_INPUTS = 2048
+"""inputs in one /v1/embeddings request (OpenAI's own limit); bounds one request's engine time."""
+
+# Discovery: what a peer tells us about itself (node/discovery/)
+MAX_INSTANCE_ID_CHARS = 64
+"""characters of a peer's instance id (from its TXT record or health answer); ours are 16 hex
+characters. One value for both sources, so the two never disagree about the same peer."""
+
+MAX_API_PATH_CHARS = 64
+"""characters of the API path a peer advertises (ours is ``/v1``)."""
+
+MAX_URL_CHARS = 2048
+"""characters of a peer base URL we accept (from config, custom discovery or an advert)."""
+
+HEALTH_CHALLENGE_MAX_CHARS = 64
+"""hex characters of the ``challenge`` query parameter a health handler signs; bounds the
+signed message a caller can make us produce."""
+
+# Offload forwarding (node/offload/forward.py)
+FORWARD_ERROR_PEEK_BYTES = 4096
+"""bytes of a peer's error answer read for the log line; the rest is not read."""
+
+# QR pairing (node/security/qr_pairing.py, qr_service.py, rendezvous_client.py)
+QR_MIN_SECRET_BYTES = 16
+"""bytes of a QR's one-time secret at least (128 bits: the pairing key's salt must be unguessable)."""
+
+QR_MAX_SECRET_BYTES = 64
+"""bytes of a QR's one-time secret at most; a longer one is not ours."""
+
+QR_MAX_URI_CHARS = 2048
+"""characters of a pairing URI we parse at all; a real one is about 250."""
+
+QR_MAX_DEVICE_NAME_BYTES = 128
+"""UTF-8 bytes of a device name carried in a confirmation message."""
+
+QR_MAX_CONFIRMATION_CHARS = 2048
+"""characters of a key-confirmation message we parse at all; a real one is about 330."""
+
+QR_MAX_PENDING_OFFERS = 4
+"""QR sessions one node keeps open at once; each holds a long-poll on the rendezvous."""
+
+QR_MAX_REMEMBERED_OUTCOMES = 32
+"""finished QR offers whose outcome ``status()`` still reports; older ones are forgotten."""
+
+RENDEZVOUS_MAX_RESPONSE_BYTES = 64 * 1024
+"""bytes of a rendezvous response we read; a real one is under 4 KiB."""
+
+# Small fields decoded or kept from the network
+REQUEST_ID_MAX_CHARS = 128
+"""characters of a client's X-Request-Id kept (and relayed to a peer); longer ids are cut."""
+
+B64_KEY_MAX_CHARS = 64
+"""characters of a base64url 32-byte key we decode at all (43 unpadded, 44 padded): a pairing
+key, a health proof's public key."""
+
+B64_FIELD_MAX_CHARS = 128
+"""characters of a base64url key or signature field we decode at all (a 64-byte Ed25519
+signature is 86 unpadded, 88 padded): handshake and health proofs."""
+
+QR_MAX_B64_FIELD_CHARS = 200
+"""characters of one base64url field (key, signature, MAC) in a QR key-confirmation message."""
+
+HEALTH_POKE_TRACKED_MAX = 1024
+"""addresses whose last out-of-round health check time is remembered; past this, entries
+older than 10 s are dropped, so a flood of addresses cannot grow the table."""
+
+CAPABILITY_MODEL_ID_MAX_CHARS = 256
+"""characters of a model id in capability.json or a probe request; longer ones are refused."""
+
+CAPABILITY_VERSION_MAX_CHARS = 64
+"""characters of the inference library version stored with a capability score."""
+
+# API keys (node/hub/keys.py)
+MAX_API_KEYS = 10_000
+"""API keys kept at most: bounds the file and the lookup table an admin mistake can grow."""
+
+MAX_KEY_NAME_CHARS = 100
+"""characters of an API key's human-readable name."""
+
+# Quotas and usage accounting (node/hub/quotas.py, node/hub/usage.py)
+QUOTA_MAX_TRACKED_SUBJECTS = 100_000
+"""(rule, app, device, model) quota windows kept: bounds the memory many distinct callers can grow."""
+
+USAGE_LABEL_MAX_CHARS = 200
+"""characters of an app id, device id or model name kept in a usage row; longer values are cut."""

@@ -6,53 +6,30 @@ unique per install, and checkable by anyone who sees the key.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import logging
 import os
 import secrets
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .fsutil import atomic_write_bytes, atomic_write_json, ensure_private_dir, read_json
+from .common.b64 import b64url_decode, b64url_encode
+from .common.clock import unix_ms
+from .common.device_ids import device_id_from_public_key, verify_device_signature
+from .common.fsutil import atomic_write_bytes, atomic_write_json, ensure_private_dir, read_json
+from .common.messages import health_proof_message
+from .constants import (
+    B64_FIELD_MAX_CHARS,
+    B64_KEY_MAX_CHARS,
+    HEALTH_CHALLENGE_MAX_CHARS,
+    MAX_DEVICE_NAME_CHARS,
+)
 
-DEVICE_ID_PREFIX = "dv"
 KEY_FILE = "identity.key"
-
-
-def device_id_from_public_key(public_key: bytes) -> str:
-    """``dv`` + the first 20 bytes of sha256(raw Ed25519 public key), base32, lower case (34 chars)."""
-    if len(public_key) != 32:
-        raise ValueError("an Ed25519 public key is 32 bytes")
-    digest = hashlib.sha256(public_key).digest()[:20]
-    return DEVICE_ID_PREFIX + base64.b32encode(digest).decode().lower()
-
-
-def is_valid_device_id(value: object) -> bool:
-    if not isinstance(value, str) or len(value) != 34 or not value.startswith(DEVICE_ID_PREFIX):
-        return False
-    try:
-        base64.b32decode(value[2:].upper())
-    except ValueError:
-        return False
-    return True
-
-
-def verify_device_signature(device_id: str, public_key: bytes, signature: bytes, message: bytes) -> bool:
-    """True when ``public_key`` belongs to ``device_id`` and signed ``message``."""
-    try:
-        if device_id_from_public_key(public_key) != device_id:
-            return False
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
-    except Exception:  # noqa: BLE001 - any failure means "not verified"
-        return False
-    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +79,6 @@ def load_or_create_identity(state_dir: Path) -> DeviceIdentity:
 
 INSTANCE_FILE = "instance.json"
 LOCK_FILE = "node.lock"
-DEVICE_NAME_MAX_CHARS = 63
-"""characters; a DNS-SD instance label is at most 63 bytes, names longer than that are cut."""
-HEALTH_PROOF_CONTEXT = b"dvai-health-v1"
-HEALTH_CHALLENGE_MAX_CHARS = 64
-"""characters of the ``challenge`` query parameter a health handler accepts (hex)."""
 
 _log = logging.getLogger(__name__)
 
@@ -176,7 +148,7 @@ def default_device_name(hostname: str | None = None) -> str:
     """The host name without its domain, cut to 63 characters; ``dvai-node`` if empty."""
     name = (hostname if hostname is not None else socket.gethostname()).split(".")[0]
     name = "".join(ch for ch in name if ch.isprintable()).strip()
-    return name[:DEVICE_NAME_MAX_CHARS] or "dvai-node"
+    return name[:MAX_DEVICE_NAME_CHARS] or "dvai-node"
 
 
 def new_instance_id() -> str:
@@ -243,7 +215,7 @@ def open_node_identity(
         host=host,
         machine_id=machine_id if machine_id is not None else _machine_id(host),
         pid=os.getpid(),
-        started_at=now_ms if now_ms is not None else int(time.time() * 1000),
+        started_at=now_ms if now_ms is not None else unix_ms(),
         instance_id=identity.instance_id,
     )
     warnings: list[str] = []
@@ -262,13 +234,6 @@ def open_node_identity(
     return IdentityHandle(identity, tuple(warnings), lock_fd)
 
 
-def health_proof_message(challenge: str, device_id: str, instance_id: str) -> bytes:
-    """What a node signs to prove, in its health answer, that it holds ``device_id``'s key."""
-    return b"\n".join(
-        (HEALTH_PROOF_CONTEXT, challenge.encode(), device_id.encode(), instance_id.encode())
-    )
-
-
 def make_health_proof(identity: NodeIdentity, challenge: str) -> dict[str, str] | None:
     """The ``identityProof`` object for a health answer, or None for a bad challenge.
 
@@ -278,8 +243,8 @@ def make_health_proof(identity: NodeIdentity, challenge: str) -> dict[str, str] 
         return None
     message = health_proof_message(challenge, identity.device_id, identity.instance_id)
     return {
-        "publicKey": _b64url(identity.device.public_key),
-        "signature": _b64url(identity.device.sign(message)),
+        "publicKey": b64url_encode(identity.device.public_key),
+        "signature": b64url_encode(identity.device.sign(message)),
     }
 
 
@@ -290,10 +255,10 @@ def check_health_proof(proof: object, challenge: str, device_id: str, instance_i
     public_key, signature = proof.get("publicKey"), proof.get("signature")
     if not isinstance(public_key, str) or not isinstance(signature, str):
         return False
-    if len(public_key) > 64 or len(signature) > 128:
+    if len(public_key) > B64_KEY_MAX_CHARS or len(signature) > B64_FIELD_MAX_CHARS:
         return False
     try:
-        public_raw, signature_raw = _unb64url(public_key), _unb64url(signature)
+        public_raw, signature_raw = b64url_decode(public_key), b64url_decode(signature)
     except ValueError:
         return False
     message = health_proof_message(challenge, device_id, instance_id)
@@ -306,17 +271,6 @@ def is_valid_health_challenge(challenge: object) -> bool:
         and 0 < len(challenge) <= HEALTH_CHALLENGE_MAX_CHARS
         and all(ch in "0123456789abcdef" for ch in challenge)
     )
-
-
-def _b64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _unb64url(text: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("not base64url") from exc
 
 
 def _machine_id(host: str) -> str:

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .common.errors import http_error_body
 from .constants import (
     API_PATH,
     MAX_METRIC_ERROR_CODES,
@@ -36,7 +37,6 @@ from .constants import (
 )
 from .discovery.model import Peer, PeerState
 from .engine.record import RequestRecord
-from .errors import http_error_body
 from .version import __version__
 
 if TYPE_CHECKING:

@@ -23,13 +23,13 @@ from .api.schemas import parse_chat_request, parse_completion_request, parse_emb
 from .app import build_app
 from .audit import AUDIT_FILE, AuditLog
 from .capability import CapabilityScore, CapabilityService, CapabilityStore
+from .common.errors import ConfigError
+from .common.fsutil import atomic_write_json, read_json
 from .config import NodeConfig, load_config, override_config
 from .context import NodeContext
 from .discovery import AdvertisedInfo, DiscoveryService, Peer, PeerTable
 from .engine.registry import ModelRegistry
 from .engine.service import InferenceLimits, InferenceService
-from .errors import ConfigError
-from .fsutil import atomic_write_json, read_json
 from .hub.external import ExternalEngines
 from .hub.interceptor import ChatCompletionInterceptor
 from .hub.keys import ApiKeyStore

@@ -18,11 +18,21 @@ from typing import Any
 
 from aiohttp import web
 
-from node.errors import DVAIError, InvalidRequestError, PayloadTooLargeError, RateLimitedError
+from node.common.clock import ms_from_seconds
+from node.common.errors import (
+    DVAIError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    error_body,
+    http_error_body,
+    http_error_headers,
+)
 from node.version import __version__
 
 from . import sessions as rules
 from .config import RendezvousConfig
+from .constants import MAX_CLIENT_ADDRESS_CHARS
 from .manager import SessionLimits, SessionManager
 from .metrics import CONTENT_TYPE_LATEST, RendezvousMetrics
 from .ratelimit import ClientRateLimiter, RateRule
@@ -170,7 +180,7 @@ async def create_session(request: web.Request) -> web.Response:
         {
             "session_id": session.id,
             "initiator_token": token,
-            "expires_at": _ms(session.expires_at),
+            "expires_at": ms_from_seconds(session.expires_at),
             "ttl_seconds": config.session_ttl,
             "rendezvous_url": config.base_url,
         },
@@ -188,7 +198,7 @@ async def join_session(request: web.Request) -> web.Response:
             "session_id": session.id,
             "scanner_token": token,
             "initiator_public_key": session.initiator_public_key,
-            "expires_at": _ms(session.expires_at),
+            "expires_at": ms_from_seconds(session.expires_at),
             "state": session.state.value,
         }
     )
@@ -314,14 +324,12 @@ def _session_view(session: PairingSession, role: Role, after: int) -> dict[str, 
         "session_id": session.id,
         "role": role.value,
         "state": session.state.value,
-        "expires_at": _ms(session.expires_at),
+        "expires_at": ms_from_seconds(session.expires_at),
         "events": [event.to_json() for event in session.events_after(after)],
         "last_seq": session.last_seq,
     }
 
 
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000)
 
 
 def client_address(request: web.Request) -> str:
@@ -329,7 +337,7 @@ def client_address(request: web.Request) -> str:
         forwarded = request.headers.get("X-Forwarded-For", "")
         hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
         if hops:
-            return hops[-1][:64]
+            return hops[-1][:MAX_CLIENT_ADDRESS_CHARS]
     return request.remote or "unknown"
 
 
@@ -375,7 +383,7 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
         raise
     except Exception:  # noqa: BLE001 - the one place an unexpected failure becomes a clean 500
         log.exception("unhandled error on %s %s", request.method, request.path)
-        body = DVAIError("internal error in the rendezvous").to_body()
+        body = error_body("internal error in the rendezvous")
         response = web.json_response(body, status=500)
     request.app[METRICS_KEY].requests.labels(route, str(response.status)).inc()
     return response
@@ -383,16 +391,11 @@ async def _error_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 def _http_exception_response(exc: web.HTTPException) -> web.Response:
     if exc.status == 413:
-        error: DVAIError = PayloadTooLargeError("request body is too large")
+        body = PayloadTooLargeError("request body is too large").to_body()
     else:
-        error = DVAIError(exc.reason or "request failed", code=_http_code(exc.status))
-        error.error_type = "invalid_request_error" if exc.status < 500 else "server_error"
-    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-    return web.json_response(error.to_body(), status=exc.status, headers=headers)
-
-
-def _http_code(status: int) -> str:
-    return {404: "not_found", 405: "method_not_allowed"}.get(status, f"http_{status}")
+        body = http_error_body(exc.status, exc.reason or "request failed")
+    headers = http_error_headers(exc.headers)
+    return web.json_response(body, status=exc.status, headers=headers)
 
 
 def _route_name(request: web.Request) -> str:

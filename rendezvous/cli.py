@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from node.errors import ConfigError
+from node.common.errors import ConfigError
 from node.version import __version__
 
 from .config import ENV_PREFIX, RendezvousConfig, load_rendezvous_config

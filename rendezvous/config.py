@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from node.config import build_dataclass, deep_merge, env_to_mapping, read_toml
-from node.errors import ConfigError
+from node.common.errors import ConfigError
+from node.common.settings import build_dataclass, deep_merge, env_to_mapping, read_toml
 
 ENV_PREFIX = "DVAI_RENDEZVOUS_"
 DEFAULT_PORT = 38980
@@ -112,7 +112,7 @@ def load_rendezvous_config(
 
 
 def config_from_mapping(data: Mapping[str, Any]) -> RendezvousConfig:
-    config: RendezvousConfig = build_dataclass(RendezvousConfig, data, "")
+    config = build_dataclass(RendezvousConfig, data)
     check_config(config)
     return config
 

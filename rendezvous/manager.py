@@ -8,14 +8,14 @@ never loses a step a client was told about.
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
-from node.errors import ServiceUnavailableError
+from node.common.b64 import b64url_encode
+from node.common.errors import ServiceUnavailableError
 
 from . import sessions as rules
 from .sessions import PairingSession, Role
@@ -200,7 +200,7 @@ class SessionManager:
             await self._store.save_session(after)
 
     def _new_token(self) -> str:
-        return base64.urlsafe_b64encode(self._random(rules.TOKEN_BYTES)).rstrip(b"=").decode()
+        return b64url_encode(self._random(rules.TOKEN_BYTES))
 
     def _changed(self, session: PairingSession) -> None:
         for waiter in self._waiters.get(session.id, ()):

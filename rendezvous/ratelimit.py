@@ -1,32 +1,11 @@
-"""Token buckets per client address: a pure bucket and a bounded table of them."""
+"""Token buckets per client address: a bounded table of the shared bucket (``node/common/tokenbucket.py``)."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
 
-
-@dataclass(slots=True)
-class TokenBucket:
-    """``rate`` tokens per second up to ``burst``; ``take`` answers 0 (allowed) or seconds to wait."""
-
-    rate: float
-    burst: float
-    tokens: float
-    updated: float
-
-    @classmethod
-    def full(cls, rate: float, burst: float, now: float) -> TokenBucket:
-        return cls(rate=rate, burst=burst, tokens=burst, updated=now)
-
-    def take(self, now: float, cost: float = 1.0) -> float:
-        elapsed = max(0.0, now - self.updated)
-        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
-        self.updated = now
-        if self.tokens >= cost:
-            self.tokens -= cost
-            return 0.0
-        return (cost - self.tokens) / self.rate
+from node.common.tokenbucket import TokenBucket
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from typing import Any
 
 from aiohttp import web
+
+from node.common.signals import wait_for_stop_signal
 
 from .app import create_app
 from .config import RendezvousConfig
@@ -106,20 +105,6 @@ async def serve(
         if shutdown_trigger is not None:
             await shutdown_trigger()
         else:
-            await _wait_for_signal()
+            await wait_for_stop_signal()
     finally:
         await server.stop()
-
-
-async def _wait_for_signal() -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with suppress(NotImplementedError):
-                loop.remove_signal_handler(sig)

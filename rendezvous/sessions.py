@@ -17,7 +17,6 @@ does the storage and the waking of long-polls.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import hmac
@@ -27,8 +26,18 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from node.errors import AuthenticationError, ConflictError, DVAIError, InvalidRequestError, NotFoundError
-from node.identity import is_valid_device_id
+from node.common.b64 import b64url_decode, b64url_encode
+from node.common.clock import ms_from_seconds
+from node.common.device_ids import is_valid_device_id
+from node.common.errors import (
+    AuthenticationError,
+    ConflictError,
+    DVAIError,
+    InvalidRequestError,
+    NotFoundError,
+)
+
+from .constants import MAX_ABORT_REASON
 
 SESSION_ID_BYTES = 16
 """128 random bits per session id (the issue asks for at least 64)."""
@@ -36,8 +45,6 @@ SESSION_ID_BYTES = 16
 TOKEN_BYTES = 16
 """128 random bits per role token; only its SHA-256 is stored."""
 
-MAX_ABORT_REASON = 200
-"""characters of a client-given abort reason kept and relayed."""
 
 _SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
@@ -89,7 +96,7 @@ class SessionEvent:
     data: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "kind": self.kind, "at": int(self.at * 1000), "data": dict(self.data)}
+        return {"seq": self.seq, "kind": self.kind, "at": ms_from_seconds(self.at), "data": dict(self.data)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +145,7 @@ def is_valid_session_id(value: object) -> bool:
 def new_session_id(random_bytes: bytes) -> str:
     if len(random_bytes) < 8:
         raise ValueError("a session id needs at least 64 random bits")
-    return base64.urlsafe_b64encode(random_bytes).rstrip(b"=").decode()
+    return b64url_encode(random_bytes)
 
 
 def hash_token(token: str) -> str:
@@ -150,10 +157,10 @@ def parse_public_key(value: object, param: str) -> str:
     if not isinstance(value, str) or len(value) != 43:
         raise InvalidRequestError(f"'{param}' must be a base64url X25519 public key (43 characters)", param=param)
     try:
-        raw = base64.urlsafe_b64decode(value + "=")
+        raw = b64url_decode(value)
     except ValueError as exc:
         raise InvalidRequestError(f"'{param}' is not valid base64url", param=param) from exc
-    if len(raw) != 32 or base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != value:
+    if len(raw) != 32:
         raise InvalidRequestError(f"'{param}' must encode exactly 32 bytes", param=param)
     return value
 

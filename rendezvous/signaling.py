@@ -10,7 +10,6 @@ make it do. Frames are in ``docs/rendezvous.md``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import os
@@ -22,20 +21,16 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from node.identity import is_valid_device_id, verify_device_signature
-from node.transport.signaling import presence_auth_message
+from node.common.b64 import b64url_decode, b64url_encode
+from node.common.device_ids import is_valid_device_id, verify_device_signature
+from node.common.messages import presence_auth_message
+from node.common.tokenbucket import TokenBucket
 
+from .constants import MAX_HELLO_FIELD_CHARS, MAX_MESSAGE_ID, MAX_PRESENCE_QUERY
 from .metrics import RendezvousMetrics
-from .ratelimit import TokenBucket
 from .store import RendezvousStore
 
 log = logging.getLogger(__name__)
-
-MAX_PRESENCE_QUERY = 64
-"""device ids one presence query may ask about; bounds the reply."""
-
-MAX_MESSAGE_ID = 64
-"""characters of a client's optional message id echoed in errors."""
 
 SEND_TIMEOUT = 5.0
 """seconds a relay may wait on a slow receiver before the message is dropped."""
@@ -157,7 +152,7 @@ class SignalingHub:
     # ----------------------------------------------------------------------
 
     async def _authenticate(self, ws: web.WebSocketResponse) -> _Connection | None:
-        nonce = _b64(self._random(32))
+        nonce = b64url_encode(self._random(32))
         await ws.send_json({"type": "challenge", "version": 1, "nonce": nonce, "audience": self._audience})
         try:
             message = await ws.receive(timeout=self._limits.auth_timeout)
@@ -259,14 +254,10 @@ def _message_id(text: str) -> Any:
     return None
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def _unb64(text: str) -> bytes | None:
-    if len(text) > 200:
+    if len(text) > MAX_HELLO_FIELD_CHARS:
         return None
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return b64url_decode(text)
     except ValueError:
         return None

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from node.fsutil import ensure_private_dir
+from node.common.fsutil import ensure_private_dir
 
 from .config import MEMORY_DB
 from .sessions import PairingSession

@@ -183,8 +183,8 @@ async def test_the_audit_reader_records_served_and_refused_requests(aiohttp_clie
     from aiohttp import web
 
     from node.api.record import RECORD, audit_reader, make_record_middleware
+    from node.common.errors import DVAIError, ServiceUnavailableError
     from node.config import NodeConfig
-    from node.errors import DVAIError, ServiceUnavailableError
     from node.pairing.store import Pairing, PairingStore
     from node.security.guard import make_security_middleware
     from node.security.signing import NonceCache, sign_request_headers

@@ -29,18 +29,18 @@ from node.capability import (
     CapabilityService,
     CapabilityStore,
     changed_enough,
-    ewma,
     heuristic_tok_per_s,
     measure_copy_bandwidth,
     probe,
 )
+from node.common.errors import InvalidRequestError
+from node.common.ewma import ewma
 from node.config import ModelConfig, NodeConfig, OffloadConfig
 from node.constants import CAPABILITY_OBSERVED_ALPHA, CAPABILITY_STORE_MAX_ENTRIES
 from node.engine.base import ModelInfo, SamplingParams
 from node.engine.registry import ModelRegistry
 from node.engine.simulated import SimulatedEngine
 from node.engine.slot import GenerationJob, ModelSlot
-from node.errors import InvalidRequestError
 
 from .conftest import REPO
 

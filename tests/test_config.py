@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from node.common.errors import ConfigError
 from node.config import NodeConfig, load_config
-from node.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

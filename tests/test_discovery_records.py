@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.common.errors import ConfigError
 from node.config import KnownPeer
 from node.constants import MAX_CUSTOM_PEERS, MAX_TXT_BYTES, MAX_TXT_ITEM_BYTES
 from node.discovery.advert import AdvertisedInfo, claim_from_txt, decode_txt, encode_txt, pick_address
@@ -17,7 +18,6 @@ from node.discovery.custom import load_custom_discovery, seeds_from_custom_resul
 from node.discovery.health import parse_health_report
 from node.discovery.static import seeds_from_known_peers
 from node.discovery.validate import health_url, normalize_base_url
-from node.errors import ConfigError
 from node.identity import DeviceIdentity, NodeIdentity, make_health_proof
 
 IDENTITY = NodeIdentity(DeviceIdentity.generate(), "desk", "0123456789abcdef")

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from node.common.errors import DVAIError
 from node.config import NodeConfig, SecurityConfig
-from node.errors import DVAIError
 from node.pairing.store import Pairing, PairingStore
 from node.security.guard import (
     ATTRIBUTION_KEY,

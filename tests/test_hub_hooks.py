@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from node import Node, load_config
-from node.errors import PermissionDeniedError
+from node.common.errors import PermissionDeniedError
 from node.hub.interceptor import InterceptContext, InterceptedResponse
 
 
@@ -111,7 +111,7 @@ async def test_without_a_policy_nothing_is_substituted(tmp_path: Path) -> None:
 
 
 def test_a_bad_substitution_map_is_refused_at_start(tmp_path: Path) -> None:
-    from node.errors import ConfigError
+    from node.common.errors import ConfigError
     from node.hub.substitution import SubstitutionPolicy
 
     with pytest.raises(ConfigError, match="requested=served"):

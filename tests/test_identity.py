@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from node.common.device_ids import device_id_from_public_key, is_valid_device_id
 from node.identity import (
     INSTANCE_FILE,
     KEY_FILE,
@@ -17,8 +18,6 @@ from node.identity import (
     check_health_proof,
     copied_state_dir_warnings,
     default_device_name,
-    device_id_from_public_key,
-    is_valid_device_id,
     load_or_create_identity,
     make_health_proof,
     open_node_identity,

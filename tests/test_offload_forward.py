@@ -19,7 +19,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from node.api.sse import write_peer_answer
-from node.offload.events import EventSplitter, OversizeEventError, encode_event
+from node.common.sse import EventSplitter, OversizeEventError, encode_event
+from node.constants import FORWARD_MAX_EVENT_BYTES
 from node.offload.forward import (
     ForwardCall,
     Forwarder,
@@ -58,7 +59,7 @@ def test_events_are_split_whole_across_arbitrary_chunk_boundaries() -> None:
         {"choices": [], "usage": {"completion_tokens": 1}}) + encode_event(
         {"error": {"code": "x"}}) + b"data: [DONE]\n\n"
     for size in (1, 2, 7, len(stream)):
-        splitter = EventSplitter()
+        splitter = EventSplitter(max_event_bytes=FORWARD_MAX_EVENT_BYTES)
         events = []
         for i in range(0, len(stream), size):
             events += splitter.feed(stream[i:i + size])
@@ -72,7 +73,7 @@ def test_an_endless_event_is_refused_and_garbage_is_relayed_as_no_text() -> None
     splitter = EventSplitter(max_event_bytes=100)
     with pytest.raises(OversizeEventError):
         splitter.feed(b"data: " + b"x" * 200)
-    (event,) = EventSplitter().feed(b"data: {not json\n\n")
+    (event,) = EventSplitter(max_event_bytes=FORWARD_MAX_EVENT_BYTES).feed(b"data: {not json\n\n")
     assert event.raw == b"data: {not json\n\n" and not event.has_text and not event.done
 
 

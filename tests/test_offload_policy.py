@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.common.errors import InvalidRequestError, ServiceUnavailableError
 from node.constants import NO_CAPABLE_DEVICE_RETRY_AFTER
-from node.errors import InvalidRequestError, ServiceUnavailableError
 from node.offload.policy import (
     LocalState,
     NoCapableDeviceError,

@@ -15,8 +15,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from node.config import SecurityConfig
-from node.errors import (
+from node.common.errors import (
     AuthenticationError,
     DVAIError,
     InvalidRequestError,
@@ -24,9 +23,11 @@ from node.errors import (
     PermissionDeniedError,
     RateLimitedError,
 )
+from node.common.messages import handshake_proof_message
+from node.config import SecurityConfig
 from node.identity import DeviceIdentity
 from node.pairing.approval import PairingApprover, PairingRequest, TokenBuckets
-from node.pairing.handshake import handle_handshake, handshake_proof_message, make_handshake_proof, pair_with
+from node.pairing.handshake import handle_handshake, make_handshake_proof, pair_with
 from node.pairing.store import (
     PAIRINGS_FILE,
     Pairing,

@@ -10,14 +10,15 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
-from node.identity import DeviceIdentity, device_id_from_public_key
+from node.common.b64 import b64url_encode as b64encode
+from node.common.device_ids import device_id_from_public_key
+from node.identity import DeviceIdentity
 from node.pairing.qr import (
     PairingFailedError,
     PairingTranscript,
     QrPayload,
     Role,
     SessionKeys,
-    b64encode,
     build_confirmation,
     build_finish,
     derive_session_keys,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from node.errors import ConflictError, InvalidRequestError, NotFoundError
+from node.common.errors import ConflictError, InvalidRequestError, NotFoundError
 from node.identity import DeviceIdentity
 from node.pairing.qr import PairingFailedError, PairingResult
 from node.pairing.qr_service import QrPairingService, offer_to_json, result_to_json

@@ -9,8 +9,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from node.common.errors import RateLimitedError
 from node.config import QuotaConfig
-from node.errors import RateLimitedError
 from node.hub.keys import ApiKeyStore
 from node.hub.quotas import QuotaBook, QuotaSubject, seconds_until_utc_midnight
 

@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from node.common.b64 import b64url_encode as b64encode
 from node.identity import DeviceIdentity
-from node.pairing.qr import b64encode
 
 from .rendezvous_support import make_config, request, running
 

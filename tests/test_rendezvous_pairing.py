@@ -13,8 +13,9 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from node.common.b64 import b64url_encode as b64encode
 from node.identity import DeviceIdentity
-from node.pairing.qr import PairingFailedError, b64encode, parse_pairing_uri, public_bytes
+from node.pairing.qr import PairingFailedError, parse_pairing_uri, public_bytes
 from node.security.signing import compose_signed_message, sign_hmac, verify_hmac
 from node.transport.rendezvous_client import (
     PairingAbortedError,

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from node.errors import AuthenticationError, ConfigError, InvalidRequestError
+from node.common.errors import AuthenticationError, ConfigError, InvalidRequestError
+from node.common.tokenbucket import TokenBucket
 from node.identity import DeviceIdentity
 from rendezvous import sessions as rules
 from rendezvous.config import RendezvousConfig, load_rendezvous_config
-from rendezvous.ratelimit import ClientRateLimiter, RateRule, TokenBucket
+from rendezvous.constants import MAX_ABORT_REASON
+from rendezvous.ratelimit import ClientRateLimiter, RateRule
 from rendezvous.sessions import (
     PairingSession,
     Role,
@@ -121,7 +123,7 @@ def test_abort_keeps_a_bounded_reason() -> None:
     session = rules.abort(_joined(), role=Role.INITIATOR, reason="x" * 1000, now=1002)
     assert session.state is SessionState.ABORTED
     assert session.events[-1].data["by"] == "initiator"
-    assert len(session.events[-1].data["reason"]) == rules.MAX_ABORT_REASON
+    assert len(session.events[-1].data["reason"]) == MAX_ABORT_REASON
 
 
 @pytest.mark.parametrize("value", [None, 5, "", "A" * 42, "A" * 44, "A" * 42 + "B", "A" * 42 + "+", "A" * 42 + "="])

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from node.common.b64 import b64url_encode as _b64
+from node.common.messages import presence_auth_message
 from node.identity import DeviceIdentity
 from node.transport.signaling import (
     SignalingClient,
     SignalingError,
-    presence_auth_message,
     same_origin,
     websocket_url,
 )
@@ -22,10 +22,6 @@ from rendezvous.app import STORE_KEY
 from .rendezvous_support import make_config, running
 
 pytestmark = pytest.mark.timeout(30)
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 async def test_two_devices_relay_messages_and_see_each_other(tmp_path: Path) -> None:

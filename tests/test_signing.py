@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.errors import AuthenticationError
+from node.common.errors import AuthenticationError
 from node.pairing.store import Pairing, PairingStore
 from node.security.signing import (
     HEADER_APP_ID,

@@ -8,11 +8,16 @@ import logging
 
 import pytest
 
+from node.common.errors import (
+    GenerationStalledError,
+    GenerationTimeoutError,
+    ModelUnavailableError,
+    QueueFullError,
+)
 from node.engine.base import GenerationOutcome, ModelInfo, SamplingParams
 from node.engine.queue import ModelQueue
 from node.engine.simulated import SimulatedEngine
 from node.engine.slot import GenerationJob, ModelSlot, SlotState
-from node.errors import GenerationStalledError, GenerationTimeoutError, ModelUnavailableError, QueueFullError
 
 
 def simulated_slot(tok_per_s: float = 500.0, depth: int = 4) -> ModelSlot:

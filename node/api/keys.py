@@ -7,8 +7,8 @@ import math
 
 from aiohttp import web
 
+from ..common.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from ..context import CONTEXT
-from ..errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from ..hub.keys import ApiKeyStore, parse_scopes
 from .middlewares import read_json
 

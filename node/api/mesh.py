@@ -8,9 +8,10 @@ from typing import Any
 from aiohttp import web
 
 from ..capability import CapabilityDisabledError, CapabilityService, check_probe_tokens
+from ..common.errors import InvalidRequestError
+from ..constants import CAPABILITY_MODEL_ID_MAX_CHARS
 from ..context import CONTEXT, NodeContext
 from ..engine.slot import SlotState
-from ..errors import InvalidRequestError
 from ..identity import make_health_proof
 from ..version import __version__
 from .middlewares import read_json
@@ -167,7 +168,7 @@ def parse_probe_request(body: Any) -> tuple[str | None, int | None]:
     if unknown:
         raise InvalidRequestError(f"unknown probe parameter {unknown[0][:40]!r}", param=unknown[0][:40])
     model, tokens = body.get("model"), body.get("tokens")
-    if model is not None and (not isinstance(model, str) or not 0 < len(model) <= 256):
+    if model is not None and (not isinstance(model, str) or not 0 < len(model) <= CAPABILITY_MODEL_ID_MAX_CHARS):
         raise InvalidRequestError("model must be a model id (a non-empty string)", param="model")
     return model, None if tokens is None else check_probe_tokens(tokens)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..common.errors import NotFoundError
 from ..context import CONTEXT
-from ..errors import NotFoundError
 
 METRICS_PATH = "/metrics"
 

@@ -10,13 +10,18 @@ from typing import Any
 
 from aiohttp import web
 
-from ..constants import REQUEST_ID_HEADER
-from ..errors import (
+from ..common.errors import (
     DVAIError,
     InvalidRequestError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    error_body,
     http_error_body,
+    http_error_headers,
+)
+from ..constants import (
+    REQUEST_ID_HEADER,
+    REQUEST_ID_MAX_CHARS,
 )
 
 log = logging.getLogger(__name__)
@@ -35,7 +40,7 @@ def error_response(error: DVAIError, request_id: str | None = None) -> web.Respo
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost: every failure leaves as an OpenAI-shaped JSON error, never a stack trace."""
     request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    request[REQUEST_ID] = request_id[:128]
+    request[REQUEST_ID] = request_id[:REQUEST_ID_MAX_CHARS]
     try:
         response = await handler(request)
     except DVAIError as exc:
@@ -48,13 +53,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             message = f"method {request.method} is not allowed on {request.path}"
         elif exc.status == 404:
             message = f"no such endpoint: {request.method} {request.path}"
-        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        headers = http_error_headers(exc.headers)
         headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
         return web.json_response(http_error_body(exc.status, message), status=exc.status, headers=headers)
     except Exception:  # noqa: BLE001
         log.exception("unhandled error on %s %s", request.method, request.path)
-        body = {"error": {"message": "internal server error", "type": "server_error",
-                          "code": "internal_error", "param": None}}
+        body = error_body("internal server error")
         return web.json_response(body, status=500, headers={REQUEST_ID_HEADER: request[REQUEST_ID]})
     if not response.prepared:
         response.headers.setdefault(REQUEST_ID_HEADER, request[REQUEST_ID])

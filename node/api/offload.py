@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..common.errors import OffloadDisabledError
 from ..context import CONTEXT
-from ..errors import OffloadDisabledError
 
 routes = web.RouteTableDef()
 

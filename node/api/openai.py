@@ -13,10 +13,10 @@ from typing import Any
 
 from aiohttp import web
 
+from ..common.errors import ModelNotFoundError
 from ..constants import HOP_HEADER, OFFLOAD_HEADER, SERVED_BY_HEADER, SUBSTITUTED_HEADER
 from ..context import CONTEXT, NodeContext
 from ..engine.requests import GenerationRequest
-from ..errors import ModelNotFoundError
 from ..hub.interceptor import InterceptContext, InterceptedResponse, run_interceptor
 from ..hub.keys import check_scopes
 from ..hub.quotas import QuotaLease, QuotaSubject

@@ -6,8 +6,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ..common.errors import OffloadDisabledError
 from ..context import CONTEXT, NodeContext
-from ..errors import OffloadDisabledError
 
 routes = web.RouteTableDef()
 

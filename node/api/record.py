@@ -18,9 +18,10 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from ..audit.log import AuditLog, AuditRow
-from ..constants import MAX_METRIC_LABEL_CHARS, REQUEST_ID_HEADER
+from ..common.clock import unix_ms
+from ..common.errors import DVAIError
+from ..constants import MAX_METRIC_LABEL_CHARS, REQUEST_ID_HEADER, REQUEST_ID_MAX_CHARS
 from ..engine.record import SERVED_LOCAL, RequestRecord
-from ..errors import DVAIError
 from ..security.guard import attribution_of, audit_peer_of
 from .middlewares import REQUEST_ID
 
@@ -49,13 +50,13 @@ RecordReader = Callable[[RequestRecord], None]
 
 
 def make_record_middleware(readers: Iterable[RecordReader], *,
-                           now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> Middleware:
+                           now_ms: Callable[[], int] = unix_ms) -> Middleware:
     """Create each request's record and hand it to ``readers`` once the answer is complete."""
     listeners = tuple(readers)
 
     @web.middleware
     async def record_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = request.get(REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER, "")[:128]
+        request_id = request.get(REQUEST_ID) or request.headers.get(REQUEST_ID_HEADER, "")[:REQUEST_ID_MAX_CHARS]
         record = RequestRecord(request_id=request_id, method=request.method,
                                endpoint=request.path, arrived_ms=now_ms())
         request[RECORD] = record

@@ -9,14 +9,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..constants import MAX_TOKENS_CAP
+from ..common.errors import InvalidRequestError, UnsupportedParameterError
+from ..constants import MAX_COMPLETION_PROMPTS, MAX_EMBEDDING_INPUTS, MAX_STOP_SEQUENCES, MAX_TOKENS_CAP
 from ..engine.base import ChatMessage, SamplingParams
 from ..engine.requests import ChatRequest, CompletionRequest, EmbeddingRequest
-from ..errors import InvalidRequestError, UnsupportedParameterError
-
-MAX_STOP_SEQUENCES = 4
-MAX_EMBEDDING_INPUTS = 2048
-MAX_COMPLETION_PROMPTS = 16
 
 # Parameters we recognise but do not implement: a clear 400 beats silently ignoring them.
 _UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "top_logprobs",

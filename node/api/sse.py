@@ -2,35 +2,25 @@
 
 Local streams are ``data: {json}\\n\\n`` events closed by ``data: [DONE]``; a peer's answer
 (:class:`~node.offload.forward.PeerAnswer`) is already encoded and is written as it arrives.
+The codec (encoding, the DONE marker, headers) is ``node/common/sse.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import ClientConnectionResetError, web
 
+from ..common.errors import DVAIError, error_body
+from ..common.sse import DONE_EVENT, SSE_HEADERS, encode_event
 from ..constants import REQUEST_ID_HEADER, SERVED_BY_HEADER
 from ..engine.record import RequestRecord
-from ..errors import DVAIError
 from ..offload.forward import PeerAnswer
 from .middlewares import REQUEST_ID
 
 log = logging.getLogger(__name__)
-
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
-DONE = b"data: [DONE]\n\n"
-
-
-def encode_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 
 
 async def stream_events(
@@ -77,11 +67,8 @@ async def stream_events(
             log.exception("stream failed")
             if record is not None:
                 record.failed("internal_error")
-            await response.write(
-                encode_event({"error": {"message": "internal error while streaming", "type": "server_error",
-                                        "code": "internal_error", "param": None}})
-            )
-        await response.write(DONE)
+            await response.write(encode_event(error_body("internal error while streaming")))
+        await response.write(DONE_EVENT)
         await response.write_eof()
         return response
     finally:

@@ -12,8 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..context import CONTEXT, NodeContext
-from ..errors import (
+from ..common.errors import (
     ConflictError,
     DVAIError,
     InvalidRequestError,
@@ -21,6 +20,7 @@ from ..errors import (
     ServiceUnavailableError,
     UpstreamError,
 )
+from ..context import CONTEXT, NodeContext
 from ..pairing import PairingFailedError, handle_handshake, pair_with
 from ..pairing.qr_service import QrPairingService, offer_to_json, result_to_json
 from ..transport.rendezvous_client import PairingExpiredError, RendezvousError

@@ -20,8 +20,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from ..common.clock import MS_PER_DAY, unix_ms
+from ..common.fsutil import SECRET_MODE, ensure_private_dir
 from ..config import AuditConfig
 from ..constants import (
     AUDIT_BATCH_MAX,
@@ -30,12 +32,10 @@ from ..constants import (
     AUDIT_QUERY_MAX_ROWS,
     AUDIT_QUEUE_MAX,
 )
-from ..fsutil import SECRET_MODE, ensure_private_dir
 
 logger = logging.getLogger(__name__)
 
 AUDIT_FILE = "audit.sqlite3"
-_DAY_MS = 86_400_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -56,6 +56,8 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
 """
+
+_T = TypeVar("_T")
 
 
 class AuditLogError(RuntimeError):
@@ -122,7 +124,7 @@ class AuditLog:
         retention_days: float = 30.0,
         max_rows: int = 100_000,
         enabled: bool = True,
-        now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        now_ms: Callable[[], int] = unix_ms,
         prune_interval_s: float = AUDIT_PRUNE_INTERVAL_S,
         queue_max: int = AUDIT_QUEUE_MAX,
         on_commit: Callable[[int], None] | None = None,
@@ -225,14 +227,15 @@ class AuditLog:
 
     # -- the writer thread ---------------------------------------------------
 
-    async def _submit(self, run: Callable[[sqlite3.Connection], Any], *, default: Any) -> Any:
+    async def _submit(self, run: Callable[[sqlite3.Connection], _T], *, default: _T) -> _T:
         if not self.enabled:
             return default
         if self._closed or self._thread is None:
             raise AuditLogError("the audit log is closed")
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._queue.put(_Job(run, future))
-        return await asyncio.wrap_future(future)
+        result: _T = await asyncio.wrap_future(future)
+        return result
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
         try:
@@ -323,7 +326,7 @@ class AuditLog:
         return len(rows)
 
     def _prune(self, conn: sqlite3.Connection) -> int:
-        cutoff = self._now_ms() - int(self.retention_days * _DAY_MS)
+        cutoff = self._now_ms() - int(self.retention_days * MS_PER_DAY)
         with conn:
             deleted = conn.execute("DELETE FROM audit WHERE ts < ?", (cutoff,)).rowcount
             deleted += conn.execute(

@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from ..common.errors import DVAIError, EngineError, GenerationTimeoutError, InvalidRequestError
 from ..constants import CAPABILITY_MAX_TOK_PER_S, CAPABILITY_PROBE_MAX_TOKENS, DEFAULT_GENERATION_TIMEOUT
 from ..engine.base import GenerationOutcome, SamplingParams
 from ..engine.slot import ModelSlot
-from ..errors import DVAIError, EngineError, GenerationTimeoutError, InvalidRequestError
 from .score import CapabilityScore, library_version_for, prompt_rate
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..constants import CAPABILITY_MAX_TOK_PER_S, CAPABILITY_NOTIFY_MIN_CHANGE, CAPABILITY_OBSERVED_ALPHA
+from ..common.errors import OffloadDisabledError
+from ..constants import (
+    CAPABILITY_MAX_TOK_PER_S,
+    CAPABILITY_MODEL_ID_MAX_CHARS,
+    CAPABILITY_NOTIFY_MIN_CHANGE,
+    CAPABILITY_VERSION_MAX_CHARS,
+)
 from ..engine.base import Engine
-from ..errors import OffloadDisabledError
 
 ScoreSource = Literal["probe", "heuristic", "observed"]
 
@@ -76,9 +81,9 @@ class CapabilityScore:
         if not isinstance(data, dict):
             raise ValueError("a score must be an object")
         model_id, version, source = data.get("modelId"), data.get("libraryVersion"), data.get("source")
-        if not isinstance(model_id, str) or not 0 < len(model_id) <= 256:
+        if not isinstance(model_id, str) or not 0 < len(model_id) <= CAPABILITY_MODEL_ID_MAX_CHARS:
             raise ValueError("modelId must be a non-empty string")
-        if not isinstance(version, str) or len(version) > 64:
+        if not isinstance(version, str) or len(version) > CAPABILITY_VERSION_MAX_CHARS:
             raise ValueError("libraryVersion must be a short string")
         if source not in ("probe", "heuristic", "observed"):
             raise ValueError("source must be probe, heuristic or observed")
@@ -110,11 +115,6 @@ def heuristic_tok_per_s(size_bytes: int, threads: int, copy_bandwidth: float) ->
         return None
     gain = math.sqrt(min(max(threads, 1), HEURISTIC_THREAD_GAIN_CAP))
     return min(HEURISTIC_EFFICIENCY * copy_bandwidth * gain / size_bytes, CAPABILITY_MAX_TOK_PER_S)
-
-
-def ewma(previous: float, sample: float, alpha: float = CAPABILITY_OBSERVED_ALPHA) -> float:
-    """Exponentially weighted moving average: ``alpha`` is the newest sample's weight."""
-    return alpha * sample + (1.0 - alpha) * previous
 
 
 def changed_enough(old: float | None, new: float, threshold: float = CAPABILITY_NOTIFY_MIN_CHANGE) -> bool:

@@ -10,19 +10,19 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ..common.errors import DVAIError
+from ..common.ewma import ewma
 from ..config import NodeConfig
-from ..constants import OBSERVED_MIN_TOKENS
+from ..constants import CAPABILITY_OBSERVED_ALPHA, OBSERVED_MIN_TOKENS
 from ..engine.base import GenerationOutcome, ModelInfo
 from ..engine.registry import ModelRegistry
 from ..engine.simulated import SimulatedEngine
 from ..engine.slot import ModelSlot, SlotState
-from ..errors import DVAIError
 from .probe import check_probe_tokens, probe
 from .score import (
     DEFAULT_COPY_BANDWIDTH,
     CapabilityScore,
     changed_enough,
-    ewma,
     heuristic_tok_per_s,
     library_version_for,
     measure_copy_bandwidth,
@@ -198,10 +198,10 @@ class CapabilityService:
         previous = self._observed.get(info.id)
         if previous is None:
             base = self.store.get(info.id, self._version(info.id), info.size_bytes)
-            value = rate if base is None else ewma(base.tok_per_s, rate)
+            value = ewma(None if base is None else base.tok_per_s, rate, CAPABILITY_OBSERVED_ALPHA)
             prompt, samples = (None if base is None else base.prompt_tok_per_s), 1
         else:
-            value = ewma(previous.tok_per_s, rate)
+            value = ewma(previous.tok_per_s, rate, CAPABILITY_OBSERVED_ALPHA)
             prompt, samples = previous.prompt_tok_per_s, previous.samples + 1
         score = CapabilityScore(
             model_id=info.id, tok_per_s=value, prompt_tok_per_s=prompt, measured_at=self._now(),

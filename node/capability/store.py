@@ -6,8 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..common.fsutil import atomic_write_json, read_json
 from ..constants import CAPABILITY_FILE_MAX_BYTES, CAPABILITY_STORE_MAX_ENTRIES
-from ..fsutil import atomic_write_json, read_json
 from .score import CapabilityScore
 
 log = logging.getLogger(__name__)

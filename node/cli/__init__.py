@@ -19,8 +19,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ..common.errors import ConfigError
 from ..config import load_config
-from ..errors import ConfigError
 from ..version import __version__
 from . import admin, probe, serve, status
 from .base import Command, overrides_from_args

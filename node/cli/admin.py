@@ -10,6 +10,7 @@ import time
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from ..common.clock import unix_ms
 from ..config import NodeConfig
 from ..engine.model_file import model_file_problem
 from .base import add_config_option
@@ -184,7 +185,7 @@ def run_peers(args: argparse.Namespace, config: NodeConfig) -> int:
         if args.json:
             print(json.dumps(result["data"], indent=2))
             return 0
-        now_ms = time.time() * 1000
+        now_ms = unix_ms()
         rows = []
         for peer in result["data"]:
             speeds = ", ".join(f"{m} {v:g}" for m, v in sorted(peer.get("capability", {}).items())) or "-"

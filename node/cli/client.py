@@ -17,8 +17,8 @@ from typing import Any
 
 import aiohttp
 
+from ..common.fsutil import read_json
 from ..config import NodeConfig
-from ..fsutil import read_json
 from .base import add_config_option, add_state_dir_option
 
 

@@ -12,9 +12,9 @@ from ..capability.probe import check_probe_tokens
 from ..capability.score import CapabilityScore
 from ..capability.service import CapabilityService
 from ..capability.store import CapabilityStore
+from ..common.errors import DVAIError
 from ..config import ModelConfig, NodeConfig, model_id_for_path
 from ..engine.registry import ModelRegistry
-from ..errors import DVAIError
 from .base import add_config_option, add_log_level_option, add_state_dir_option
 
 DESCRIPTION = (

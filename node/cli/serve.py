@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 import sys
 
+from ..common.errors import ConfigError
+from ..common.signals import wait_for_stop_signal
 from ..config import ModelConfig, NodeConfig
-from ..errors import ConfigError
 from ..version import __version__
 from .base import add_config_option, add_log_level_option, add_state_dir_option
 
@@ -56,12 +55,7 @@ async def serve(config: NodeConfig, *, stop: asyncio.Event | None = None) -> int
             for slot in failed:
                 print(f"model {slot.info.id} failed to load: {slot.error}", file=sys.stderr)
         print("ready" if not failed else "running with failed models", flush=True)
-        stop = stop or asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await wait_for_stop_signal(stop)
     finally:
         await node.close()
     return 0

@@ -24,15 +24,18 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..common.device_ids import is_valid_device_id
 from ..constants import (
+    MAX_API_PATH_CHARS,
     MAX_DEVICE_NAME_CHARS,
+    MAX_INSTANCE_ID_CHARS,
     MAX_TXT_BYTES,
     MAX_TXT_ITEM_BYTES,
     MAX_TXT_ITEMS,
     MAX_VERSION_CHARS,
     MDNS_TXT_FORMAT_VERSION,
 )
-from ..identity import NodeIdentity, is_valid_device_id
+from ..identity import NodeIdentity
 from ..version import __version__
 from .model import PeerClaim
 from .validate import (
@@ -42,9 +45,6 @@ from .validate import (
     clean_text,
     clean_tok_per_s,
 )
-
-MAX_API_PATH_CHARS = 64
-MAX_INSTANCE_ID_CHARS = 32
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,9 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
+from ..common.device_ids import is_valid_device_id
+from ..common.errors import ConfigError
 from ..constants import CUSTOM_DISCOVERY_TIMEOUT_S, MAX_CUSTOM_PEERS, MAX_DEVICE_NAME_CHARS
-from ..errors import ConfigError
-from ..identity import is_valid_device_id
 from .logonce import WarnOnce
 from .model import PeerSeed
 from .validate import clean_capability, clean_models, clean_text, normalize_base_url

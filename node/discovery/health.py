@@ -22,16 +22,19 @@ from collections.abc import Callable, Sequence
 
 import aiohttp
 
+from ..common.device_ids import is_valid_device_id
 from ..constants import (
     HEALTH_CHECK_TIMEOUT_S,
     HEALTH_POKE_MIN_INTERVAL_S,
+    HEALTH_POKE_TRACKED_MAX,
     MAX_CONCURRENT_HEALTH_CHECKS,
     MAX_DEVICE_NAME_CHARS,
     MAX_HEALTH_BODY_BYTES,
+    MAX_INSTANCE_ID_CHARS,
     MAX_PEER_MODELS,
     MAX_VERSION_CHARS,
 )
-from ..identity import NodeIdentity, check_health_proof, is_valid_device_id
+from ..identity import NodeIdentity, check_health_proof
 from .logonce import WarnOnce
 from .merge import MergeOutcome
 from .model import HealthReport, PeerSeed
@@ -40,7 +43,6 @@ from .validate import Via, address_of, clean_models, clean_queue_depth_value, cl
 
 _log = logging.getLogger(__name__)
 HEALTHY_STATUSES = ("ok", "loading", "degraded")
-MAX_INSTANCE_ID_CHARS = 64
 
 
 def parse_health_report(body: object, challenge: str | None = None) -> HealthReport:
@@ -150,7 +152,7 @@ class HealthChecker:
         now = self._monotonic()
         if now - self._last_poke.get(base_url, -1e9) < HEALTH_POKE_MIN_INTERVAL_S:
             return
-        if len(self._last_poke) > 1024:
+        if len(self._last_poke) > HEALTH_POKE_TRACKED_MAX:
             self._last_poke = {u: t for u, t in self._last_poke.items() if now - t < 10}
         self._last_poke[base_url] = now
         task = asyncio.create_task(self._check(base_url), name="dvai-health-poke")

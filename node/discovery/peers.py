@@ -15,11 +15,11 @@ import asyncio
 import collections
 import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ..common.clock import unix_ms
 from ..config import OffloadConfig
 from ..constants import MAX_PEER_ADDRESSES, MAX_PEER_WATCH_QUEUE, MAX_PEERS, MAX_PENDING_PEERS
 from .merge import (
@@ -47,14 +47,9 @@ __all__ = [
     "PeerWatch",
     "Via",
     "VIA_VALUES",
-    "wall_clock_ms",
 ]
 
 _log = logging.getLogger(__name__)
-
-
-def wall_clock_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class PeerChangeKind(StrEnum):
@@ -80,7 +75,7 @@ class PeerTable:
         self,
         *,
         self_device_id: str | None = None,
-        now: Callable[[], int] = wall_clock_ms,
+        now: Callable[[], int] = unix_ms,
         unreachable_after: float = 3.0,
         remove_after: float = 60.0,
         max_peers: int = MAX_PEERS,
@@ -99,7 +94,7 @@ class PeerTable:
 
     @classmethod
     def from_config(
-        cls, config: OffloadConfig, *, self_device_id: str | None, now: Callable[[], int] = wall_clock_ms
+        cls, config: OffloadConfig, *, self_device_id: str | None, now: Callable[[], int] = unix_ms
     ) -> PeerTable:
         """A table with ``config``'s ``unreachable_after`` / ``remove_after`` timing."""
         return cls(

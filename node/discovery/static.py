@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..common.device_ids import is_valid_device_id
+from ..common.errors import ConfigError
 from ..config import KnownPeer
 from ..constants import MAX_DEVICE_NAME_CHARS
-from ..errors import ConfigError
-from ..identity import is_valid_device_id
 from .model import PeerSeed
 from .validate import clean_text, normalize_base_url
 

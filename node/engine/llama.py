@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..common.errors import EngineError, InvalidRequestError, embeddings_not_enabled
 from ..config import env_model_name
-from ..errors import EngineError, InvalidRequestError, embeddings_not_enabled
 from .base import ChatMessage, EmbeddingResult, GenerationOutcome, ModelInfo, SamplingParams, TokenSink
 from .chat_format import known_chat_formats, render_gemma, render_named_format, render_template
 from .textstream import ReasoningBudget, StopMatcher

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from ..constants import QUEUE_RETRY_AFTER
-from ..errors import QueueFullError
+from ..common.errors import QueueFullError
 
 
 class ModelQueue:

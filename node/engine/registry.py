@@ -8,8 +8,8 @@ import logging
 import time
 from pathlib import Path
 
+from ..common.errors import ModelNotFoundError
 from ..config import ModelConfig, NodeConfig
-from ..errors import ModelNotFoundError
 from .base import Engine, ModelInfo
 from .slot import ModelSlot, SlotState
 

@@ -19,8 +19,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..common.errors import embeddings_not_enabled
 from ..config import env_model_name
-from ..errors import embeddings_not_enabled
 from .base import FinishReason, GenerationOutcome
 from .record import SERVED_LOCAL, RequestRecord
 from .registry import ModelRegistry

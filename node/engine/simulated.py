@@ -11,7 +11,7 @@ import hashlib
 import threading
 import time
 
-from ..errors import InvalidRequestError
+from ..common.errors import InvalidRequestError
 from .base import ChatMessage, EmbeddingResult, GenerationOutcome, ModelInfo, SamplingParams, TokenSink
 
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ..errors import (
+from ..common.errors import (
     DVAIError,
     EngineError,
     GenerationStalledError,

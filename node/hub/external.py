@@ -21,10 +21,10 @@ from typing import Any
 
 import aiohttp
 
+from ..common.errors import QueueFullError, ServiceUnavailableError
 from ..config import ExternalEngineConfig
 from ..constants import QUEUE_RETRY_AFTER
 from ..engine.record import RequestRecord
-from ..errors import QueueFullError, ServiceUnavailableError
 from ..offload.forward import (
     ForwardCall,
     Forwarder,

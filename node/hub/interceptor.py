@@ -8,7 +8,7 @@ async function) before anything else serves it:
 - return a ``dict`` to answer with it as JSON (200);
 - return an :class:`InterceptedResponse` for another status, headers, or a stream of
   chunk dicts sent as server-sent events;
-- raise a :class:`~node.errors.DVAIError` to refuse with its status and OpenAI error body.
+- raise a :class:`~node.common.errors.DVAIError` to refuse with its status and OpenAI error body.
 
 Any other exception is logged and answered ``502 interceptor_failed``: a bug in the hook
 never becomes a 500 with a stack trace, and never harms other requests.
@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import DVAIError, UpstreamError
+from ..common.errors import DVAIError, UpstreamError
 
 __all__ = ["ChatCompletionInterceptor", "InterceptContext", "InterceptedResponse", "run_interceptor"]
 

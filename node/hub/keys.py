@@ -19,14 +19,16 @@ import logging
 import re
 import secrets
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
-from ..fsutil import atomic_write_json, read_json
+from ..common.b64 import b64url_encode
+from ..common.clock import unix_ms
+from ..common.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+from ..common.fsutil import atomic_write_json, read_json
+from ..constants import MAX_API_KEYS, MAX_KEY_NAME_CHARS
 
 __all__ = ["API_KEYS_FILE", "ApiKey", "ApiKeyStore", "KeyScopes", "bearer_token", "check_scopes", "parse_scopes"]
 
@@ -34,9 +36,6 @@ log = logging.getLogger(__name__)
 
 API_KEYS_FILE = "api_keys.json"
 KEY_PREFIX = "dvai"
-MAX_API_KEYS = 10_000
-"""keys kept at most: bounds the file and the lookup table an admin mistake can grow."""
-MAX_KEY_NAME_CHARS = 100
 _KEY_RE = re.compile(r"^dvai-([a-z2-7]{12})-([A-Za-z0-9_-]{43})$")
 _APP_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ANY = "*"
@@ -114,7 +113,7 @@ def bearer_token(authorization: str | None) -> str | None:
 class ApiKeyStore:
     """The node's API keys, loaded once and saved atomically on every change."""
 
-    def __init__(self, path: Path, *, clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> None:
+    def __init__(self, path: Path, *, clock: Callable[[], int] = unix_ms) -> None:
         self.path = path
         self._clock = clock
         self._keys: dict[str, ApiKey] = {}
@@ -158,7 +157,7 @@ class ApiKeyStore:
                 raise InvalidRequestError(f"this node already has {MAX_API_KEYS} API keys; revoke some",
                                           code="too_many_keys")
             key_id = base64.b32encode(secrets.token_bytes(10)).decode().lower()[:12]
-            secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+            secret = b64url_encode(secrets.token_bytes(32))
             token = f"{KEY_PREFIX}-{key_id}-{secret}"
             now = self._clock()
             record = ApiKey(id=key_id, app_id=app_id, name=name, digest=_digest(token),

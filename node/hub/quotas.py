@@ -20,16 +20,14 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from ..common.errors import RateLimitedError
 from ..config import QuotaConfig
-from ..errors import RateLimitedError
+from ..constants import QUOTA_MAX_TRACKED_SUBJECTS
 
 __all__ = ["QuotaBook", "QuotaLease", "QuotaSubject", "UsageReader", "seconds_until_utc_midnight"]
 
 ANY = "*"
 WINDOW_S = 60.0
-MAX_TRACKED_SUBJECTS = 100_000
-"""(rule, app, device, model) windows kept: bounds the memory many distinct callers can grow."""
-
 
 class InsufficientQuotaError(RateLimitedError):
     code = "insufficient_quota"
@@ -105,7 +103,7 @@ class QuotaBook:
                             retry_after=window[0] + WINDOW_S - now, code="rate_limit_exceeded")
         for (_, rule), key in zip(matched, keys, strict=True):
             if rule.requests_per_minute is not None:
-                if key not in self._windows and len(self._windows) >= MAX_TRACKED_SUBJECTS:
+                if key not in self._windows and len(self._windows) >= QUOTA_MAX_TRACKED_SUBJECTS:
                     self._windows.pop(next(iter(self._windows)))
                 self._windows.setdefault(key, deque()).append(now)
             if rule.concurrent is not None:

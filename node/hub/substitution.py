@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ..common.errors import ConfigError
 from ..config import HubConfig
-from ..errors import ConfigError
 
 __all__ = ["UNKNOWN_FAMILY", "ModelName", "SubstitutionMode", "SubstitutionPolicy", "choose_substitute",
            "parse_model_name"]

@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..common.fsutil import ensure_private_dir
+from ..constants import USAGE_LABEL_MAX_CHARS
 from ..engine.record import RequestRecord
-from ..fsutil import ensure_private_dir
 from .quotas import QuotaSubject
 
 __all__ = ["USAGE_FILE", "UsageStore", "utc_day"]
@@ -45,7 +46,6 @@ ON CONFLICT (day, app_id, device_id, model) DO UPDATE SET
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
     completion_tokens = completion_tokens + excluded.completion_tokens
 """
-_MAX_LABEL_CHARS = 200
 
 
 def utc_day(now: float) -> str:
@@ -93,8 +93,8 @@ class UsageStore:
         if record.served_by is None or record.status >= 400 and record.status != 499:
             return
         day = utc_day(self._clock())
-        key = (record.app_id[:_MAX_LABEL_CHARS] or "anonymous", record.peer_device_id[:_MAX_LABEL_CHARS] or "anonymous",
-               (record.model_served or record.model_requested or "")[:_MAX_LABEL_CHARS])
+        key = (record.app_id[:USAGE_LABEL_MAX_CHARS] or "anonymous", record.peer_device_id[:USAGE_LABEL_MAX_CHARS] or "anonymous",
+               (record.model_served or record.model_requested or "")[:USAGE_LABEL_MAX_CHARS])
         prompt, completion = max(0, record.prompt_tokens or 0), max(0, record.completion_tokens or 0)
         with self._lock:
             if day != self._today:

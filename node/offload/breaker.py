@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from enum import StrEnum
 
+from node.common.ewma import ewma
 from node.constants import (
     CIRCUIT_BREAK_MAX_S,
     CIRCUIT_BREAK_MULTIPLIER,
@@ -187,12 +188,7 @@ class PeerHealth:
         """
         if tokens < self._settings.min_tokens or not (math.isfinite(decode_seconds) and decode_seconds > 0):
             return
-        sample = tokens / decode_seconds
-        if self.observed_tok_per_s is None:
-            self.observed_tok_per_s = sample
-        else:
-            a = self._settings.alpha
-            self.observed_tok_per_s = a * sample + (1 - a) * self.observed_tok_per_s
+        self.observed_tok_per_s = ewma(self.observed_tok_per_s, tokens / decode_seconds, self._settings.alpha)
         self.observed_at = now
 
     def snapshot(self, now: float) -> PeerHealthSnapshot:

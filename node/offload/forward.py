@@ -30,23 +30,28 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from node.common.errors import UpstreamError
+from node.common.sse import DONE_EVENT, EventSplitter, OversizeEventError, PeerEvent, encode_event
 from node.config import NodeConfig
-from node.constants import FORWARD_MAX_RESPONSE_BYTES, HOP_HEADER, OFFLOAD_HEADER, REQUEST_ID_HEADER
+from node.constants import (
+    FORWARD_ERROR_PEEK_BYTES,
+    FORWARD_MAX_EVENT_BYTES,
+    FORWARD_MAX_RESPONSE_BYTES,
+    HOP_HEADER,
+    OFFLOAD_HEADER,
+    REQUEST_ID_HEADER,
+    REQUEST_ID_MAX_CHARS,
+)
 from node.engine.base import GenerationOutcome
-from node.errors import UpstreamError
 from node.pairing.store import Pairing
 from node.security.signing import sign_request_headers
 from node.transport.link import LinkRequest, LinkResponse, PeerLink, PeerLinkError
-
-from .events import DONE_EVENT, EventSplitter, OversizeEventError, PeerEvent, encode_event
 
 __all__ = ["ForwardCall", "ForwardFailed", "ForwardResult", "ForwardSettings", "ForwardStatus", "ForwardTarget",
            "Forwarder", "PeerAnswer"]
 
 log = logging.getLogger(__name__)
 
-_ERROR_BODY_PEEK = 4096
-"""bytes of a peer's error answer read for the log line."""
 _DRAIN_TIMEOUT_S = 0.25
 """seconds to wait for a peer's end of stream after ``[DONE]`` before dropping the link."""
 
@@ -160,7 +165,7 @@ class Forwarder:
             headers.update({"Content-Type": "application/json", OFFLOAD_HEADER: "never",
                             HOP_HEADER: self._device_id})
             if call.request_id:
-                headers[REQUEST_ID_HEADER] = call.request_id[:128]
+                headers[REQUEST_ID_HEADER] = call.request_id[:REQUEST_ID_MAX_CHARS]
             return LinkRequest("POST", call.path, headers, call.body)
 
         timeout = self._settings.connect_timeout
@@ -174,7 +179,7 @@ class Forwarder:
             upstream = await target.link.open(request(), connect_timeout=timeout)
         if upstream.status != 200:
             try:
-                peek = await _read_limited(upstream, _ERROR_BODY_PEEK, truncate=True)
+                peek = await _read_limited(upstream, FORWARD_ERROR_PEEK_BYTES, truncate=True)
             except PeerLinkError:
                 peek = b""
             finally:
@@ -197,7 +202,7 @@ class PeerAnswer:
         self._settings = settings
         self._monotonic = monotonic
         self._on_finished = on_finished
-        self._splitter = EventSplitter()
+        self._splitter = EventSplitter(max_event_bytes=FORWARD_MAX_EVENT_BYTES)
         self._tally = _Tally(monotonic, self.result.outcome)
         self._first: list[PeerEvent] = []
         self._body = b""

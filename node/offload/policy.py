@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from node.common.errors import InvalidRequestError, ServiceUnavailableError
 from node.constants import (
     NO_CAPABLE_DEVICE_RETRY_AFTER,
     OFFLOAD_HEADER,
     OFFLOAD_MAX_FORWARD_ATTEMPTS,
     OFFLOAD_OBSERVED_MAX_AGE_S,
 )
-from node.errors import InvalidRequestError, ServiceUnavailableError
 
 if TYPE_CHECKING:
     from node.config import OffloadConfig

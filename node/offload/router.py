@@ -36,12 +36,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from node.common.errors import DVAIError
 from node.config import NodeConfig
 from node.constants import VERIFY_REFRESH_FRACTION
 from node.discovery.peers import Peer, PeerChange, PeerChangeKind, PeerTable
 from node.engine.record import RequestRecord
 from node.engine.registry import ModelRegistry
-from node.errors import DVAIError
 from node.pairing.store import PairingStore
 from node.transport.link import PeerLink
 

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.capability.probe import PROBE_PROMPT
+from node.common.sse import EventSplitter, OversizeEventError
 from node.constants import (
+    FORWARD_MAX_EVENT_BYTES,
     HOP_HEADER,
     MAX_CONCURRENT_VERIFICATIONS,
     MAX_VERIFICATIONS,
@@ -41,8 +43,6 @@ from node.engine.base import GenerationOutcome
 from node.pairing.store import Pairing
 from node.security.signing import sign_request_headers
 from node.transport.link import LinkRequest, LinkResponse, PeerLink, PeerLinkError
-
-from .events import EventSplitter, OversizeEventError
 
 __all__ = ["PeerVerifier", "ProbeTarget", "Verification", "VerificationFailed", "measure_decode_rate"]
 
@@ -167,7 +167,7 @@ class _ProbeTiming:
 
 async def _read_probe(response: LinkResponse, timing: _ProbeTiming, deadline: asyncio.Timeout,
                       give_up_below: float | None, tokens: int) -> None:
-    splitter = EventSplitter()
+    splitter = EventSplitter(max_event_bytes=FORWARD_MAX_EVENT_BYTES)
     loop = asyncio.get_running_loop()
     while chunk := await response.read_chunk():
         arrived = timing._monotonic()  # noqa: SLF001 - the timing's own clock

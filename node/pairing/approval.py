@@ -23,6 +23,8 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..common.errors import NotFoundError, RateLimitedError
+from ..common.tokenbucket import TokenBucket
 from ..config import SecurityConfig
 from ..constants import (
     HANDSHAKE_BURST,
@@ -31,7 +33,6 @@ from ..constants import (
     PAIRING_PENDING_MAX,
     PAIRING_PROMPT_TIMEOUT_S,
 )
-from ..errors import NotFoundError, RateLimitedError
 from ..security.signing import NonceCache
 from .store import decode_key
 
@@ -86,7 +87,12 @@ PairingHook = Callable[[PairingRequest], HookResult | Awaitable[HookResult]]
 
 
 class TokenBuckets:
-    """Per-key token buckets with a cap on how many keys are tracked (pure; time passed in)."""
+    """Per-key token buckets with a cap on how many keys are tracked (pure; time passed in).
+
+    When the table is full, buckets that have refilled are forgotten (they behave exactly like
+    untracked keys); if none has, newcomers are refused too, so a flood of spoofed ids cannot
+    grow memory or evict a busy key's debt.
+    """
 
     def __init__(self, *, capacity: int, per_second: float, max_keys: int) -> None:
         if capacity < 1 or per_second <= 0 or max_keys < 1:
@@ -94,32 +100,25 @@ class TokenBuckets:
         self.capacity = capacity
         self.per_second = per_second
         self.max_keys = max_keys
-        self._buckets: dict[str, tuple[float, float]] = {}
+        self._buckets: dict[str, TokenBucket] = {}
 
     def take(self, key: str, now: float) -> float:
         """Spend one token: 0.0 when allowed, else the seconds until one is available."""
-        tokens, last = self._buckets.get(key, (float(self.capacity), now))
-        tokens = min(float(self.capacity), tokens + max(0.0, now - last) * self.per_second)
-        if tokens < 1.0:
-            self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.per_second
-        if key not in self._buckets and len(self._buckets) >= self.max_keys:
-            self._prune(now)
+        bucket = self._buckets.get(key)
+        if bucket is None:
             if len(self._buckets) >= self.max_keys:
-                return 1.0 / self.per_second  # every tracked key is busy: refuse newcomers too
-        self._buckets[key] = (tokens - 1.0, now)
-        return 0.0
+                self._prune(now)
+                if len(self._buckets) >= self.max_keys:
+                    return 1.0 / self.per_second  # every tracked key is busy: refuse newcomers too
+            bucket = TokenBucket.full(self.per_second, float(self.capacity), now)
+            self._buckets[key] = bucket
+        return bucket.take(now)
 
     def __len__(self) -> int:
         return len(self._buckets)
 
     def _prune(self, now: float) -> None:
-        """Forget buckets that have refilled: they behave exactly like untracked keys."""
-        full = [
-            key for key, (tokens, last) in self._buckets.items()
-            if tokens + (now - last) * self.per_second >= self.capacity
-        ]
-        for key in full:
+        for key in [key for key, bucket in self._buckets.items() if bucket.is_full(now)]:
             del self._buckets[key]
 
 

@@ -26,24 +26,17 @@ reference's LAN trust model (docs/security.md). QR pairing through a rendezvous 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 import secrets
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Protocol
 
 import aiohttp
 
-from ..constants import (
-    MESH_PATH,
-    PAIRING_CLIENT_TIMEOUT_S,
-    PAIRING_FIELD_MAX_CHARS,
-    PAIRING_KEY_BYTES,
-    SIGNATURE_WINDOW_S,
-)
-from ..errors import (
+from ..common.b64 import b64url_decode, b64url_encode
+from ..common.clock import unix_ms
+from ..common.device_ids import device_id_from_public_key, verify_device_signature
+from ..common.errors import (
     AuthenticationError,
     DVAIError,
     InvalidRequestError,
@@ -51,17 +44,23 @@ from ..errors import (
     RateLimitedError,
     UpstreamError,
 )
-from ..identity import device_id_from_public_key, verify_device_signature
+from ..common.messages import handshake_proof_message
+from ..constants import (
+    B64_FIELD_MAX_CHARS,
+    MESH_PATH,
+    PAIRING_CLIENT_TIMEOUT_S,
+    PAIRING_FIELD_MAX_CHARS,
+    PAIRING_KEY_BYTES,
+    SIGNATURE_WINDOW_S,
+)
 from .approval import PairingApprover, PairingRequest
 from .store import Pairing, PairingStore, decode_key, encode_key
 
 HANDSHAKE_PATH = f"{MESH_PATH}/handshake"
 HEALTH_PATH = f"{MESH_PATH}/health"
 LAN_HANDSHAKE: Final = "lan-handshake"
-HANDSHAKE_PROOF_CONTEXT: Final = b"dvai-handshake-v1"
 PROOF_FIELDS: Final = ("publicKey", "proofTimestamp", "proof")
 
-_B64URL_RE = re.compile(r"[A-Za-z0-9_-]+={0,2}")  # padding tolerated (Java's encoder adds it)
 _ID_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: used in headers later
 _DENIAL_MESSAGES = {
     "pairing_denied": "this node does not accept pairing requests (pairing_policy = deny)",
@@ -73,10 +72,6 @@ _DENIAL_MESSAGES = {
     "denied_by_hook": "the pairing request was denied",
     "pairing_hook_failed": "the pairing request was denied",
 }
-
-
-def _wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class DeviceSigner(Protocol):
@@ -91,17 +86,11 @@ class DeviceSigner(Protocol):
     def sign(self, message: bytes) -> bytes: ...
 
 
-def handshake_proof_message(peer_device_id: str, target_device_id: str, timestamp_ms: int) -> bytes:
-    """What a caller signs: context, its own device id, the target node's device id, unix ms."""
-    return b"\n".join((HANDSHAKE_PROOF_CONTEXT, peer_device_id.encode(), target_device_id.encode(),
-                       str(timestamp_ms).encode()))
-
-
 def make_handshake_proof(signer: DeviceSigner, target_device_id: str, timestamp_ms: int) -> dict[str, Any]:
     """The ``publicKey``/``proofTimestamp``/``proof`` fields to add to a handshake body."""
     message = handshake_proof_message(signer.device_id, target_device_id, timestamp_ms)
-    return {"publicKey": _b64url(signer.public_key), "proofTimestamp": timestamp_ms,
-            "proof": _b64url(signer.sign(message))}
+    return {"publicKey": b64url_encode(signer.public_key), "proofTimestamp": timestamp_ms,
+            "proof": b64url_encode(signer.sign(message))}
 
 
 def check_handshake_proof(body: Mapping[str, Any], *, device_id: str, node_device_id: str, now_ms: int) -> bool:
@@ -161,7 +150,7 @@ async def handle_handshake(
     approver: PairingApprover,
     store: PairingStore,
     node_device_id: str,
-    now: Callable[[], int] = _wall_clock_ms,
+    now: Callable[[], int] = unix_ms,
 ) -> dict[str, Any]:
     """Run one handshake: rate limit, validate, decide, store an inbound pairing, answer.
 
@@ -213,7 +202,7 @@ async def pair_with(
     my_device_name: str,
     app_id: str | None = None,
     store: PairingStore,
-    now: Callable[[], int] = _wall_clock_ms,
+    now: Callable[[], int] = unix_ms,
     timeout_s: float = PAIRING_CLIENT_TIMEOUT_S,
 ) -> Pairing:
     """Ask the node at ``base_url`` to pair with us; store and return the outbound pairing.
@@ -262,20 +251,15 @@ def _proof_bytes(body: Mapping[str, Any], name: str, size: int) -> bytes:
     if not isinstance(value, str):
         raise InvalidRequestError(f"'{name}' must be a base64url string", param=name)
     raw = None
-    if len(value) <= 128 and _B64URL_RE.fullmatch(value):
+    if len(value) <= B64_FIELD_MAX_CHARS:  # padding tolerated (Java's encoder adds it): node/common/b64.py
         try:
-            text = value.rstrip("=")
-            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        except (binascii.Error, ValueError):
+            raw = b64url_decode(value)
+        except ValueError:
             raw = None
     if raw is None or len(raw) != size:
         raise AuthenticationError(f"'{name}' must be {size} bytes in base64url", param=name,
                                   code="device_proof_invalid")
     return raw
-
-
-def _b64url(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def _field(body: Mapping[str, Any], name: str, *, required: bool, identifier: bool) -> str | None:

@@ -19,13 +19,11 @@ distinct per direction. The scanner closes with a ``finish`` MAC.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import io
 import json
 import re
-import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -36,21 +34,24 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..identity import DeviceIdentity, is_valid_device_id, verify_device_signature
+from ..common.b64 import b64url_decode, b64url_encode
+from ..common.clock import unix_ms
+from ..common.device_ids import is_valid_device_id, verify_device_signature
+from ..constants import (
+    QR_MAX_B64_FIELD_CHARS,
+    QR_MAX_CONFIRMATION_CHARS,
+    QR_MAX_DEVICE_NAME_BYTES,
+    QR_MAX_SECRET_BYTES,
+    QR_MAX_URI_CHARS,
+    QR_MIN_SECRET_BYTES,
+)
+from ..identity import DeviceIdentity
 
 PAIRING_VERSION = 1
 PROTOCOL_LABEL = b"dvai-pair-v1"
 URI_PREFIX = "dvai://pair?"
 SECRET_BYTES = 32
 """bytes of the one-time secret put in the QR (256 bits; at least 16 are accepted)."""
-MIN_SECRET_BYTES = 16
-MAX_SECRET_BYTES = 64
-MAX_URI_CHARS = 2048
-"""characters of a pairing URI we parse at all; a real one is about 250."""
-MAX_DEVICE_NAME_BYTES = 128
-"""UTF-8 bytes of a device name carried in a confirmation message."""
-MAX_CONFIRMATION_CHARS = 2048
-"""characters of a confirmation message we parse at all; a real one is about 330."""
 OKM_BYTES = 72
 SHORT_CODE_DIGITS = 6
 
@@ -82,9 +83,9 @@ class QrPayload:
             f"v={self.version}",
             f"r={quote(self.rendezvous_url, safe='')}",
             f"s={self.session_id}",
-            f"k={b64encode(self.initiator_public_key)}",
+            f"k={b64url_encode(self.initiator_public_key)}",
             f"d={self.initiator_device_id}",
-            f"t={b64encode(self.secret)}",
+            f"t={b64url_encode(self.secret)}",
         ))
 
 
@@ -143,7 +144,7 @@ class PairingResult:
     @property
     def pairing_key_b64(self) -> str:
         """The key as the reference's handshake carries it: base64url, no padding."""
-        return b64encode(self.pairing_key)
+        return b64url_encode(self.pairing_key)
 
 
 # --------------------------------------------------------------------------
@@ -151,14 +152,14 @@ class PairingResult:
 
 
 def new_secret(random_bytes: bytes) -> bytes:
-    if not MIN_SECRET_BYTES <= len(random_bytes) <= MAX_SECRET_BYTES:
-        raise ValueError(f"the one-time secret must be {MIN_SECRET_BYTES}-{MAX_SECRET_BYTES} bytes")
+    if not QR_MIN_SECRET_BYTES <= len(random_bytes) <= QR_MAX_SECRET_BYTES:
+        raise ValueError(f"the one-time secret must be {QR_MIN_SECRET_BYTES}-{QR_MAX_SECRET_BYTES} bytes")
     return random_bytes
 
 
 def parse_pairing_uri(text: str) -> QrPayload:
     """Parse and check a ``dvai://pair?...`` URI; ``ValueError`` says what is wrong."""
-    if not isinstance(text, str) or len(text) > MAX_URI_CHARS:
+    if not isinstance(text, str) or len(text) > QR_MAX_URI_CHARS:
         raise ValueError("not a pairing payload (not a string, or too long)")
     text = text.strip()
     if not text.startswith(URI_PREFIX):
@@ -179,12 +180,12 @@ def parse_pairing_uri(text: str) -> QrPayload:
         raise ValueError("pairing payload: 's' is not a session id")
     if not is_valid_device_id(values["d"]):
         raise ValueError("pairing payload: 'd' is not a device id")
-    key = b64decode(values["k"], "k")
+    key = decode_b64_field(values["k"], "k")
     if len(key) != 32:
         raise ValueError("pairing payload: 'k' must be a 32-byte X25519 public key")
-    secret = b64decode(values["t"], "t")
-    if not MIN_SECRET_BYTES <= len(secret) <= MAX_SECRET_BYTES:
-        raise ValueError(f"pairing payload: 't' must be {MIN_SECRET_BYTES}-{MAX_SECRET_BYTES} bytes")
+    secret = decode_b64_field(values["t"], "t")
+    if not QR_MIN_SECRET_BYTES <= len(secret) <= QR_MAX_SECRET_BYTES:
+        raise ValueError(f"pairing payload: 't' must be {QR_MIN_SECRET_BYTES}-{QR_MAX_SECRET_BYTES} bytes")
     return QrPayload(values["r"].rstrip("/"), values["s"], key, values["d"], secret)
 
 
@@ -239,9 +240,9 @@ def build_confirmation(
         {
             "v": PAIRING_VERSION,
             "device_name": name,
-            "identity_key": b64encode(identity.public_key),
-            "signature": b64encode(signature),
-            "mac": b64encode(mac),
+            "identity_key": b64url_encode(identity.public_key),
+            "signature": b64url_encode(signature),
+            "mac": b64url_encode(mac),
         },
         separators=(",", ":"),
     )
@@ -269,7 +270,7 @@ def verify_confirmation(
 
 
 def build_finish(keys: SessionKeys, transcript: PairingTranscript) -> str:
-    return json.dumps({"v": PAIRING_VERSION, "mac": b64encode(_finish_mac(keys, transcript))}, separators=(",", ":"))
+    return json.dumps({"v": PAIRING_VERSION, "mac": b64url_encode(_finish_mac(keys, transcript))}, separators=(",", ":"))
 
 
 def verify_finish(keys: SessionKeys, transcript: PairingTranscript, message: str) -> None:
@@ -279,12 +280,13 @@ def verify_finish(keys: SessionKeys, transcript: PairingTranscript, message: str
 
 
 def make_result(confirmation: PeerConfirmation, keys: SessionKeys, now: float | None = None) -> PairingResult:
+    """The pairing's outcome; ``now`` is unix seconds (the rendezvous client's clock), default the wall clock."""
     return PairingResult(
         peer_device_id=confirmation.device_id,
         peer_device_name=confirmation.device_name,
         pairing_key=keys.pairing_key,
         short_code=keys.short_code,
-        paired_at=int((time.time() if now is None else now) * 1000),
+        paired_at=unix_ms() if now is None else int(now * 1000),
     )
 
 
@@ -301,26 +303,19 @@ def length_prefixed(*fields: bytes) -> bytes:
     return bytes(out)
 
 
-def b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def b64decode(text: str, name: str) -> bytes:
-    """base64url without padding, canonical only (one encoding per value)."""
+def decode_b64_field(text: str, name: str) -> bytes:
+    """A base64url field under the one decoding rule (``node/common/b64.py``); errors name it."""
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return b64url_decode(text)
     except ValueError as exc:
-        raise ValueError(f"'{name}' is not base64url") from exc
-    if b64encode(raw) != text:
-        raise ValueError(f"'{name}' is not canonical base64url (no padding)")
-    return raw
+        raise ValueError(f"'{name}' is {exc}") from exc
 
 
 def b64decode_or_fail(value: Any) -> bytes:
-    if not isinstance(value, str) or len(value) > 200:
+    if not isinstance(value, str) or len(value) > QR_MAX_B64_FIELD_CHARS:
         raise PairingFailedError("key confirmation failed: malformed field")
     try:
-        return b64decode(value, "field")
+        return decode_b64_field(value, "field")
     except ValueError as exc:
         raise PairingFailedError(f"key confirmation failed: {exc}") from exc
 
@@ -353,7 +348,7 @@ def _finish_mac(keys: SessionKeys, transcript: PairingTranscript) -> bytes:
 
 
 def _parse_message(message: str, names: tuple[str, ...]) -> dict[str, Any]:
-    if not isinstance(message, str) or len(message) > MAX_CONFIRMATION_CHARS:
+    if not isinstance(message, str) or len(message) > QR_MAX_CONFIRMATION_CHARS:
         raise PairingFailedError("key confirmation failed: message missing or too long")
     try:
         fields = json.loads(message)
@@ -369,8 +364,8 @@ def _parse_message(message: str, names: tuple[str, ...]) -> dict[str, Any]:
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ValueError("a device name must be a non-empty string")
-    if len(name.encode()) > MAX_DEVICE_NAME_BYTES:
-        raise ValueError(f"a device name must be at most {MAX_DEVICE_NAME_BYTES} UTF-8 bytes")
+    if len(name.encode()) > QR_MAX_DEVICE_NAME_BYTES:
+        raise ValueError(f"a device name must be at most {QR_MAX_DEVICE_NAME_BYTES} UTF-8 bytes")
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise ValueError("a device name must not contain control characters")
     return name

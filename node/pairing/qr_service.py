@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 import aiohttp
 
-from ..errors import ConflictError, InvalidRequestError, NotFoundError, ServiceUnavailableError
+from ..common.errors import ConflictError, InvalidRequestError, NotFoundError, ServiceUnavailableError
+from ..constants import QR_MAX_PENDING_OFFERS, QR_MAX_REMEMBERED_OUTCOMES
 from ..identity import DeviceIdentity
 from ..transport.rendezvous_client import (
     Approver,
@@ -34,10 +35,6 @@ from .qr import PairingFailedError, PairingResult
 
 log = logging.getLogger(__name__)
 
-MAX_PENDING_OFFERS = 4
-"""QR sessions one node keeps open at once; each holds a long-poll on the rendezvous."""
-MAX_REMEMBERED_OUTCOMES = 32
-"""finished offers whose outcome ``status()`` still reports."""
 
 StoreResult = Callable[[PairingResult], Awaitable[None]]
 
@@ -118,8 +115,8 @@ class QrPairingService:
             raise ServiceUnavailableError("the node is shutting down")
         if not self._rendezvous_url:
             raise ConflictError("no rendezvous configured: set offload.rendezvous_url", code="no_rendezvous")
-        if len(self._pending) >= MAX_PENDING_OFFERS:
-            raise ConflictError(f"{MAX_PENDING_OFFERS} QR pairings are already waiting; cancel one first")
+        if len(self._pending) >= QR_MAX_PENDING_OFFERS:
+            raise ConflictError(f"{QR_MAX_PENDING_OFFERS} QR pairings are already waiting; cancel one first")
         initiator = QrPairingInitiator(
             identity=self._identity, device_name=self._device_name, rendezvous_url=self._rendezvous_url,
             approve=self._approve, http=self._http, clock=self._clock,
@@ -209,5 +206,5 @@ class QrPairingService:
 
     def _remember(self, status: OfferStatus) -> None:
         self._outcomes[status.session_id] = status
-        while len(self._outcomes) > MAX_REMEMBERED_OUTCOMES:
+        while len(self._outcomes) > QR_MAX_REMEMBERED_OUTCOMES:
             self._outcomes.popitem(last=False)

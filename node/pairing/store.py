@@ -19,8 +19,6 @@ requester's device id as in the reference).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import builtins
 import dataclasses
 import json
@@ -32,9 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from ..constants import PAIRING_KEY_BYTES, PAIRINGS_MAX
-from ..errors import ConflictError, NotFoundError
-from ..fsutil import SECRET_MODE, atomic_write_json, ensure_private_dir
+from ..common.b64 import b64url_decode, b64url_encode
+from ..common.errors import ConflictError, NotFoundError
+from ..common.fsutil import SECRET_MODE, atomic_write_json, ensure_private_dir
+from ..constants import (
+    B64_KEY_MAX_CHARS,
+    PAIRING_KEY_BYTES,
+    PAIRINGS_MAX,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +61,16 @@ class PairingStoreError(ValueError):
 
 def encode_key(key: bytes) -> str:
     """base64url without padding (the reference's ``pairingKey``)."""
-    return base64.urlsafe_b64encode(key).rstrip(b"=").decode("ascii")
+    return b64url_encode(key)
 
 
 def decode_key(text: str) -> bytes:
     """Decode a base64url pairing key (padding optional); it must be exactly 256 bits."""
-    if not isinstance(text, str) or len(text) > 64:
+    if not isinstance(text, str) or len(text) > B64_KEY_MAX_CHARS:
         raise ValueError("pairing key must be a base64url string")
     try:
-        key = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError) as exc:
+        key = b64url_decode(text)
+    except ValueError as exc:
         raise ValueError("pairing key is not valid base64url") from exc
     if len(key) != PAIRING_KEY_BYTES:
         raise ValueError(f"pairing key must be {PAIRING_KEY_BYTES * 8} bits, got {len(key) * 8}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from ..common.clock import unix_ms
+from ..common.errors import AuthenticationError, DVAIError, PayloadTooLargeError, PermissionDeniedError
 from ..config import NodeConfig, SecurityConfig
 from ..constants import MESH_PATH
-from ..errors import AuthenticationError, DVAIError, PayloadTooLargeError, PermissionDeniedError
 from ..hub.keys import KEY_PREFIX, ApiKeyStore, bearer_token, check_scopes
 from .signing import (
     ANONYMOUS,
@@ -198,7 +198,7 @@ def make_security_middleware(
     store: PairingStore,
     nonces: NonceCache,
     *,
-    now_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    now_ms: Callable[[], int] = unix_ms,
     public_paths: Collection[str] = DEFAULT_PUBLIC_PATHS,
     loopback_only_paths: Collection[str] = (),
     remote_addr: RemoteAddr = lambda request: request.remote,

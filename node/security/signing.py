@@ -19,15 +19,15 @@ import heapq
 import hmac
 import re
 import secrets
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from yarl import URL
 
+from ..common.clock import unix_ms
+from ..common.errors import AuthenticationError
 from ..constants import NONCE_CACHE_MAX, NONCE_MAX_CHARS, SIGNATURE_WINDOW_S, SIGNED_HEADER_MAX_CHARS
-from ..errors import AuthenticationError
 
 SIGNATURE_VERSION = "dvai-sig-v1"
 HEADER_PEER_DEVICE_ID = "X-DVAI-Peer-Device-Id"
@@ -105,7 +105,7 @@ def verify_hmac(key: bytes, message: bytes, signature_hex: str) -> bool:
 
 def new_nonce(now_ms: int | None = None) -> str:
     """``<unix-ms>.<random>`` with 128 random bits."""
-    stamp = _wall_clock_ms() if now_ms is None else int(now_ms)
+    stamp = unix_ms() if now_ms is None else int(now_ms)
     return f"{stamp}.{secrets.token_urlsafe(16)}"
 
 
@@ -294,5 +294,3 @@ def _auth(message: str, code: str) -> AuthenticationError:
     return AuthenticationError(message, code=code)
 
 
-def _wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000

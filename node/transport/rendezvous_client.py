@@ -30,6 +30,8 @@ from typing import Any
 
 import aiohttp
 
+from ..common.b64 import b64url_encode
+from ..constants import RENDEZVOUS_MAX_RESPONSE_BYTES
 from ..identity import DeviceIdentity
 from ..pairing.qr import (
     PairingFailedError,
@@ -38,10 +40,9 @@ from ..pairing.qr import (
     QrPayload,
     Role,
     SessionKeys,
-    b64decode,
-    b64encode,
     build_confirmation,
     build_finish,
+    decode_b64_field,
     derive_session_keys,
     generate_ephemeral_key,
     make_result,
@@ -63,8 +64,6 @@ REQUEST_TIMEOUT_S = 10.0
 RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 2.0
 """seconds between retries of a long-poll while the rendezvous is unreachable (doubling from the first)."""
-MAX_RESPONSE_BYTES = 64 * 1024
-"""bytes of a rendezvous response we read; a real one is under 4 KiB."""
 
 
 class RendezvousError(PairingFailedError):
@@ -129,10 +128,10 @@ class RendezvousHttpClient:
         self._own_session = session is None
 
     async def create_session(self, initiator_public_key: bytes) -> dict[str, Any]:
-        return await self._call("POST", "/v1/sessions", {"initiator_public_key": b64encode(initiator_public_key)})
+        return await self._call("POST", "/v1/sessions", {"initiator_public_key": b64url_encode(initiator_public_key)})
 
     async def join(self, session_id: str, scanner_public_key: bytes, scanner_device_id: str) -> dict[str, Any]:
-        body = {"scanner_public_key": b64encode(scanner_public_key), "scanner_device_id": scanner_device_id}
+        body = {"scanner_public_key": b64url_encode(scanner_public_key), "scanner_device_id": scanner_device_id}
         return await self._call("POST", f"/v1/sessions/{session_id}/join", body)
 
     async def events(self, session_id: str, token: str, *, after: int, wait: float) -> dict[str, Any]:
@@ -170,7 +169,7 @@ class RendezvousHttpClient:
                 method, self.base_url + path, json=body, headers=headers,
                 timeout=aiohttp.ClientTimeout(total=time_limit),
             ) as response:
-                raw = await response.content.read(MAX_RESPONSE_BYTES + 1)
+                raw = await response.content.read(RENDEZVOUS_MAX_RESPONSE_BYTES + 1)
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise RendezvousError(f"cannot reach the rendezvous at {self.base_url}: {exc or type(exc).__name__}") from exc
@@ -178,7 +177,7 @@ class RendezvousHttpClient:
 
 
 def _decode_response(status: int, raw: bytes) -> dict[str, Any]:
-    if len(raw) > MAX_RESPONSE_BYTES:
+    if len(raw) > RENDEZVOUS_MAX_RESPONSE_BYTES:
         raise RendezvousError("the rendezvous sent an oversize response", status=status)
     try:
         data = json.loads(raw) if raw else {}
@@ -379,7 +378,7 @@ class QrPairingInitiator(_PairingSide):
         assert self._client is not None and self._session_id is not None and self._token is not None
         joined = await self._next_event("joined", Role.SCANNER)
         try:
-            scanner_key = b64decode(str(joined.get("scanner_public_key")), "scanner_public_key")
+            scanner_key = decode_b64_field(str(joined.get("scanner_public_key")), "scanner_public_key")
         except ValueError as exc:
             raise PairingFailedError(f"the rendezvous relayed a malformed scanner key: {exc}") from exc
         scanner_id = str(joined.get("scanner_device_id"))
@@ -438,7 +437,7 @@ class QrPairingScanner(_PairingSide):
         self._session_id, self._token = payload.session_id, token
         expires_at = joined.get("expires_at")
         self._expires_at = expires_at / 1000 if isinstance(expires_at, int) else self._clock() + 120
-        if joined.get("initiator_public_key") != b64encode(payload.initiator_public_key):
+        if joined.get("initiator_public_key") != b64url_encode(payload.initiator_public_key):
             # The QR is the trusted channel; a relay that reports another key is lying.
             raise PairingFailedError("the rendezvous reports an initiator key that differs from the QR code")
         transcript = PairingTranscript(

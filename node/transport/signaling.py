@@ -9,7 +9,6 @@ pairing key. The wire format is in ``docs/rendezvous.md``.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections import deque
 from typing import Any
@@ -17,19 +16,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
+from ..common.b64 import b64url_encode
+from ..common.messages import presence_auth_message
 from ..identity import DeviceIdentity
 
-PRESENCE_AUTH_LABEL = b"dvai-rendezvous-auth-v1"
 WS_PATH = "/v1/ws"
 
 
 class SignalingError(Exception):
     """The rendezvous refused us or spoke something we do not understand."""
-
-
-def presence_auth_message(audience: str, nonce: str) -> bytes:
-    """What a device signs: label, the server's public URL and its nonce, newline-joined."""
-    return b"\n".join((PRESENCE_AUTH_LABEL, audience.encode(), nonce.encode()))
 
 
 def websocket_url(base_url: str) -> str:
@@ -97,8 +92,8 @@ class SignalingClient:
         await self._ws.send_json({
             "type": "hello",
             "device_id": self._identity.device_id,
-            "public_key": _b64(self._identity.public_key),
-            "signature": _b64(signature),
+            "public_key": b64url_encode(self._identity.public_key),
+            "signature": b64url_encode(signature),
         })
         welcome = await self._read()
         if welcome.get("type") != "welcome":
@@ -163,7 +158,3 @@ class SignalingClient:
         if not isinstance(frame, dict):
             raise SignalingError("the server sent a frame that is not a JSON object")
         return frame
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()

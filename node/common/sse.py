@@ -1,9 +1,9 @@
-"""Server-sent events from a peer: split a byte stream into whole events and read them.
+"""The server-sent events codec: ``data: <json>\\n\\n`` frames closed by ``data: [DONE]\\n\\n``.
 
-Peers are dvai nodes, which frame every event as ``data: <json>\\n\\n`` and end a
-stream with ``data: [DONE]\\n\\n`` (``node/api/sse.py``). The forwarder relays whole
-events only, so a peer dying half-way through an event never leaves a torn event in
-front of the error event the client then gets.
+Pure bytes in, bytes out (no aiohttp): the local writer (``node/api/sse.py``) encodes
+with it, and the offload relay splits a peer's byte stream into whole events with
+``EventSplitter``, so a peer dying half-way through an event never leaves a torn event
+in front of the error event the client then gets.
 """
 
 from __future__ import annotations
@@ -12,12 +12,19 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from node.constants import FORWARD_MAX_EVENT_BYTES
-
-__all__ = ["EventSplitter", "OversizeEventError", "PeerEvent", "encode_event", "DONE_EVENT", "SSE_HEADERS"]
+__all__ = [
+    "DONE_EVENT",
+    "SSE_HEADERS",
+    "EventSplitter",
+    "OversizeEventError",
+    "PeerEvent",
+    "encode_event",
+    "parse_event",
+]
 
 SEPARATOR = b"\n\n"
 DONE_EVENT = b"data: [DONE]\n\n"
+"""the closing event of every stream."""
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -25,8 +32,13 @@ SSE_HEADERS = {
 }
 
 
+def encode_event(payload: dict[str, Any]) -> bytes:
+    """One event: compact JSON (UTF-8 kept as is) after ``data: ``, ended by a blank line."""
+    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + SEPARATOR
+
+
 class OversizeEventError(ValueError):
-    """The peer sent more than ``FORWARD_MAX_EVENT_BYTES`` without ending an event."""
+    """The sender sent more than the splitter's ``max_event_bytes`` without ending an event."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +65,7 @@ class EventSplitter:
 
     __slots__ = ("_buffer", "_max_event_bytes")
 
-    def __init__(self, *, max_event_bytes: int = FORWARD_MAX_EVENT_BYTES) -> None:
+    def __init__(self, *, max_event_bytes: int) -> None:
         self._buffer = b""
         self._max_event_bytes = max_event_bytes
 
@@ -99,10 +111,6 @@ def parse_event(raw: bytes) -> PeerEvent:
         return PeerEvent(raw, error=error)
     usage = payload.get("usage")
     return PeerEvent(raw, text=_text_of(payload), usage=usage if isinstance(usage, dict) else None)
-
-
-def encode_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode() + SEPARATOR
 
 
 def _text_of(payload: dict[str, Any]) -> str:

@@ -1,13 +1,61 @@
-"""The node's error tree.
+"""The error tree shared by the node and the rendezvous, and the one OpenAI error-body builder.
 
 Every error a client can see knows its HTTP status and its OpenAI error
 ``type``/``code``/``param``, so handlers never build error bodies by hand and
-never leak a stack trace.
+never leak a stack trace. ``error_body`` is the only place the
+``{"error": {message, type, code, param}}`` shape is written.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+
+def error_body(
+    message: str,
+    *,
+    error_type: str = "server_error",
+    code: str | int | None = "internal_error",
+    param: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The OpenAI-shaped error body: ``{"error": {message, type, code, param, **extra}}``."""
+    error: dict[str, Any] = {"message": message, "type": error_type, "code": code, "param": param}
+    if extra:
+        error.update(extra)
+    return {"error": error}
+
+
+_HTTP_STATUS_ERRORS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("authentication_error", "unauthorized"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "payload_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    429: ("rate_limit_error", "rate_limited"),
+}
+
+
+def http_status_error(status: int) -> tuple[str, str]:
+    """The OpenAI ``(type, code)`` for a bare HTTP status (an aiohttp ``HTTPException``, a peer's
+    status without a body): the table above, else ``http_error`` typed by the status class."""
+    default = ("invalid_request_error" if status < 500 else "server_error", "http_error")
+    return _HTTP_STATUS_ERRORS.get(status, default)
+
+
+def http_error_body(status: int, message: str) -> dict[str, Any]:
+    """The error body for a bare HTTP status with ``message``."""
+    error_type, code = http_status_error(status)
+    return error_body(message, error_type=error_type, code=code)
+
+
+def http_error_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of an HTTP error worth passing on to the client (``Allow``, ``Retry-After``);
+    the rest describe the framework's own response."""
+    return {name: value for name, value in headers.items() if name.lower() in ("allow", "retry-after")}
 
 
 class DVAIError(Exception):
@@ -36,14 +84,8 @@ class DVAIError(Exception):
 
     def to_body(self) -> dict[str, Any]:
         """The OpenAI-shaped body: ``{"error": {message, type, code, param}}``."""
-        error: dict[str, Any] = {
-            "message": self.message,
-            "type": self.error_type,
-            "code": self.code,
-            "param": self.param,
-        }
-        error.update(self.extra)
-        return {"error": error}
+        return error_body(self.message, error_type=self.error_type, code=self.code, param=self.param,
+                          extra=self.extra)
 
 
 class InvalidRequestError(DVAIError, ValueError):
@@ -188,20 +230,3 @@ class UpstreamError(DVAIError):
 class ConfigError(ValueError):
     """Bad configuration: raised at start, names the key and the expected type."""
 
-
-_HTTP_STATUS_CODES = {
-    400: ("invalid_request_error", "bad_request"),
-    401: ("authentication_error", "unauthorized"),
-    403: ("permission_error", "forbidden"),
-    404: ("invalid_request_error", "not_found"),
-    405: ("invalid_request_error", "method_not_allowed"),
-    413: ("invalid_request_error", "payload_too_large"),
-    415: ("invalid_request_error", "unsupported_media_type"),
-    429: ("rate_limit_error", "rate_limited"),
-}
-
-
-def http_error_body(status: int, message: str) -> dict[str, Any]:
-    """The OpenAI error body for a bare HTTP status (404, 405, 413 …) that has no DVAIError."""
-    error_type, code = _HTTP_STATUS_CODES.get(status, ("server_error", "http_error"))
-    return {"error": {"message": message, "type": error_type, "code": code, "param": None}}
