@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from ..constants import QUEUE_RETRY_AFTER
 from ..common.errors import QueueFullError
+from ..constants import QUEUE_RETRY_AFTER
 
 
 class ModelQueue:
