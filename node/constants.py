@@ -98,6 +98,8 @@ AUDIT_PRUNE_INTERVAL_S = 60.0
 
 AUDIT_QUERY_MAX_ROWS = 10_000
 """rows one audit query may return."""
+AUDIT_CLI_DEFAULT_ROWS = 50
+"""rows ``dvai-node audit`` shows unless ``--limit`` says otherwise."""
 
 AUDIT_FIELD_MAX_CHARS = 256
 """characters kept of each text column (ids, model names); hostile values are truncated."""

@@ -12,13 +12,12 @@ from urllib.parse import quote, urlencode
 
 from ..common.clock import unix_ms
 from ..config import NodeConfig
+from ..constants import AUDIT_CLI_DEFAULT_ROWS
 from ..engine.model_file import model_file_problem
 from .base import add_config_option
 from .client import AdminError, add_client_options, call, local_time, node_url, print_table, run_client
 from .qr import pair_by_qr
 from .serve import describe_source
-
-AUDIT_DEFAULT_LIMIT = 50
 
 # -- models ------------------------------------------------------------------------------
 
@@ -132,8 +131,8 @@ def configure_audit(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--app", help="only this app id")
     parser.add_argument("--peer", help="only this peer device id (or self / anonymous)")
     parser.add_argument("--status", type=int, help="only this HTTP status")
-    parser.add_argument("--limit", type=int, default=AUDIT_DEFAULT_LIMIT, metavar="N",
-                        help=f"show at most N rows, newest first (1 to 10000, default {AUDIT_DEFAULT_LIMIT})")
+    parser.add_argument("--limit", type=int, default=AUDIT_CLI_DEFAULT_ROWS, metavar="N",
+                        help=f"show at most N rows, newest first (1 to 10000, default {AUDIT_CLI_DEFAULT_ROWS})")
     add_client_options(parser)
 
 
