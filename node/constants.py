@@ -34,6 +34,13 @@ QUEUE_RETRY_AFTER = 2
 MAX_TOKENS_CAP = 1 << 20
 """tokens; an upper bound on max_tokens values we accept at all."""
 
+IDLE_CONNECTION_TIMEOUT_S = 30.0
+"""seconds a connection may sit with no request in progress (never sent one, sent half of one, or
+kept alive after its last answer) before the node closes it; a request being served never is."""
+
+AUDIT_COMMIT_WAIT_S = 2.0
+"""seconds a JSON answer waits for its audit row to be committed before it is sent anyway."""
+
 # --- Offload ----------------------------------------------------------------
 OFFLOAD_HEADER = "X-DVAI-Offload"
 SERVED_BY_HEADER = "X-DVAI-Served-By"

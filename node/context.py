@@ -45,6 +45,8 @@ class NodeContext:
     inference: InferenceService
     started_at: float = field(default_factory=time.time)
     base_url: str | None = None
+    local_base_url: str | None = None
+    """the URL programs on this machine use (loopback when the node also listens there)."""
     pairings: PairingStore | None = None
     nonces: NonceCache | None = None
     approver: PairingApprover | None = None

@@ -186,6 +186,11 @@ class IdentityHandle:
         self.warnings = warnings
         self._lock_fd = lock_fd
 
+    @property
+    def locked(self) -> bool:
+        """True while this process holds the state dir's lock (no other node writes in it)."""
+        return self._lock_fd is not None
+
     def close(self) -> None:
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:

@@ -20,11 +20,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .common.errors import http_error_body
@@ -64,6 +64,7 @@ SERVED_LOCAL, SERVED_PEER = "local", "peer"
 
 PeerSource = Callable[[], "Iterable[Peer] | None"]
 CountSource = Callable[[], "int | None"]
+AuditHealthSource = Callable[[], "Mapping[str, Any]"]
 
 
 class BoundedLabels:
@@ -101,6 +102,7 @@ class NodeMetrics:
         paired_devices: CountSource | None = None,
         started_at: float | None = None,
         max_peer_labels: int = MAX_METRIC_PEER_LABELS,
+        audit_health: AuditHealthSource | None = None,
     ) -> None:
         """``peers`` returns the peer table's snapshot, or ``None`` while discovery is off
         (then no ``dvai_peers`` samples); ``paired_devices`` the number of pairings."""
@@ -147,6 +149,8 @@ class NodeMetrics:
             registry.register(_ModelCollector(models))
         if peers is not None or paired_devices is not None:
             registry.register(_PeerCollector(peers, paired_devices))
+        if audit_health is not None:
+            registry.register(_AuditCollector(audit_health))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
@@ -285,6 +289,33 @@ class _PeerCollector(Collector):
     @staticmethod
     def _paired_family() -> GaugeMetricFamily:
         return GaugeMetricFamily("dvai_paired_devices", "devices paired with this node")
+
+
+class _AuditCollector(Collector):
+    """The audit log's health: whether it writes, and the rows it lost."""
+
+    def __init__(self, health: AuditHealthSource) -> None:
+        self._health = health
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families({"state": "ok", "writeErrors": 0, "droppedRows": 0}))
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families(self._health())
+
+    @staticmethod
+    def _families(health: Mapping[str, Any]) -> Iterator[Metric]:
+        up = GaugeMetricFamily("dvai_audit_log_up", "1 while the audit log writes its rows, 0 when its last "
+                               "write failed or its writer stopped")
+        up.add_metric([], 1 if health.get("state") == "ok" else 0)
+        yield up
+        errors = CounterMetricFamily("dvai_audit_write_errors", "audit rows that could not be written")
+        errors.add_metric([], int(health.get("writeErrors") or 0))
+        yield errors
+        dropped = CounterMetricFamily("dvai_audit_dropped_rows", "audit rows dropped (queue full or writer "
+                                      "stopped)")
+        dropped.add_metric([], int(health.get("droppedRows") or 0))
+        yield dropped
 
 
 # --------------------------------------------------------------------------

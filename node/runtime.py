@@ -20,11 +20,12 @@ import aiohttp
 from aiohttp import web
 
 from .api.schemas import parse_chat_request, parse_completion_request, parse_embedding_request
+from .api.server import NodeRunner
 from .app import build_app
 from .audit import AUDIT_FILE, AuditLog
 from .capability import CapabilityScore, CapabilityService, CapabilityStore
 from .common.errors import ConfigError
-from .common.fsutil import atomic_write_json, read_json
+from .common.fsutil import atomic_write_json, read_json, remove_stale_temp_files
 from .config import NodeConfig, load_config, override_config
 from .context import NodeContext
 from .discovery import AdvertisedInfo, DiscoveryService, Peer, PeerTable
@@ -82,7 +83,7 @@ class Node:
         self.context: NodeContext | None = None
         self._identity_handle: IdentityHandle | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._runner: web.AppRunner | None = None
+        self._runner: NodeRunner | None = None
         self._port: int | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -171,11 +172,14 @@ class Node:
         pairings = context.pairings
         assert pairings is not None
 
+        my_device_id = context.identity.device_id
+
         async def store(result: PairingResult) -> None:
+            # Each side signs as its own device id (the reference's appId fallback).
             await pairings.add(Pairing(
                 peer_device_id=result.peer_device_id, peer_device_name=result.peer_device_name,
-                app_id=result.peer_device_id, key=result.pairing_key, via="rendezvous",
-                paired_at=result.paired_at, role="mutual",
+                key=result.pairing_key, via="rendezvous", paired_at=result.paired_at, role="mutual",
+                our_app_id=my_device_id, peer_app_id=result.peer_device_id,
             ))
 
         return QrPairingService(identity=context.identity, device_name=context.device_name,
@@ -186,6 +190,9 @@ class Node:
         config = self.config
         state_dir = config.resolved_state_dir()
         self._identity_handle = handle = open_node_identity(state_dir, config.device_name)
+        if handle.locked:  # no other node writes here: leftovers of a write a crash interrupted
+            for path in remove_stale_temp_files(state_dir):
+                log.info("removed %s, left by an interrupted write", path.name)
         identity = handle.identity.device
         registry = ModelRegistry.from_config(config)
         limits = InferenceLimits(config.generation_timeout, config.max_blank_chunks)
@@ -204,8 +211,8 @@ class Node:
             registry=registry,
             inference=InferenceService(registry, limits),
             capability=CapabilityService(config, registry, CapabilityStore(state_dir)),
-            pairings=PairingStore.load_sync(state_dir),
-            nonces=NonceCache(),
+            pairings=PairingStore.load_sync(state_dir, self_device_id=identity.device_id),
+            nonces=NonceCache.for_process_start(),
             approver=PairingApprover.from_config(config.security, hook=self.on_pairing_request),
             audit=audit,
             api_keys=ApiKeyStore.load(state_dir),
@@ -234,7 +241,7 @@ class Node:
     async def _serve_http(self, context: NodeContext) -> None:
         config = self.config
         app = build_app(context)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._runner = NodeRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         self._port = await _bind_with_retry(self._runner, config)
         host = config.http_bind_host
@@ -242,7 +249,21 @@ class Node:
         if ":" in shown and not shown.startswith("["):
             shown = f"[{shown}]"
         context.base_url = f"http://{shown}:{self._port}/v1"
-        await asyncio.to_thread(_write_endpoint, config.resolved_state_dir(), context.base_url)
+        local_url = context.base_url
+        if _needs_loopback_site(host):
+            # Bound to one LAN/VPN address: keep the node reachable by its owner on this machine
+            # too (CLI, local apps), unsigned, as when it is bound to loopback.
+            local = "::1" if ":" in host else "127.0.0.1"
+            try:
+                await web.TCPSite(self._runner, local, self._port, reuse_address=True).start()
+            except OSError as exc:
+                log.warning("could not also listen on %s:%d (%s); local programs must use %s (a caller "
+                            "on this machine is still recognised as local)", local, self._port, exc,
+                            context.base_url)
+            else:
+                local_url = f"http://{'[::1]' if local == '::1' else local}:{self._port}/v1"
+        context.local_base_url = local_url
+        await asyncio.to_thread(_write_endpoint, config.resolved_state_dir(), local_url)
 
     async def close(self) -> None:
         for task in list(self._background):
@@ -405,13 +426,23 @@ def _remove_endpoint(state_dir: Path, pid: int) -> None:
         path.unlink(missing_ok=True)
 
 
+def _needs_loopback_site(bind_host: str) -> bool:
+    """A specific non-loopback address (not a wildcard, which covers loopback already)."""
+    return bind_host not in ("0.0.0.0", "::", "") and not is_loopback(bind_host) and bind_host != "localhost"
+
+
 async def _bind_with_retry(runner: web.AppRunner, config: NodeConfig) -> int:
-    """Bind the first free port from ``http_base_port`` (``+1`` up to the attempt limit)."""
+    """Bind the first free port from ``http_base_port`` (``+1`` up to the attempt limit).
+
+    ``SO_REUSEADDR`` (never ``SO_REUSEPORT``): a restarted node gets its port back even while
+    the previous process's connections sit in TIME_WAIT, and a port another process really
+    listens on still fails to bind (then the next port is tried, with a warning).
+    """
     attempts = 1 if config.http_base_port == 0 else config.http_max_port_attempts
     last_error: OSError | None = None
     for offset in range(attempts):
         port = config.http_base_port + offset if config.http_base_port else 0
-        site = web.TCPSite(runner, config.http_bind_host, port, reuse_address=False)
+        site = web.TCPSite(runner, config.http_bind_host, port, reuse_address=True, reuse_port=False)
         try:
             await site.start()
         except OSError as exc:
@@ -421,7 +452,10 @@ async def _bind_with_retry(runner: web.AppRunner, config: NodeConfig) -> int:
             continue
         server = site._server  # noqa: SLF001 - the only way to learn an ephemeral port
         sockets = getattr(server, "sockets", None) or []
-        return int(sockets[0].getsockname()[1]) if sockets else port
+        bound = int(sockets[0].getsockname()[1]) if sockets else port
+        if offset:
+            log.warning("port %d busy, using %d (%s)", config.http_base_port, bound, last_error)
+        return bound
     raise ConfigError(
         f"no free port in {config.http_base_port}..{config.http_base_port + attempts - 1} "
         f"on {config.http_bind_host} ({last_error})"
@@ -437,6 +471,7 @@ def _build_metrics(context: NodeContext) -> NodeMetrics:
     def paired() -> int | None:
         return len(context.pairings) if context.pairings is not None else None
 
+    audit = context.audit
     return NodeMetrics(device_id=context.identity.device_id, device_name=context.device_name,
                        models=context.registry, peers=peers, paired_devices=paired,
-                       started_at=context.started_at)
+                       started_at=context.started_at, audit_health=audit.health if audit is not None else None)

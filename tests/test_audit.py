@@ -190,7 +190,7 @@ async def test_the_audit_reader_records_served_and_refused_requests(aiohttp_clie
     from node.security.signing import NonceCache, sign_request_headers
 
     store = PairingStore(tmp_path / "pairings.json")
-    await store.add(Pairing(peer_device_id="dv-peer", peer_device_name="p", app_id="com.acme.chat", key=b"k" * 32,
+    await store.add(Pairing(peer_device_id="dv-peer", peer_device_name="p", peer_app_id="com.acme.chat", key=b"k" * 32,
                             via="static", paired_at=NOW, role="inbound"))
     log = await open_log(tmp_path)
 
@@ -255,30 +255,63 @@ async def test_the_audit_reader_records_served_and_refused_requests(aiohttp_clie
         await log.close()
 
 
-async def test_a_value_sqlite_cannot_bind_loses_only_its_batch(tmp_path: Path) -> None:
+async def test_a_value_sqlite_cannot_bind_loses_nothing_else(tmp_path: Path) -> None:
+    """A value of the wrong type is stored as NULL; a row that still cannot be stored (NULL status)
+    is dropped alone and counted, and the rows around it are written."""
     audit = AuditLog(tmp_path / "audit.sqlite3")
     await audit.start()
     try:
         audit.record(row(prompt_tokens=object()))  # type: ignore[arg-type]
-        audit.record(row(ts=NOW + 1))
-        await audit.flush()
+        audit.record(row(ts=NOW + 1, status="x"))  # type: ignore[arg-type]
         audit.record(row(ts=NOW + 2))
-        assert [r.ts for r in await asyncio.wait_for(audit.query(), 5)] == [NOW + 2]
+        await audit.flush()
+        audit.record(row(ts=NOW + 3))
+        stored = await asyncio.wait_for(audit.query(), 5)
+        assert [r.ts for r in stored] == [NOW + 3, NOW + 2, NOW]
+        assert stored[-1].prompt_tokens is None
+        assert audit.health()["writeErrors"] == 1 and audit.health()["state"] == "ok"
     finally:
         await audit.close()
 
 
-async def test_a_dead_writer_fails_callers_instead_of_hanging(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_bad_rows_and_failing_writes_do_not_stop_the_writer(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lone surrogates and out-of-range numbers are made storable; a write that fails is counted,
+    shown by health() as failing, and the next rows are written again."""
     import node.audit.log as audit_module
 
-    def broken(row: AuditRow) -> tuple[object, ...]:
+    now = int(time.time() * 1000)  # rows older than the retention would be pruned
+    audit = AuditLog(tmp_path / "audit.sqlite3")
+    await audit.start()
+    try:
+        assert await audit.record_durably(row(now, request_id="\udcff\udcfe", model_requested="\ud800x",
+                                              prompt_tokens=10**30, latency_ms=float("inf")))
+        stored = (await audit.query())[0]
+        assert stored.request_id == "\\udcff\\udcfe" and stored.model_requested == "\\ud800x"
+        assert stored.prompt_tokens == 2**63 - 1 and stored.latency_ms is None
+        real = audit_module._row_values
+        monkeypatch.setattr(audit_module, "_row_values", lambda r: (_ for _ in ()).throw(RuntimeError("disk")))
+        assert await audit.record_durably(row(now + 1)) is False  # failed, counted, not raised
+        assert audit.health()["state"] == "failing" and audit.health()["writeErrors"] == 1
+        assert "disk" in (audit.health()["lastError"] or "")
+        monkeypatch.setattr(audit_module, "_row_values", real)
+        assert await audit.record_durably(row(now + 2))
+        assert audit.health()["state"] == "ok" and audit.health()["writeErrors"] == 1
+        assert [r.ts for r in await audit.query()] == [now + 2, now]
+    finally:
+        await audit.close()
+    assert audit.health()["state"] == "stopped"
+
+
+async def test_a_dead_writer_fails_callers_instead_of_hanging(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(conn: object, batch: object) -> tuple[int, bool]:
         raise RuntimeError("a bug in the writer")
 
     audit = AuditLog(tmp_path / "audit.sqlite3")
     await audit.start()
     try:
-        monkeypatch.setattr(audit_module, "_row_values", broken)
+        monkeypatch.setattr(audit, "_process", broken)
         audit.record(row())  # the writer thread dies on an unexpected error
         with pytest.raises(AuditLogError):
             await asyncio.wait_for(audit.query(), 5)

@@ -141,3 +141,59 @@ def test_operator_can_open_the_lan_explicitly(namespace: str, tmp_path: Path) ->
     assert results["lan_unsigned"] == [200, None]
     assert results["admin_from_lan"] in (401, 403)  # admin stays loopback-only
     assert "allow_anonymous_lan" in log and "WARNING" in log
+
+
+LOCAL_CLIENT = textwrap.dedent("""
+    import json, sys
+    import openai
+    out = {}
+    for name, url in (("loopback", sys.argv[1]), ("lan", sys.argv[2])):
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        try:
+            reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=2)
+            out[name] = [200, reply.choices[0].message.content]
+        except openai.APIStatusError as exc:
+            out[name] = [exc.status_code, exc.body]
+    print(json.dumps(out))
+""")
+
+
+def test_node_bound_to_its_lan_address_stays_operable_by_its_owner(namespace: str, tmp_path: Path) -> None:
+    """Bound to one LAN address: the node also listens on loopback, its CLI finds it there, a local
+    OpenAI client works with the loopback URL it printed, and the LAN URL still demands signatures
+    with advice that names the loopback URL."""
+    state = tmp_path / "n"
+    config = SIMULATED + '[offload]\nenabled = true\ndiscover_lan = false\nprobe_on_start = false\n'
+    node = start_node_process(state, config_text=config, args=["--host", NODE_ADDRESS],
+                              prefix=["ip", "netns", "exec", namespace])
+    try:
+        assert node.base_url.startswith(f"http://{NODE_ADDRESS}:")
+        port = node.base_url.rsplit(":", 1)[1].split("/")[0]
+        local_url = f"http://127.0.0.1:{port}/v1"
+        assert f"from this machine (unsigned): {local_url}" in "".join(node.output)
+
+        def cli(*words: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-m", "node", *words,
+                                   "--state-dir", str(state), "--config", str(state / "node.toml")],
+                                  capture_output=True, text=True, cwd=REPO, timeout=60)
+
+        listed = cli("pairing", "list", "--json")
+        assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr
+        found = cli("peers", "--json")
+        assert found.returncode == 0 and json.loads(found.stdout) == [], found.stderr
+        client = subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-c", LOCAL_CLIENT,
+                                 local_url, node.base_url], capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert client.returncode == 0, client.stderr
+        results = json.loads(client.stdout.strip().splitlines()[-1])
+        audit = cli("audit", "--json")
+        assert audit.returncode == 0, audit.stderr
+        rows = json.loads(audit.stdout)
+    finally:
+        node.stop()
+    assert results["loopback"][0] == 200 and results["loopback"][1]
+    status, body = results["lan"]
+    body = body.get("error", body)  # the SDK's APIStatusError.body: the error object
+    assert status == 401 and body["code"] == "signature_required"  # the LAN address still demands signatures
+    assert "http://127.0.0.1:<port>/v1" in body["message"] and "allow_anonymous_lan" in body["message"]
+    assert [(r["peerDeviceId"], r["status"]) for r in rows[:2]] == [("anonymous", 401), ("self", 200)]

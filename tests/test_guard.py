@@ -164,9 +164,9 @@ def build_app(config: NodeConfig, store: PairingStore, **options: Any) -> web.Ap
 async def make_harness(aiohttp_client: Any, tmp_path: Path, config: NodeConfig | None = None,
                        **options: Any) -> Harness:
     store = PairingStore(tmp_path / "pairings.json")
-    await store.add(Pairing(peer_device_id=PEER, peer_device_name="Peer", app_id=APP, key=KEY,
+    await store.add(Pairing(peer_device_id=PEER, peer_device_name="Peer", peer_app_id=APP, key=KEY,
                             via="lan-handshake", paired_at=NOW, role="inbound"))
-    await store.add(Pairing(peer_device_id="dv-admin", peer_device_name="Admin", app_id=APP, key=ADMIN_KEY,
+    await store.add(Pairing(peer_device_id="dv-admin", peer_device_name="Admin", our_app_id=APP, peer_app_id=APP, key=ADMIN_KEY,
                             via="static", paired_at=NOW, role="mutual", admin=True))
     config = config or NodeConfig(http_bind_host="0.0.0.0", security=SecurityConfig(allowed_hosts=("mynode.lan",)))
     client = await aiohttp_client(build_app(config, store, **options))
@@ -401,7 +401,7 @@ NETNS_SCRIPT = textwrap.dedent("""
 
     async def main():
         store = PairingStore(Path(tempfile.mkdtemp()) / "pairings.json")
-        await store.add(Pairing(peer_device_id="dv-peer", peer_device_name="p", app_id="app", key=b"k" * 32,
+        await store.add(Pairing(peer_device_id="dv-peer", peer_device_name="p", peer_app_id="app", key=b"k" * 32,
                                 via="static", paired_at=0, role="inbound"))
         app = web.Application(middlewares=[make_security_middleware(NodeConfig(http_bind_host="0.0.0.0"),
                                                                      store, NonceCache())])

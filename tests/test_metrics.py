@@ -329,7 +329,7 @@ async def test_metrics_follow_the_exposure_policy(tmp_path: Path, session: aioht
         assert node.context is not None and node.context.pairings is not None
         key = b"k" * 32
         await node.context.pairings.add(Pairing(peer_device_id="dv-peer", peer_device_name="Peer",
-                                                app_id="dv-peer", key=key, via="static", paired_at=0,
+                                                our_app_id="dv-me", peer_app_id="dv-peer", key=key, via="static", paired_at=0,
                                                 role="mutual"))
         headers = sign_request_headers(key, "dv-peer", "dv-peer", "GET", "/metrics", b"")
         async with session.get(root(node) + "/metrics", headers=headers) as response:

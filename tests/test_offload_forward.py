@@ -42,8 +42,11 @@ from node.security.signing import NonceCache, verify_signed_request
 from node.transport.http_link import HttpPeerLink
 
 KEY = bytes(range(32))
-PAIRING = Pairing(peer_device_id="peer-1", peer_device_name="peer", app_id="me", key=KEY, via="lan-handshake",
+PAIRING = Pairing(peer_device_id="peer-1", peer_device_name="peer", our_app_id="me", key=KEY, via="lan-handshake",
                   paired_at=0, role="outbound")
+PEER_VIEW = Pairing(peer_device_id="me", peer_device_name="me", peer_app_id="me", key=KEY, via="lan-handshake",
+                    paired_at=0, role="inbound")
+"""the same pairing as the peer stores it: it verifies what we sign with PAIRING."""
 
 
 def chunk(text: str) -> dict[str, Any]:
@@ -172,7 +175,7 @@ async def test_a_stream_is_relayed_signed_marked_and_event_by_event() -> None:
         assert request.headers["X-DVAI-Offload"] == "never" and request.headers["X-DVAI-Hop"] == "me"
         attribution = verify_signed_request(
             request.headers, "POST", request.raw_path, json.dumps(BODY).encode(),
-            lookup_key=lambda _device: PAIRING, nonces=NonceCache(), now_ms=int(time.time() * 1000))
+            lookup_key=lambda _device: PEER_VIEW, nonces=NonceCache(), now_ms=int(time.time() * 1000))
         assert attribution.signed and attribution.peer_device_id == "me"
         (result,) = results
         assert result.status is ForwardStatus.SERVED and result.tokens == 10

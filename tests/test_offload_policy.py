@@ -478,3 +478,38 @@ def test_decide_properties(mode: OffloadMode, local_cap: float | None, candidate
     for c in d.checked:
         assert c.capability_score is None or math.isfinite(c.capability_score)
     json.dumps(copy.deepcopy(d.checked_json))
+
+
+# --- the threshold rule, as docs/offload.md states it ------------------------------------------------
+
+
+def _documented_threshold_examples() -> list[tuple[float, float, float, str, str]]:
+    """The rows of the examples table under "The threshold rule" in docs/offload.md."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "offload.md").read_text()
+    section = text.split("### The threshold rule", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0].replace(".", "").isdigit():
+            rows.append((float(cells[0]), float(cells[1]), float(cells[2]), cells[3], cells[4]))
+    return rows
+
+
+def test_the_docs_list_threshold_examples() -> None:
+    assert len(_documented_threshold_examples()) >= 5
+
+
+@pytest.mark.parametrize(("threshold", "local_rate", "peer_rate", "prefer", "require"),
+                         _documented_threshold_examples())
+def test_documented_threshold_examples(threshold: float, local_rate: float, peer_rate: float, prefer: str,
+                                       require: str) -> None:
+    settings_ = dataclasses.replace(SETTINGS, min_local_capability=threshold)
+    for mode, expected in (("prefer", prefer), ("require", require)):
+        decision = run(mode, local(local_rate), [peer(verified=peer_rate)], s=settings_)
+        outcome = {OffloadAction.LOCAL: "local", OffloadAction.FORWARD: "peer",
+                   OffloadAction.REFUSE: "503"}[decision.action]
+        assert outcome == expected, (mode, threshold, local_rate, peer_rate, reasons(decision))
+        if outcome == "peer":
+            assert targets(decision) == ["peer-a"]

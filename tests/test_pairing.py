@@ -36,10 +36,11 @@ from node.pairing.store import (
     decode_key,
     encode_key,
 )
-from node.security.signing import NonceCache, sign_request_headers, verify_signed_request
+from node.security.signing import NonceCache, sign_with_pairing, verify_signed_request
 
 NOW = 1_778_184_673_778
 PEER = "phone-pixel-9"
+ME = "dv-this-node"
 BODY = {"peerDeviceId": PEER, "peerDeviceName": "Pixel 9", "appId": "com.acme.chat", "via": "lan-handshake"}
 NODE_ID = "dvthisnodeaaaaaaaaaaaaaaaaaaaaaaaa"
 """the device id of the node answering the handshakes (proofs must name it)."""
@@ -57,8 +58,18 @@ def clock() -> int:
 
 
 def make_pairing(device: str = PEER, role: str = "inbound", key: bytes = b"k" * 32, **extra: Any) -> Pairing:
-    return Pairing(peer_device_id=device, peer_device_name="Pixel 9", app_id="com.acme.chat", key=key,
-                   via="lan-handshake", paired_at=NOW, role=role, **extra)  # type: ignore[arg-type]
+    return Pairing(peer_device_id=device, peer_device_name="Pixel 9", key=key, via="lan-handshake",
+                   paired_at=NOW, role=role, **app_ids(role, "com.acme.chat"), **extra)  # type: ignore[arg-type]
+
+
+def app_ids(role: str, app: str) -> dict[str, str]:
+    """The app id fields a pairing of ``role`` carries, both set to ``app``."""
+    ids = {}
+    if role in ("outbound", "mutual"):
+        ids["our_app_id"] = app
+    if role in ("inbound", "mutual"):
+        ids["peer_app_id"] = app
+    return ids
 
 
 async def handshake(approver: PairingApprover, store: PairingStore, body: object = None,
@@ -95,8 +106,10 @@ def test_pairing_hides_its_key_and_validates() -> None:
         make_pairing(key=b"short")
     with pytest.raises(ValueError):
         make_pairing(role="sideways")
-    with pytest.raises(ValueError, match="missing"):
-        Pairing.from_json({k: v for k, v in pairing.to_json().items() if k != "appId"})
+    with pytest.raises(ValueError, match="peer_app_id"):
+        Pairing.from_json({k: v for k, v in pairing.to_json().items() if k != "peerAppId"})
+    with pytest.raises(ValueError, match="our_app_id"):  # an inbound key never signs our requests
+        Pairing.from_json({**pairing.to_json(), "ourAppId": "com.acme.chat"})
 
 
 # --------------------------------------------------------------------------
@@ -108,15 +121,15 @@ async def test_store_survives_restart_with_mode_0600(store: PairingStore, tmp_pa
     await store.add(make_pairing("laptop", role="outbound", key=b"o" * 32, base_url="http://10.0.0.2:38883"))
     path = tmp_path / PAIRINGS_FILE
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    reloaded = await PairingStore.load(tmp_path)
-    assert reloaded.list() == store.list() == PairingStore.load_sync(tmp_path).list()
+    reloaded = await PairingStore.load(tmp_path, self_device_id=ME)
+    assert reloaded.list() == store.list() == PairingStore.load_sync(tmp_path, self_device_id=ME).list()
     assert reloaded.get(PEER) == make_pairing()
     assert reloaded.get("laptop") is None
     assert reloaded.get("laptop", direction="outbound").base_url == "http://10.0.0.2:38883"  # type: ignore[union-attr]
 
 
 async def test_missing_file_is_an_empty_store(tmp_path: Path) -> None:
-    assert (await PairingStore.load(tmp_path / "new")).list() == []
+    assert (await PairingStore.load(tmp_path / "new", self_device_id=ME)).list() == []
 
 
 @pytest.mark.parametrize("content", [
@@ -126,14 +139,14 @@ async def test_missing_file_is_an_empty_store(tmp_path: Path) -> None:
 async def test_corrupt_file_is_a_clear_error(tmp_path: Path, content: bytes) -> None:
     (tmp_path / PAIRINGS_FILE).write_bytes(content)
     with pytest.raises(PairingStoreError, match="move it aside"):
-        await PairingStore.load(tmp_path)
+        await PairingStore.load(tmp_path, self_device_id=ME)
     assert (tmp_path / PAIRINGS_FILE).read_bytes() == content  # never silently replaced
 
 
 async def test_loose_file_mode_is_tightened(store: PairingStore, tmp_path: Path) -> None:
     await store.add(make_pairing())
     os.chmod(tmp_path / PAIRINGS_FILE, 0o644)
-    await PairingStore.load(tmp_path)
+    await PairingStore.load(tmp_path, self_device_id=ME)
     assert stat.S_IMODE(os.stat(tmp_path / PAIRINGS_FILE).st_mode) == 0o600
 
 
@@ -145,7 +158,7 @@ async def test_revoke_is_immediate_and_persisted(store: PairingStore, tmp_path: 
     assert store.get(PEER) is None
     removed = await task
     assert len(removed) == 2
-    assert (await PairingStore.load(tmp_path)).list() == []
+    assert (await PairingStore.load(tmp_path, self_device_id=ME)).list() == []
     with pytest.raises(NotFoundError):
         await store.revoke(PEER)
 
@@ -165,7 +178,7 @@ async def test_directions_and_mutual_pairings(store: PairingStore) -> None:
 async def test_admin_flag(store: PairingStore, tmp_path: Path) -> None:
     await store.add(make_pairing())
     await store.set_admin(PEER, True)
-    assert (await PairingStore.load(tmp_path)).get(PEER).admin  # type: ignore[union-attr]
+    assert (await PairingStore.load(tmp_path, self_device_id=ME)).get(PEER).admin  # type: ignore[union-attr]
     with pytest.raises(NotFoundError):
         await store.set_admin("nobody", True)
 
@@ -197,7 +210,7 @@ async def test_allowlist_with_a_valid_proof(store: PairingStore) -> None:
     assert answer["via"] == "lan-handshake" and answer["pairedAt"] == NOW
     stored = store.get(PHONE.device_id)
     assert stored is not None and stored.key == decode_key(answer["pairingKey"]) and stored.role == "inbound"
-    assert stored.app_id == "com.acme.chat"
+    assert stored.peer_app_id == "com.acme.chat" and stored.our_app_id is None
     # the window is +-300 s inclusive
     for at in (NOW - 300_000, NOW + 300_000):
         assert (await handshake(approver, store, proven_body(at=at)))["paired"]
@@ -270,7 +283,7 @@ async def test_app_id_falls_back_to_device_id(store: PairingStore) -> None:
     approver = PairingApprover(policy="allowlist", allowlist=[PHONE.device_id])
     body = {k: v for k, v in proven_body().items() if k != "appId"}
     await handshake(approver, store, body)
-    assert store.get(PHONE.device_id).app_id == PHONE.device_id  # type: ignore[union-attr]
+    assert store.get(PHONE.device_id).peer_app_id == PHONE.device_id  # type: ignore[union-attr]
 
 
 async def wait_pending(approver: PairingApprover) -> PairingRequest:
@@ -547,9 +560,9 @@ async def test_pair_with_a_real_peer(aiohttp_server: Any, tmp_path: Path) -> Non
         assert pairing.peer_device_id == "dv-peer" and pairing.peer_device_name == "Big Box"
         assert pairing.role == "outbound" and my_store.get("dv-peer", direction="outbound") == pairing
         inbound = peer_store.get(me.device_id)
-        assert inbound is not None and inbound.key == pairing.key and inbound.app_id == "dvai-node"
+        assert inbound is not None and inbound.key == pairing.key and inbound.peer_app_id == "dvai-node"
         # the stored key signs requests the peer accepts
-        headers = sign_request_headers(pairing.key, me.device_id, pairing.app_id, "GET", "/v1/models", b"")
+        headers = sign_with_pairing(pairing, me.device_id, "GET", "/v1/models", b"")
         attribution = verify_signed_request(headers, "GET", "/v1/models", b"", lookup_key=peer_store.get,
                                             nonces=NonceCache(), now_ms=int(headers["X-DVAI-Nonce"].split(".")[0]))
         assert attribution.signed and attribution.app_id == "dvai-node"
@@ -563,3 +576,84 @@ async def test_pair_with_a_real_peer(aiohttp_server: Any, tmp_path: Path) -> Non
             await pair_with(session, str(server.make_url("")), identity=me, my_device_name="Laptop",
                             store=my_store)
         assert refused.value.status == 401 and refused.value.code == "device_proof_invalid"
+
+
+# --------------------------------------------------------------------------
+# App ids per direction: every kind of pairing signs and verifies through one path
+
+
+def _verify_with(store: PairingStore, headers: dict[str, str], body: bytes = b"{}") -> object:
+    return verify_signed_request(headers, "POST", "/v1/chat/completions", body, lookup_key=store.get,
+                                 nonces=NonceCache(), now_ms=int(headers["X-DVAI-Nonce"].split(".")[0]))
+
+
+async def test_every_kind_of_pairing_signs_in_the_directions_it_allows(tmp_path: Path) -> None:
+    """Each side signs with *its own* record (``sign_with_pairing``) and the other side verifies with
+    *its own* store, as the forwarder and the security middleware do."""
+    a, b = "dv-node-a", "dv-node-b"
+    key_lan, key_qr, key_static = b"l" * 32, b"q" * 32, b"s" * 32
+    a_store = PairingStore(tmp_path / "a" / PAIRINGS_FILE)
+    b_store = PairingStore(tmp_path / "b" / PAIRINGS_FILE)
+    # LAN: A ran the handshake against B under app id com.acme.chat
+    await a_store.add(Pairing(peer_device_id=b, peer_device_name="B", key=key_lan, via="lan-handshake",
+                              paired_at=NOW, role="outbound", our_app_id="com.acme.chat"))
+    await b_store.add(Pairing(peer_device_id=a, peer_device_name="A", key=key_lan, via="lan-handshake",
+                              paired_at=NOW, role="inbound", peer_app_id="com.acme.chat"))
+    lan = sign_with_pairing(a_store.get(b, direction="outbound"), a, "POST",  # type: ignore[arg-type]
+                            "/v1/chat/completions", b"{}")
+    assert lan["X-DVAI-App-Id"] == "com.acme.chat"
+    assert _verify_with(b_store, lan).app_id == "com.acme.chat"  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="does not let us call"):  # B holds the inbound half only
+        sign_with_pairing(b_store.get(a), b, "POST", "/v1/chat/completions", b"{}")  # type: ignore[arg-type]
+
+    # QR (mutual, via rendezvous): each side signs as its own device id, expects the other's
+    for store, me, peer, key in ((a_store, a, b, key_qr), (b_store, b, a, key_qr)):
+        await store.add(Pairing(peer_device_id=peer, peer_device_name=peer, key=key, via="rendezvous",
+                                paired_at=NOW, role="mutual", our_app_id=me, peer_app_id=peer))
+    for signer, signer_store, verifier_store, target in ((a, a_store, b_store, b), (b, b_store, a_store, a)):
+        headers = sign_with_pairing(signer_store.get(target, direction="outbound"), signer,  # type: ignore[arg-type]
+                                    "POST", "/v1/chat/completions", b"{}")
+        assert headers["X-DVAI-App-Id"] == signer
+        attribution = _verify_with(verifier_store, headers)
+        assert attribution.peer_device_id == signer and attribution.app_id == signer  # type: ignore[attr-defined]
+
+    # static (mutual, configured): one app id both ways
+    for store, peer in ((a_store, b), (b_store, a)):
+        await store.add(Pairing(peer_device_id=peer, peer_device_name=peer, key=key_static, via="static",
+                                paired_at=NOW, role="mutual", our_app_id="ops", peer_app_id="ops"))
+    headers = sign_with_pairing(b_store.get(a, direction="outbound"), b, "POST",  # type: ignore[arg-type]
+                                "/v1/chat/completions", b"{}")
+    assert _verify_with(a_store, headers).app_id == "ops"  # type: ignore[attr-defined]
+
+
+async def test_a_mutual_pairing_half_replaced_keeps_only_the_other_directions_app_id(store: PairingStore) -> None:
+    await store.add(make_pairing(role="mutual"))
+    await store.add(Pairing(peer_device_id=PEER, peer_device_name="P", key=b"o" * 32, via="lan-handshake",
+                            paired_at=NOW, role="outbound", our_app_id="new-app"))
+    inbound = store.get(PEER)
+    assert inbound is not None and inbound.role == "inbound" and inbound.our_app_id is None
+    assert inbound.peer_app_id == "com.acme.chat"
+    assert store.get(PEER, direction="outbound").our_app_id == "new-app"  # type: ignore[union-attr]
+
+
+def test_version_1_stores_are_migrated_and_rewritten(tmp_path: Path) -> None:
+    """Version 1's single ``appId`` meant the app id *we* sign as for outbound records and the one
+    the *peer* signs as otherwise; a QR pairing stored the peer's device id there."""
+    key = encode_key(b"m" * 32)
+    common = {"peerDeviceName": "x", "pairingKey": key, "pairedAt": NOW, "admin": False}
+    v1 = {"version": 1, "pairings": [
+        {**common, "peerDeviceId": "dv-in", "appId": "com.in", "via": "lan-handshake", "role": "inbound"},
+        {**common, "peerDeviceId": "dv-out", "appId": "com.out", "via": "lan-handshake", "role": "outbound",
+         "baseUrl": "http://10.0.0.9:38883/v1"},
+        {**common, "peerDeviceId": "dv-qr", "appId": "dv-qr", "via": "rendezvous", "role": "mutual"},
+        {**common, "peerDeviceId": "dv-static", "appId": "ops", "via": "static", "role": "mutual"},
+    ]}
+    (tmp_path / PAIRINGS_FILE).write_text(json.dumps(v1))
+    store = PairingStore.load_sync(tmp_path, self_device_id=ME)
+    ids = {p.peer_device_id: (p.our_app_id, p.peer_app_id) for p in store.list()}
+    assert ids == {"dv-in": (None, "com.in"), "dv-out": ("com.out", None), "dv-qr": (ME, "dv-qr"),
+                   "dv-static": ("ops", "ops")}
+    rewritten = json.loads((tmp_path / PAIRINGS_FILE).read_text())
+    assert rewritten["version"] == 2 and all("appId" not in p for p in rewritten["pairings"])
+    assert stat.S_IMODE(os.stat(tmp_path / PAIRINGS_FILE).st_mode) == 0o600
+    assert PairingStore.load_sync(tmp_path, self_device_id="someone-else").list() == store.list()

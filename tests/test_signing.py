@@ -51,8 +51,11 @@ EXAMPLE_SIGNATURE = "3cf68d9e7a2d46d3beddfb750f2f9e3138f87b365c401797bd98e344aff
 
 
 def pairing(key: bytes = KEY, device: str = DEVICE, app: str = APP, role: str = "inbound") -> Pairing:
-    return Pairing(peer_device_id=device, peer_device_name="Pixel 9", app_id=app, key=key,
-                   via="lan-handshake", paired_at=NOW, role=role)  # type: ignore[arg-type]
+    ids = {"our_app_id": app} if role == "outbound" else {"peer_app_id": app}
+    if role == "mutual":
+        ids = {"our_app_id": app, "peer_app_id": app}
+    return Pairing(peer_device_id=device, peer_device_name="Pixel 9", key=key,
+                   via="lan-handshake", paired_at=NOW, role=role, **ids)  # type: ignore[arg-type]
 
 
 def signed(now_ms: int = NOW, key: bytes = KEY, **overrides: object) -> dict[str, object]:

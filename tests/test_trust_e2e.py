@@ -31,7 +31,7 @@ def outbound_key(state: Path, peer: str) -> tuple[bytes, str]:
     items = records["pairings"] if isinstance(records, dict) else records
     for item in items:
         if item["peerDeviceId"] == peer and item["role"] in ("outbound", "mutual"):
-            return decode_key(item["pairingKey"]), item.get("appId") or ""
+            return decode_key(item["pairingKey"]), item["ourAppId"]  # the app id this side signs as
     raise AssertionError(f"no outbound pairing with {peer} in {records}")
 
 
@@ -88,7 +88,10 @@ async def test_pair_by_prompt_sign_audit_restart_revoke(tmp_path: Path, default_
         assert len(key) == 32
 
         # Signed by B: served and attributed; a tampered signature: refused; both audited.
+        assert app == b_id  # `pair` without --app-id binds B's own device id
         assert await signed_chat(a, key, b_id, app) == 200
+        # The other way round the pairing gives nothing: B holds an outbound record only.
+        assert await signed_chat(b, key, a_id, app) == 401
         assert await signed_chat(a, key, b_id, app, tamper=True) == 401
         rows = json.loads(cli(a_state, "audit", "--json").stdout)
         statuses = {(r["peerDeviceId"], r["status"]) for r in rows}

@@ -47,7 +47,16 @@ def health_body(context: NodeContext) -> dict[str, Any]:
         "deviceName": context.device_name,
         "currentModelId": registry.default_id,
         "models": models,
+        "audit": _audit_health(context),
     }
+
+
+def _audit_health(context: NodeContext) -> dict[str, Any]:
+    """The audit log's state and losses (the error text stays in the node log: this is public)."""
+    if context.audit is None:
+        return {"state": "disabled"}
+    health = context.audit.health()
+    return {key: health[key] for key in ("state", "writeErrors", "droppedRows")}
 
 
 @routes.get("/v1/dvai/health")

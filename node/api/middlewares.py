@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,11 +23,23 @@ from ..constants import (
     REQUEST_ID_HEADER,
     REQUEST_ID_MAX_CHARS,
 )
+from .jsonbody import decode_json_body
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("dvai_request_id", str) if hasattr(web, "RequestKey") else "dvai_request_id"
+
+_REQUEST_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{REQUEST_ID_MAX_CHARS}}}")
+
+
+def clean_request_id(header: str | None) -> str:
+    """The caller's ``X-Request-Id`` when it is 1-128 printable ASCII characters, else a new one
+    (the id is echoed in a header, logged and audited: it must be plain text)."""
+    if header is not None and _REQUEST_ID_RE.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
+
 
 def error_response(error: DVAIError, request_id: str | None = None) -> web.Response:
     headers = dict(error.headers)
@@ -39,8 +51,7 @@ def error_response(error: DVAIError, request_id: str | None = None) -> web.Respo
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost: every failure leaves as an OpenAI-shaped JSON error, never a stack trace."""
-    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    request[REQUEST_ID] = request_id[:REQUEST_ID_MAX_CHARS]
+    request[REQUEST_ID] = clean_request_id(request.headers.get(REQUEST_ID_HEADER))
     try:
         response = await handler(request)
     except DVAIError as exc:
@@ -110,7 +121,4 @@ async def read_json(request: web.Request) -> Any:
         raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes") from exc
     if not raw:
         raise InvalidRequestError("the request body is empty; expected a JSON object")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
+    return decode_json_body(raw)  # bounded depth and number size, valid Unicode text

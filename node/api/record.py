@@ -9,6 +9,7 @@ its readers: the audit log (inference endpoints), the metrics and the request lo
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from ..audit.log import AuditLog, AuditRow
+from ..audit.log import AuditLog, AuditRow, wait_committed
 from ..common.clock import unix_ms
 from ..common.errors import DVAIError
-from ..constants import MAX_METRIC_LABEL_CHARS, REQUEST_ID_HEADER, REQUEST_ID_MAX_CHARS
+from ..constants import AUDIT_COMMIT_WAIT_S, MAX_METRIC_LABEL_CHARS, REQUEST_ID_HEADER, REQUEST_ID_MAX_CHARS
 from ..engine.record import SERVED_LOCAL, RequestRecord
 from ..security.guard import attribution_of, audit_peer_of
 from .middlewares import REQUEST_ID
@@ -45,8 +46,11 @@ RECORD = web.RequestKey("dvai_record", RequestRecord)
 """``request[RECORD]``: this request's record (set by the record middleware)."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-RecordReader = Callable[[RequestRecord], None]
-"""Called once per finished request; must not block (the audit log queues its row)."""
+RecordReader = Callable[[RequestRecord], "concurrent.futures.Future[bool] | None"]
+"""Called once per finished request; must not block (the audit log queues its row). A reader may
+return a future that completes once what it recorded is durable (the audit row committed): when
+the answer has not been sent yet (a JSON answer or an error), the middleware waits for it, at most
+``AUDIT_COMMIT_WAIT_S``, before the answer leaves."""
 
 
 def make_record_middleware(readers: Iterable[RecordReader], *,
@@ -62,9 +66,8 @@ def make_record_middleware(readers: Iterable[RecordReader], *,
         request[RECORD] = record
         started = time.monotonic()
         outcome = HandlerOutcome()
-        try:
-            return await outcome.run(handler, request)
-        finally:
+
+        def finish() -> list[concurrent.futures.Future[bool]]:
             record.route = route_label(request)
             record.status = outcome.status
             if outcome.code is not None:
@@ -72,13 +75,38 @@ def make_record_middleware(readers: Iterable[RecordReader], *,
             record.latency_ms = round((time.monotonic() - started) * 1000, 3)
             record.app_id = attribution_of(request).app_id
             record.peer_device_id = audit_peer_of(request)
+            pending = []
             for reader in listeners:
                 try:
-                    reader(record)
+                    confirmation = reader(record)
                 except Exception:  # noqa: BLE001 - observers never break a request
                     log.exception("request record reader %r failed", reader)
+                    continue
+                if confirmation is not None:
+                    pending.append(confirmation)
+            return pending
+
+        try:
+            response = await outcome.run(handler, request)
+        except asyncio.CancelledError:
+            finish()  # the client is gone: nothing to hold back
+            raise
+        except Exception:
+            await _durable(finish())  # the error answer (written outside) leaves once recorded
+            raise
+        pending = finish()
+        if not response.prepared:
+            await _durable(pending)  # a JSON answer: on disk before it leaves
+        # A stream was sent already: its row is committed by the writer right after (the
+        # documented loss window, docs/security.md "Durability").
+        return response
 
     return record_middleware
+
+
+async def _durable(pending: list[concurrent.futures.Future[bool]]) -> None:
+    for confirmation in pending:
+        await wait_committed(confirmation, AUDIT_COMMIT_WAIT_S)
 
 
 @dataclass(slots=True)
@@ -108,16 +136,17 @@ def audit_reader(audit: AuditLog, *, paths: Collection[str] = INFERENCE_PATHS) -
     """One audit row per request to ``paths``, served or refused."""
     watched = frozenset(paths)
 
-    def read(record: RequestRecord) -> None:
-        if record.endpoint in watched:
-            audit.record(AuditRow(
-                ts=record.arrived_ms, request_id=record.request_id, app_id=record.app_id,
-                peer_device_id=record.peer_device_id, endpoint=record.endpoint, status=record.status,
-                model_requested=record.model_requested, model_served=record.model_served,
-                prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-                latency_ms=record.latency_ms, served_by=record.served_by or SERVED_LOCAL,
-                error_code=record.error_code,
-            ))
+    def read(record: RequestRecord) -> concurrent.futures.Future[bool] | None:
+        if record.endpoint not in watched:
+            return None
+        return audit.record_confirmed(AuditRow(
+            ts=record.arrived_ms, request_id=record.request_id, app_id=record.app_id,
+            peer_device_id=record.peer_device_id, endpoint=record.endpoint, status=record.status,
+            model_requested=record.model_requested, model_served=record.model_served,
+            prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
+            latency_ms=record.latency_ms, served_by=record.served_by or SERVED_LOCAL,
+            error_code=record.error_code,
+        ))
 
     return read
 

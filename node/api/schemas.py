@@ -64,6 +64,8 @@ def parse_completion_request(body: Any) -> CompletionRequest:
             "'prompt' must be a string or a non-empty list of strings (token arrays are not supported)",
             param="prompt",
         )
+    for prompt_text in prompts:
+        _encodable(prompt_text, "prompt")
     max_tokens = _optional_int(body, "max_tokens", 1, MAX_TOKENS_CAP)
     stream, include_usage = _stream(body)
     if stream and len(prompts) > 1:
@@ -96,6 +98,8 @@ def parse_embedding_request(body: Any) -> EmbeddingRequest:
         raise InvalidRequestError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request", param="input")
     if any(not text for text in inputs):
         raise InvalidRequestError("'input' must not contain empty strings", param="input")
+    for text in inputs:
+        _encodable(text, "input")
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise InvalidRequestError("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
@@ -127,7 +131,7 @@ def _model(body: dict[str, Any]) -> str:
     model = body.get("model")
     if not isinstance(model, str) or not model.strip():
         raise InvalidRequestError("'model' is required and must be a non-empty string", param="model")
-    return model
+    return _encodable(model, "model")
 
 
 def _messages(value: Any) -> tuple[ChatMessage, ...]:
@@ -138,10 +142,11 @@ def _messages(value: Any) -> tuple[ChatMessage, ...]:
         where = f"messages[{index}]"
         if not isinstance(item, dict):
             raise InvalidRequestError(f"{where} must be an object", param=where)
-        role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+        given = item.get("role")
+        role = _ROLES.get(given) if isinstance(given, str) else None
         if role is None:
             raise InvalidRequestError(
-                f"{where}.role must be one of system, user, assistant (got {item.get('role')!r})",
+                f"{where}.role must be one of system, developer, user, assistant (got {repr(given)[:40]})",
                 param=f"{where}.role",
             )
         out.append(ChatMessage(role=role, content=_content(item.get("content"), f"{where}.content")))  # type: ignore[arg-type]
@@ -150,7 +155,7 @@ def _messages(value: Any) -> tuple[ChatMessage, ...]:
 
 def _content(value: Any, where: str) -> str:
     if isinstance(value, str):
-        return value
+        return _encodable(value, where)
     if value is None:
         return ""
     if isinstance(value, list):
@@ -161,7 +166,7 @@ def _content(value: Any, where: str) -> str:
                     f"{where}: only text content parts are supported", param=where
                 )
             parts.append(part["text"])
-        return "".join(parts)
+        return _encodable("".join(parts), where)
     raise InvalidRequestError(f"{where} must be a string or a list of text parts", param=where)
 
 
@@ -193,6 +198,8 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
         stops = tuple(s for s in stop if s)
     else:
         raise InvalidRequestError("'stop' must be a string or a list of strings", param="stop")
+    for text in stops:
+        _encodable(text, "stop")
     defaults = SamplingParams()
     temperature = _optional_number(body, "temperature", 0.0, 2.0)
     top_p = _optional_number(body, "top_p", 0.0, 1.0)
@@ -208,6 +215,17 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
         stop=stops,
         seed=None if seed is None else int(seed) & 0x7FFFFFFF,
     )
+
+
+def _encodable(text: str, where: str) -> str:
+    """Text the engine can tokenize: no lone surrogates (``"\ud800"`` decodes from JSON but is not
+    Unicode). The HTTP reader refuses them already; this covers the embedding library's calls."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"{where} is not valid Unicode text (lone surrogate)", param=where,
+                                  code="invalid_text") from None
+    return text
 
 
 def _is_int(value: Any) -> bool:
@@ -227,8 +245,10 @@ def _optional_number(body: dict[str, Any], name: str, low: float, high: float) -
     value = body.get(name)
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise InvalidRequestError(f"'{name}' must be a number", param=name)
+    if isinstance(value, float) and not math.isfinite(value):  # an int of any size compares exactly
+        raise InvalidRequestError(f"'{name}' must be a finite number", param=name)
     if not low <= value <= high:
         raise InvalidRequestError(f"'{name}' must be between {low:g} and {high:g}", param=name)
     return float(value)

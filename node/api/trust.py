@@ -24,6 +24,7 @@ from ..context import CONTEXT, NodeContext
 from ..pairing import PairingFailedError, handle_handshake, pair_with
 from ..pairing.qr_service import QrPairingService, offer_to_json, result_to_json
 from ..transport.rendezvous_client import PairingExpiredError, RendezvousError
+from .jsonbody import is_encodable
 from .middlewares import read_json
 
 routes = web.RouteTableDef()
@@ -123,8 +124,8 @@ async def audit(request: web.Request) -> web.Response:
         "since": _int(query, "since"),
         "until": _int(query, "until"),
         "status": _int(query, "status"),
-        "app_id": query.get("app_id") or query.get("appId") or query.get("app"),
-        "peer": query.get("peer"),
+        "app_id": _text(query, "app_id") or _text(query, "appId") or _text(query, "app"),
+        "peer": _text(query, "peer"),
         "limit": _limit(query),
     }
     rows = await context.audit.query(**filters)
@@ -140,14 +141,32 @@ def _limit(query: Any) -> int:
     return limit
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _int(query: Any, name: str) -> int | None:
+    """An integer query parameter that fits SQLite's 64-bit INTEGER."""
     value = query.get(name)
     if value is None or value == "":
         return None
+    error = InvalidRequestError(f"query parameter '{name}' must be an integer from {_INT64_MIN} to {_INT64_MAX}",
+                                param=name)
+    if len(value) > 20:
+        raise error
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise InvalidRequestError(f"query parameter '{name}' must be an integer", param=name) from None
+        raise error from None
+    if not _INT64_MIN <= number <= _INT64_MAX:
+        raise error
+    return number
+
+
+def _text(query: Any, name: str) -> str | None:
+    value = query.get(name)
+    if value is not None and not is_encodable(value):
+        raise InvalidRequestError(f"query parameter '{name}' is not valid Unicode text", param=name)
+    return value or None
 
 
 # --- QR pairing through the rendezvous ---------------------------------------

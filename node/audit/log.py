@@ -5,6 +5,16 @@ The event loop only enqueues (``record`` never blocks and never grows memory pas
 connection, commits rows in batches, runs queries in order with the writes (a query sees every
 row recorded before it), and enforces retention by age and row count every
 ``AUDIT_PRUNE_INTERVAL_S`` seconds and whenever many rows arrived since the last pass.
+
+``record_confirmed`` / ``record_durably`` report when the row is committed: the record
+middleware (``node/api/record.py``) waits for it so that a request's row is on disk before its
+answer leaves (WAL with ``synchronous=NORMAL``: a commit survives a
+crash of the node process; an OS crash or power loss may still lose the last commits).
+
+The writer survives bad rows and failing writes: every value is made storable first (text with
+lone surrogates escaped, integers clamped to 64 bits), a batch that fails is retried row by row,
+a row that still fails is dropped and counted, and ``health()`` reports the failures (shown by
+``GET /v1/dvai/health`` and ``/metrics``). Requests never fail because of the audit log.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -135,6 +146,12 @@ class AuditLog:
         self.enabled = enabled
         self.dropped = 0
         """rows refused because the queue was full (or the log was closed)."""
+        self.write_errors = 0
+        """rows that could not be written (bad values, or a database error), since start."""
+        self.last_error: str | None = None
+        self.last_error_at: int | None = None
+        self._failing = False
+        """the last write attempt failed (cleared by the next successful commit)."""
         self._now_ms = now_ms
         self._prune_interval_s = prune_interval_s
         self._queue_max = queue_max
@@ -167,6 +184,34 @@ class AuditLog:
 
     def record(self, row: AuditRow) -> bool:
         """Queue a row for the writer thread; never blocks. False when it was dropped."""
+        return self._enqueue(row)
+
+    def record_confirmed(self, row: AuditRow) -> concurrent.futures.Future[bool] | None:
+        """Queue a row like ``record``; the future says (True) once it is committed, or that it
+        could not be written (False). None when the row was dropped at once. Never blocks."""
+        future: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        return future if self._enqueue(_DurableRow(row, future)) else None
+
+    async def record_durably(self, row: AuditRow, *, timeout: float = 2.0) -> bool:  # noqa: ASYNC109
+        """Queue a row and wait (at most ``timeout`` s) until it is committed; never raises.
+
+        True once the row is in the database; False when it was dropped, failed or is late
+        (then it may still be written; the failure is counted in ``health()``).
+        """
+        return await wait_committed(self.record_confirmed(row), timeout)
+
+    def health(self) -> dict[str, Any]:
+        """``state``: ``ok``, ``failing`` (the last write failed), ``stopped`` (no writer) or ``disabled``."""
+        if not self.enabled:
+            state = "disabled"
+        elif self._thread is None or not self._thread.is_alive() or self._closed:
+            state = "stopped"
+        else:
+            state = "failing" if self._failing else "ok"
+        return {"state": state, "writeErrors": self.write_errors, "droppedRows": self.dropped,
+                "lastError": self.last_error, "lastErrorAt": self.last_error_at}
+
+    def _enqueue(self, item: AuditRow | _DurableRow) -> bool:
         if not self.enabled:
             return False
         if self._closed or self._thread is None or self._queue.qsize() >= self._queue_max:
@@ -175,7 +220,7 @@ class AuditLog:
                 logger.warning("audit log dropped %d row(s): writer %s", self.dropped,
                                "closed" if self._closed or self._thread is None else "backlogged")
             return False
-        self._queue.put(row)
+        self._queue.put(item)
         return True
 
     async def query(
@@ -203,11 +248,13 @@ class AuditLog:
         def run(conn: sqlite3.Connection) -> list[AuditRow]:
             return [AuditRow(*values) for values in conn.execute(sql, (*params, limit))]
 
-        return await self._submit(run, default=[])
+        rows: list[AuditRow] = await self._submit(run, default=[])
+        return rows
 
     async def prune(self) -> int:
         """Apply retention now; returns the number of rows deleted."""
-        return await self._submit(self._prune, default=0)
+        deleted: int = await self._submit(self._prune, default=0)
+        return deleted
 
     async def flush(self) -> None:
         """Wait until every row recorded so far is committed."""
@@ -292,10 +339,10 @@ class AuditLog:
 
     def _process(self, conn: sqlite3.Connection, batch: list[object]) -> tuple[int, bool]:
         """Write rows in one transaction; run jobs in order after the rows before them."""
-        rows: list[AuditRow] = []
+        rows: list[AuditRow | _DurableRow] = []
         written = 0
         for item in batch:
-            if isinstance(item, AuditRow):
+            if isinstance(item, (AuditRow, _DurableRow)):
                 rows.append(item)
                 continue
             written += self._write(conn, rows)
@@ -309,21 +356,48 @@ class AuditLog:
                     item.future.set_exception(exc)
         return written + self._write(conn, rows), False
 
-    def _write(self, conn: sqlite3.Connection, rows: list[AuditRow]) -> int:
-        if not rows:
+    def _write(self, conn: sqlite3.Connection, items: list[AuditRow | _DurableRow]) -> int:
+        """Commit ``items`` in one transaction; if that fails, one by one, dropping (and
+        counting) only the rows that fail alone. Settles every durable row's future."""
+        if not items:
             return 0
         try:
             with conn:
-                conn.executemany(_INSERT, [_row_values(row) for row in rows])
-        except sqlite3.Error:
-            logger.exception("audit log: could not write %d row(s)", len(rows))
-            return 0
-        if self._on_commit is not None:
+                conn.executemany(_INSERT, [_row_values(_row_of(item)) for item in items])
+            ok = [True] * len(items)
+        except Exception as exc:  # noqa: BLE001 - a bad row or a database error must not stop the writer
+            if len(items) > 1:
+                logger.warning("audit log: a batch of %d rows failed (%s); writing them one by one",
+                               len(items), exc)
+            ok = [self._write_one(conn, item) for item in items]
+        else:
+            self._failing = False
+        for item, done in zip(items, ok, strict=True):
+            if isinstance(item, _DurableRow) and not item.future.done():
+                item.future.set_result(done)
+        written = sum(ok)
+        if written and self._on_commit is not None:
             try:
-                self._on_commit(len(rows))
+                self._on_commit(written)
             except Exception:  # noqa: BLE001 - an observer must not kill the writer
                 logger.exception("audit log: on_commit observer failed")
-        return len(rows)
+        return written
+
+    def _write_one(self, conn: sqlite3.Connection, item: AuditRow | _DurableRow) -> bool:
+        try:
+            with conn:
+                conn.execute(_INSERT, _row_values(_row_of(item)))
+        except Exception as exc:  # noqa: BLE001 - counted, logged, reported by health()
+            self.write_errors += 1
+            self._failing = True
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            self.last_error_at = self._now_ms()
+            if self.write_errors == 1 or self.write_errors % 1000 == 0:
+                logger.error("audit log: could not write a row (%s); %d row(s) lost so far",
+                             self.last_error, self.write_errors)
+            return False
+        self._failing = False
+        return True
 
     def _prune(self, conn: sqlite3.Connection) -> int:
         cutoff = self._now_ms() - int(self.retention_days * MS_PER_DAY)
@@ -338,7 +412,7 @@ class AuditLog:
     def _prune_logged(self, conn: sqlite3.Connection) -> None:
         try:
             self._prune(conn)
-        except sqlite3.Error:
+        except Exception:  # noqa: BLE001 - retention is retried at the next pass
             logger.exception("audit log: retention pass failed")
 
     def _connect(self) -> sqlite3.Connection:
@@ -362,11 +436,56 @@ class AuditLog:
         return conn
 
 
+async def wait_committed(future: concurrent.futures.Future[bool] | None, timeout: float) -> bool:  # noqa: ASYNC109
+    """Wait (at most ``timeout`` s) for a ``record_confirmed`` future; False when dropped, failed
+    or late. Never raises (cancellation aside)."""
+    if future is None:
+        return False
+    try:
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
+    except TimeoutError:
+        logger.warning("audit log: a row took more than %.1f s to commit", timeout)
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class _DurableRow:
+    row: AuditRow
+    future: concurrent.futures.Future[bool]
+
+
+def _row_of(item: AuditRow | _DurableRow) -> AuditRow:
+    return item.row if isinstance(item, _DurableRow) else item
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_REQUIRED_TEXT = frozenset({"request_id", "app_id", "peer_device_id", "endpoint", "served_by"})
+_INTEGER_COLUMNS = frozenset({"ts", "status", "prompt_tokens", "completion_tokens"})
+
+
 def _row_values(row: AuditRow) -> tuple[Any, ...]:
-    return tuple(_clip(getattr(row, name)) for name in _COLUMNS)
+    """The row as SQLite can store it, whatever a caller put in it (see ``_storable``)."""
+    return tuple(_storable(name, getattr(row, name)) for name in _COLUMNS)
 
 
-def _clip(value: Any) -> Any:
-    if isinstance(value, str) and len(value) > AUDIT_FIELD_MAX_CHARS:
-        return value[:AUDIT_FIELD_MAX_CHARS]
-    return value
+def _storable(name: str, value: Any) -> Any:
+    """Integers within 64 bits in the integer columns, a finite float in ``latency_ms``, text
+    clipped and valid UTF-8 (lone surrogates escaped as ``\\udxxx``) elsewhere; a value of
+    the wrong type becomes NULL (or text: ``repr``)."""
+    if name in _INTEGER_COLUMNS:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return None
+        return min(max(value, _INT64_MIN), _INT64_MAX)
+    if name == "latency_ms":
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        return None
+    if value is None:
+        return "" if name in _REQUIRED_TEXT else None
+    text = value if isinstance(value, str) else repr(value)
+    text = text[:AUDIT_FIELD_MAX_CHARS]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text

@@ -94,8 +94,9 @@ def run_pairing(args: argparse.Namespace, config: NodeConfig) -> int:
         if args.action == "list":
             result = await call("GET", f"{base}/dvai/pairings")
             rows = [[p.get("peerDeviceName") or "", p["peerDeviceId"], p.get("role", ""), p.get("via", ""),
-                     p.get("appId") or "", local_time(p.get("pairedAt"))] for p in result["data"]]
-            header = ["NAME", "DEVICE ID", "ROLE", "VIA", "APP", "PAIRED AT"]
+                     p.get("ourAppId") or "-", p.get("peerAppId") or "-", local_time(p.get("pairedAt"))]
+                    for p in result["data"]]
+            header = ["NAME", "DEVICE ID", "ROLE", "VIA", "WE SIGN AS", "PEER SIGNS AS", "PAIRED AT"]
         elif args.action == "pending":
             result = await call("GET", f"{base}/dvai/pairing-requests")
             rows = [[r.get("peerDeviceName") or "", r["peerDeviceId"], "yes" if r.get("proven") else "NO",

@@ -46,6 +46,8 @@ async def serve(config: NodeConfig, *, stop: asyncio.Event | None = None) -> int
         assert context is not None
         print(f"dvai-node {__version__}  device {context.identity.device_id} ({context.device_name})")
         print(f"OpenAI base URL: {node.base_url or '(in-process only)'}")
+        if context.local_base_url and context.local_base_url != node.base_url:
+            print(f"  from this machine (unsigned): {context.local_base_url}")
         for model in config.models:
             print(f"  model {model.id}: {describe_source(model)}")
         sys.stdout.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = SECRET_MODE) -> N
     """Write ``data`` to ``path`` so readers see the old file or the new one, never half.
 
     The temporary file is created with ``mode`` before any byte is written, so
-    a secret is never readable by others, even for an instant.
+    a secret is never readable by others, even for an instant. A process killed mid-write
+    leaves it behind; ``remove_stale_temp_files`` (run by the node at start) deletes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,6 +34,30 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = SECRET_MODE) -> N
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+_TEMP_NAME_RE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+"""what ``atomic_write_bytes`` names its temporary files (``tempfile.mkstemp``'s 8 random characters)."""
+
+
+def remove_stale_temp_files(directory: Path) -> list[Path]:
+    """Delete temporary files that interrupted atomic writes (a crash between creating the
+    temporary file and renaming it) left in ``directory``; return what was removed.
+
+    Call it only while no atomic write can be in progress there (a node calls it at start,
+    holding the state dir's lock).
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    for entry in entries:
+        if _TEMP_NAME_RE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            with _suppress_os_error():
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
 
 
 def atomic_write_json(path: Path, value: Any, *, mode: int = SECRET_MODE) -> None:

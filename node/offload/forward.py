@@ -44,7 +44,7 @@ from node.constants import (
 )
 from node.engine.base import GenerationOutcome
 from node.pairing.store import Pairing
-from node.security.signing import sign_request_headers
+from node.security.signing import sign_with_pairing
 from node.transport.link import LinkRequest, LinkResponse, PeerLink, PeerLinkError
 
 __all__ = ["ForwardCall", "ForwardFailed", "ForwardResult", "ForwardSettings", "ForwardStatus", "ForwardTarget",
@@ -158,8 +158,7 @@ class Forwarder:
         def request() -> LinkRequest:
             headers: dict[str, str] = {}
             if target.pairing is not None:
-                headers = sign_request_headers(target.pairing.key, self._device_id, target.pairing.app_id,
-                                               "POST", call.path, call.body)
+                headers = sign_with_pairing(target.pairing, self._device_id, "POST", call.path, call.body)
             elif target.bearer:
                 headers["Authorization"] = f"Bearer {target.bearer}"
             headers.update({"Content-Type": "application/json", OFFLOAD_HEADER: "never",

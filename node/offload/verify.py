@@ -41,7 +41,7 @@ from node.constants import (
 )
 from node.engine.base import GenerationOutcome
 from node.pairing.store import Pairing
-from node.security.signing import sign_request_headers
+from node.security.signing import sign_with_pairing
 from node.transport.link import LinkRequest, LinkResponse, PeerLink, PeerLinkError
 
 __all__ = ["PeerVerifier", "ProbeTarget", "Verification", "VerificationFailed", "measure_decode_rate"]
@@ -109,7 +109,7 @@ async def measure_decode_rate(
         "temperature": 0,
         "stream": True,
     }).encode()
-    headers = sign_request_headers(target.pairing.key, self_device_id, target.pairing.app_id, "POST", path, body)
+    headers = sign_with_pairing(target.pairing, self_device_id, "POST", path, body)
     headers.update({"Content-Type": "application/json", OFFLOAD_HEADER: "never", HOP_HEADER: self_device_id})
     timing = _ProbeTiming(monotonic)
     response: LinkResponse | None = None

@@ -179,7 +179,7 @@ async def handle_handshake(
     await store.add(Pairing(
         peer_device_id=request.peer_device_id,
         peer_device_name=request.peer_device_name,
-        app_id=request.app_id,
+        peer_app_id=request.app_id,
         key=key,
         via=LAN_HANDSHAKE,
         paired_at=paired_at,
@@ -236,7 +236,7 @@ async def pair_with(
     pairing = Pairing(
         peer_device_id=peer_id,
         peer_device_name=peer_name if isinstance(peer_name, str) and peer_name else peer_id,
-        app_id=bound_app_id,
+        our_app_id=bound_app_id,
         key=key,
         via=LAN_HANDSHAKE,
         paired_at=paired_at if isinstance(paired_at, int) and not isinstance(paired_at, bool) else now(),

@@ -11,9 +11,17 @@ may be used, because the two ends of a LAN handshake did not consent to the same
   or the operator configured it, ``via="static"``): either side may call the other.
 
 Two nodes that each pair with the other hold one inbound and one outbound record for the same
-peer, with different keys. ``app_id`` is the app id bound to the key: whoever signs with it
-sends exactly this ``X-DVAI-App-Id`` (the handshake's ``appId``, falling back to the
-requester's device id as in the reference).
+peer, with different keys. Two app ids are bound to the key, one per direction, so a record never
+has to say which way its app id points:
+
+- ``our_app_id``  — the ``X-DVAI-App-Id`` *we* send when we sign with the key (set exactly when
+  the record lets us call the peer: ``outbound`` and ``mutual``);
+- ``peer_app_id`` — the ``X-DVAI-App-Id`` the *peer* must send when it signs with the key (set
+  exactly when the peer may call us: ``inbound`` and ``mutual``).
+
+A LAN handshake binds the requester's ``appId`` (falling back to its device id, as in the
+reference); a QR pairing binds each side's device id. Version 1 stores had a single ``appId``
+whose meaning depended on the role; ``PairingStore.load`` migrates them (see ``_migrate_v1``).
 """
 
 from __future__ import annotations
@@ -42,7 +50,8 @@ from ..constants import (
 logger = logging.getLogger(__name__)
 
 PAIRINGS_FILE = "pairings.json"
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2
+"""2: ``ourAppId`` / ``peerAppId`` replace version 1's ambiguous ``appId``."""
 
 Via = Literal["lan-handshake", "rendezvous", "static"]
 Role = Literal["inbound", "outbound", "mutual"]
@@ -83,11 +92,14 @@ class Pairing:
 
     peer_device_id: str
     peer_device_name: str
-    app_id: str
     key: bytes = field(repr=False)
     via: Via
     paired_at: int
     role: Role
+    our_app_id: str | None = None
+    """the app id we sign as with this key (set exactly when ``may_call_peer``)."""
+    peer_app_id: str | None = None
+    """the app id the peer must sign as with this key (set exactly when ``may_call_us``)."""
     base_url: str | None = None
     """where the peer was reached (outbound pairings made by ``pair_with``)."""
     admin: bool = False
@@ -100,8 +112,14 @@ class Pairing:
             raise ValueError(f"role must be one of {', '.join(_ROLE_DIRECTIONS)}")
         if self.via not in get_args(Via):
             raise ValueError(f"via must be one of {', '.join(get_args(Via))}")
-        if not self.peer_device_id or not self.app_id:
-            raise ValueError("peer_device_id and app_id must be non-empty")
+        if not self.peer_device_id:
+            raise ValueError("peer_device_id must be non-empty")
+        for name, needed in (("our_app_id", self.may_call_peer), ("peer_app_id", self.may_call_us)):
+            value = getattr(self, name)
+            if needed and not (isinstance(value, str) and value):
+                raise ValueError(f"a {self.role} pairing needs a non-empty {name}")
+            if not needed and value is not None:
+                raise ValueError(f"a {self.role} pairing has no {name} (that direction is not paired)")
 
     @property
     def may_call_us(self) -> bool:
@@ -116,7 +134,8 @@ class Pairing:
         return {
             "peerDeviceId": self.peer_device_id,
             "peerDeviceName": self.peer_device_name,
-            "appId": self.app_id,
+            "ourAppId": self.our_app_id,
+            "peerAppId": self.peer_app_id,
             "via": self.via,
             "pairedAt": self.paired_at,
             "role": self.role,
@@ -137,7 +156,8 @@ class Pairing:
             pairing = cls(
                 peer_device_id=_str(data, "peerDeviceId"),
                 peer_device_name=_str(data, "peerDeviceName"),
-                app_id=_str(data, "appId"),
+                our_app_id=_optional_str(data, "ourAppId"),
+                peer_app_id=_optional_str(data, "peerAppId"),
                 key=decode_key(_str(data, "pairingKey")),
                 via=_str(data, "via"),  # type: ignore[arg-type]
                 paired_at=_int(data, "pairedAt"),
@@ -167,17 +187,25 @@ class PairingStore:
             self._put(pairing)
 
     @classmethod
-    async def load(cls, state_dir: Path) -> PairingStore:
-        """Read ``<state_dir>/pairings.json`` (missing → empty); corrupt → ``PairingStoreError``."""
-        path = Path(state_dir) / PAIRINGS_FILE
-        pairings = await asyncio.to_thread(_read_pairings_file, path)
-        return cls(path, pairings)
+    async def load(cls, state_dir: Path, *, self_device_id: str) -> PairingStore:
+        """Read ``<state_dir>/pairings.json`` (missing → empty); corrupt → ``PairingStoreError``.
+
+        ``self_device_id`` (this node's device id) is what a version 1 QR pairing signed as; a
+        version 1 file is migrated and rewritten at once.
+        """
+        return await asyncio.to_thread(cls.load_sync, state_dir, self_device_id=self_device_id)
 
     @classmethod
-    def load_sync(cls, state_dir: Path) -> PairingStore:
+    def load_sync(cls, state_dir: Path, *, self_device_id: str) -> PairingStore:
         """``load`` for start-up code that runs before the event loop (a small file, read once)."""
         path = Path(state_dir) / PAIRINGS_FILE
-        return cls(path, _read_pairings_file(path))
+        pairings, migrated = _read_pairings_file(path, self_device_id)
+        store = cls(path, pairings)
+        if migrated:
+            _write_pairings_file(path, store._document())
+            logger.info("%s: migrated %d pairing(s) to format version %d", path, len(pairings),
+                        STORE_FORMAT_VERSION)
+        return store
 
     def get(self, peer_device_id: str, *, direction: Direction = "inbound") -> Pairing | None:
         """The pairing the peer may call us with (``inbound``), or that we call it with (``outbound``)."""
@@ -228,24 +256,51 @@ class PairingStore:
             (other,) = [d for d in _ROLE_DIRECTIONS["mutual"] if d != direction]
             if other not in new_directions and self._slots.get((pairing.peer_device_id, other)) is old:
                 # a mutual key half-replaced keeps working in the direction not replaced
-                self._slots[(pairing.peer_device_id, other)] = dataclasses.replace(old, role=other)
+                if other == "inbound":
+                    kept = dataclasses.replace(old, role="inbound", our_app_id=None)
+                else:
+                    kept = dataclasses.replace(old, role="outbound", peer_app_id=None)
+                self._slots[(pairing.peer_device_id, other)] = kept
         for direction in new_directions:
             self._slots[(pairing.peer_device_id, direction)] = pairing
 
+    def _document(self) -> dict[str, Any]:
+        return {"version": STORE_FORMAT_VERSION, "pairings": [p.to_json() for p in self.list()]}
+
     async def _persist(self) -> None:
         async with self._write_lock:
-            document = {
-                "version": STORE_FORMAT_VERSION,
-                "pairings": [p.to_json() for p in self.list()],
-            }
-            await asyncio.to_thread(_write_pairings_file, self.path, document)
+            await asyncio.to_thread(_write_pairings_file, self.path, self._document())
 
 
-def _read_pairings_file(path: Path) -> list[Pairing]:
+def _migrate_v1(item: Any, self_device_id: str) -> Any:
+    """A version 1 record's single ``appId`` pointed one way or the other depending on the role:
+
+    - ``inbound`` (we issued the key): the app id the peer signs as;
+    - ``outbound`` (we received the key): the app id we sign as;
+    - ``mutual`` via ``rendezvous`` (QR): the peer's device id, what the peer signs as; we sign
+      as our own device id (what the other side stored for us);
+    - ``mutual`` via ``static``: one app id configured for both directions.
+    """
+    if not isinstance(item, dict):
+        return item
+    record = {k: v for k, v in item.items() if k != "appId"}
+    app_id, role = item.get("appId"), item.get("role")
+    if role == "inbound":
+        record["peerAppId"] = app_id
+    elif role == "outbound":
+        record["ourAppId"] = app_id
+    elif role == "mutual":
+        record["peerAppId"] = app_id
+        record["ourAppId"] = self_device_id if item.get("via") == "rendezvous" else app_id
+    return record
+
+
+def _read_pairings_file(path: Path, self_device_id: str) -> tuple[list[Pairing], bool]:
+    """The stored pairings, and whether they were migrated from an older format."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return []
+        return [], False
     except OSError as exc:
         raise PairingStoreError(f"cannot read {path}: {exc}") from exc
     _tighten_mode(path)
@@ -256,15 +311,16 @@ def _read_pairings_file(path: Path) -> list[Pairing]:
         raise PairingStoreError(f"{path} is not valid JSON ({exc}); {hint}") from exc
     if not isinstance(document, dict) or not isinstance(document.get("pairings"), list):
         raise PairingStoreError(f"{path} has no 'pairings' list; {hint}")
-    if document.get("version") != STORE_FORMAT_VERSION:
-        raise PairingStoreError(f"{path} has unsupported version {document.get('version')!r}; {hint}")
+    version = document.get("version")
+    if version not in (1, STORE_FORMAT_VERSION):
+        raise PairingStoreError(f"{path} has unsupported version {version!r}; {hint}")
     pairings = []
     for index, item in enumerate(document["pairings"]):
         try:
-            pairings.append(Pairing.from_json(item))
+            pairings.append(Pairing.from_json(_migrate_v1(item, self_device_id) if version == 1 else item))
         except ValueError as exc:
             raise PairingStoreError(f"{path}: pairing #{index} is invalid ({exc}); {hint}") from exc
-    return pairings
+    return pairings, version != STORE_FORMAT_VERSION
 
 
 def _write_pairings_file(path: Path, document: dict[str, Any]) -> None:
@@ -288,6 +344,15 @@ def _str(data: Mapping[str, Any], name: str) -> str:
     value = data[name]
     if not isinstance(value, str) or not value:
         raise ValueError(f"'{name}' must be a non-empty string")
+    return value
+
+
+def _optional_str(data: Mapping[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"'{name}' must be a non-empty string or null")
     return value
 
 

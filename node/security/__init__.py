@@ -5,7 +5,7 @@
 
 Pairing (store, handshake, approval, QR) lives in ``node.pairing``, the audit log in
 ``node.audit``; the audit log reads the per-request record (``node/api/record.py``).
-Integration (see docs/security.md): ``NonceCache()`` at start;
+Integration (see docs/security.md): ``NonceCache.for_process_start()`` at start;
 ``make_security_middleware(config, store, nonces, loopback_only_paths=...)`` on the app.
 """
 
@@ -37,6 +37,7 @@ from .signing import (
     path_with_query_of,
     sign_hmac,
     sign_request_headers,
+    sign_with_pairing,
     verify_hmac,
     verify_signed_request,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "path_with_query_of",
     "sign_hmac",
     "sign_request_headers",
+    "sign_with_pairing",
     "verify_hmac",
     "verify_signed_request",
 ]

@@ -8,6 +8,9 @@
   was re-pointed at this node still sends ``Host: evil.example``.
 - Loopback-only paths (admin endpoints) answer loopback callers that are not browsers, or a
   signed request from a paired device whose pairing is marked ``admin``.
+- A node bound to one LAN/VPN address also listens on loopback (``node.runtime``), so its
+  owner's CLI and local apps keep a trusted way in; a local program that connects to the LAN
+  address instead is treated like any LAN caller (its source address is not loopback).
 """
 
 from __future__ import annotations
@@ -49,6 +52,16 @@ DEFAULT_PUBLIC_PATHS = frozenset({f"{MESH_PATH}/health", f"{MESH_PATH}/handshake
 
 _HOSTNAME_RE = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
 _LOOPBACK_NAMES = frozenset({"localhost"})
+
+SIGNATURE_REQUIRED_MESSAGE = (
+    "this node requires signed requests or an API key from non-loopback callers. From a program on "
+    "the node's own machine, use its loopback URL (http://127.0.0.1:<port>/v1, printed at start and written to "
+    "endpoint.json in the state dir; the node listens there too). From another device, sign the "
+    "requests with a pairing key (pair first: `dvai-node pair <this node's URL>` run on that device, "
+    "then sign as docs/security.md shows), or send an API key its operator made (`dvai-node keys "
+    "create`, then `Authorization: Bearer dvai-…`), or let unsigned LAN callers in with "
+    "`allow_anonymous_lan = true` under [security] on this node"
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RemoteAddr = Callable[[web.Request], str | None]
@@ -184,9 +197,7 @@ def decide_access(
     if paths and all(_matches(policy.public_paths, (path,)) for path in paths):
         return
     if policy.require_pairing and not loopback and not attribution.authenticated:
-        raise AuthenticationError("this node requires signed requests or an API key from non-loopback "
-                                  "callers; pair first (`dvai-node pair <this node's URL>`) or ask its "
-                                  "operator for a key (`dvai-node keys create`)", code="signature_required")
+        raise AuthenticationError(SIGNATURE_REQUIRED_MESSAGE, code="signature_required")
 
 
 # --------------------------------------------------------------------------

@@ -62,13 +62,20 @@ ANONYMOUS_ATTRIBUTION = Attribution()
 
 
 class SigningCredential(Protocol):
-    """What verification needs from a pairing (``node.pairing.Pairing`` is one)."""
+    """What signing and verification need from a pairing (``node.pairing.Pairing`` is one).
+
+    ``our_app_id`` is what we send when we sign with ``key`` (None: we may not call the peer
+    with it); ``peer_app_id`` is what the peer must send (None: it may not call us with it).
+    """
 
     @property
     def key(self) -> bytes: ...
 
     @property
-    def app_id(self) -> str: ...
+    def our_app_id(self) -> str | None: ...
+
+    @property
+    def peer_app_id(self) -> str | None: ...
 
 
 # --------------------------------------------------------------------------
@@ -142,6 +149,24 @@ def sign_request_headers(
     }
 
 
+def sign_with_pairing(
+    credential: SigningCredential,
+    my_device_id: str,
+    method: str,
+    path_with_query: str,
+    body: bytes | str,
+    now_ms: int | None = None,
+) -> dict[str, str]:
+    """The four headers for a request *we* send over a pairing: the one signing path used by the
+    forwarder, the capability check and anything else that calls a paired peer, whatever kind of
+    pairing it is (LAN outbound, QR or static mutual). ``ValueError`` when the pairing does not
+    let us call the peer."""
+    if credential.our_app_id is None:
+        raise ValueError("this pairing does not let us call the peer (it was issued to the peer)")
+    return sign_request_headers(credential.key, my_device_id, credential.our_app_id, method,
+                                path_with_query, body, now_ms)
+
+
 # --------------------------------------------------------------------------
 # Replay memory
 
@@ -162,14 +187,31 @@ class NonceCache:
     can fill the cache at all.
     """
 
-    def __init__(self, *, window_s: float = SIGNATURE_WINDOW_S, max_entries: int = NONCE_CACHE_MAX) -> None:
+    def __init__(self, *, window_s: float = SIGNATURE_WINDOW_S, max_entries: int = NONCE_CACHE_MAX,
+                 floor_ms: int | None = None) -> None:
+        """``floor_ms``: refuse every nonce stamped at or before it. A node passes its start time,
+        so a request captured before a restart (when this memory was empty) cannot be replayed
+        after it (``NonceCache.for_process_start``)."""
         if max_entries < 1:
             raise ValueError("max_entries must be positive")
         self.window_ms = int(window_s * 1000)
         self.max_entries = max_entries
         self._heap: list[tuple[int, bytes]] = []
         self._seen: set[bytes] = set()
-        self._floor_ms: int | None = None
+        self._floor_ms: int | None = floor_ms
+
+    @classmethod
+    def for_process_start(cls, *, window_s: float = SIGNATURE_WINDOW_S,
+                          max_entries: int = NONCE_CACHE_MAX) -> NonceCache:
+        """A cache for a node starting now: nonces stamped before this instant are refused.
+
+        Nothing is persisted, so this is what makes a restart safe: every nonce the previous
+        process could have accepted is older than this process. The price: for as long as a
+        peer's clock lags ours, right after a start, its fresh nonces look pre-start and get
+        401 ``nonce_below_replay_floor`` (its retry with a newer nonce passes once its clock
+        passes our start time).
+        """
+        return cls(window_s=window_s, max_entries=max_entries, floor_ms=_wall_clock_ms())
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -248,7 +290,10 @@ def verify_signed_request(
     credential = lookup_key(device_id)
     if credential is None:
         raise _auth(f"no active pairing for device '{device_id}' (unknown or revoked)", "unknown_pairing")
-    if not hmac.compare_digest(credential.app_id.encode(), app_id.encode()):
+    if credential.peer_app_id is None:
+        raise _auth(f"the pairing with device '{device_id}' does not let it call this node (it lets this "
+                    "node call that device)", "unknown_pairing")
+    if not hmac.compare_digest(credential.peer_app_id.encode(), app_id.encode()):
         raise _auth(f"X-DVAI-App-Id does not match the app id paired for device '{device_id}'",
                     "app_id_mismatch")
     message = compose_signed_message(nonce, method, path_with_query, body)
@@ -259,8 +304,8 @@ def verify_signed_request(
     if verdict == "replayed":
         raise _auth("X-DVAI-Nonce was already used (replay)", "nonce_replayed")
     if verdict == "below_floor":
-        raise _auth("X-DVAI-Nonce is older than the replay cache can vouch for under current load; "
-                    "retry with a fresh nonce", "nonce_below_replay_floor")
+        raise _auth("X-DVAI-Nonce is older than the replay cache can vouch for (signed before this node "
+                    "started, or evicted under load); retry with a fresh nonce", "nonce_below_replay_floor")
     return Attribution(peer_device_id=device_id, app_id=app_id, signed=True)
 
 
