@@ -213,6 +213,10 @@ async def test_a_bad_audited_field_cannot_switch_auditing_off(node: NodeProcess)
     ("10,000 headers", b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n"
      + b"".join(b"X-%d: 1\r\n" % i for i in range(10_000)) + b"\r\n"),
     ("bad content length", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x\r\n\r\n"),
+    ("HTTP/1.1 without Host", b"GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n"),
+    ("two Host headers", b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.2\r\n\r\n"),
+    ("Content-Length with chunked", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+     b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n"),
 ])
 def test_parser_level_errors_are_openai_shaped_without_traceback(node: NodeProcess, name: str,
                                                                    request_bytes: bytes) -> None:
