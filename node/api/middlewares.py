@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID = web.RequestKey("dvai_request_id", str) if hasattr(web, "RequestKey") else "dvai_request_id"
 
-_REQUEST_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{REQUEST_ID_MAX_CHARS}}}")
+_REQUEST_ID_RE = re.compile(rf"[\x21-\x7e][\x20-\x7e]{{0,{REQUEST_ID_MAX_CHARS - 1}}}")
 
 
 def clean_request_id(header: str | None) -> str:
