@@ -347,6 +347,7 @@ def _no_outbound_addresses(body: bytes) -> bool:
     return b"//" not in body and b"dvai:" not in body
 
 
+@pytest.mark.timeout(max(180, FUZZ_EXAMPLES // 4))  # ~30 ms per example, with room for a busy machine
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=False,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                  HealthCheck.function_scoped_fixture])
