@@ -59,8 +59,8 @@ class World:
                                                              queue_depth={m: 0 for m in models}, proven=proven))
 
     async def pair(self) -> None:
-        await self.pairings.add(Pairing(self.peer_id, "peer", self.self_id, bytes(32), "lan-handshake", 0,
-                                        "outbound", base_url="http://127.0.0.1:9/v1"))
+        await self.pairings.add(Pairing(self.peer_id, "peer", bytes(32), "lan-handshake", 0, "outbound",
+                                        our_app_id=self.self_id, base_url="http://127.0.0.1:9/v1"))
 
 
 @pytest.fixture
