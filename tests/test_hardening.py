@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from node.api import mesh, metrics, offload, openai, peers, trust
+from node.api import keys, mesh, metrics, offload, openai, peers, trust
 from node.security import encode_key, sign_request_headers
 
 from .conftest import REPO, NodeProcess, free_port, start_node_process
@@ -245,7 +245,8 @@ def test_idle_connections_are_closed_after_the_documented_timeout(node: NodeProc
 
 def _routes() -> list[tuple[str, str]]:
     out = []
-    for table in (openai.routes, mesh.routes, trust.routes, peers.routes, metrics.routes, offload.routes):
+    for table in (openai.routes, mesh.routes, trust.routes, peers.routes, metrics.routes, offload.routes,
+                  keys.routes):
         for route in table:
             method, path = getattr(route, "method", None), getattr(route, "path", None)
             if method in ("GET", "POST", "DELETE") and isinstance(path, str):
@@ -262,6 +263,7 @@ BASE_BODIES: dict[str, dict[str, Any]] = {
     "/v1/dvai/pairings": {"deviceId": "dv-fuzz"},
     "/v1/dvai/pair-scan": {"payload": "not a payload"},
     "/v1/dvai/probe": {"model": "gemma3-270m", "tokens": 4},
+    "/v1/dvai/keys": {"appId": "com.fuzz", "scopes": {"models": ["gemma3-270m"]}, "expiresIn": 60},
 }
 SMALL_OR_HUGE_INT = st.integers(-10, 10) | st.integers(min_value=2**21, max_value=2**80) | st.integers(
     max_value=-(2**21), min_value=-(2**80))
@@ -336,9 +338,10 @@ def fuzz_requests(draw: st.DrawFn) -> tuple[str, str, bytes, list[tuple[bytes, b
     header_values = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
     names = st.sampled_from([b"X-Request-Id", b"X-DVAI-Offload", b"X-DVAI-Peer-Device-Id", b"X-DVAI-App-Id",
                              b"X-DVAI-Nonce", b"X-DVAI-Signature", b"X-DVAI-Hop", b"Origin", b"Sec-Fetch-Site",
-                             b"Accept", b"X-Forwarded-For"])
+                             b"Accept", b"X-Forwarded-For", b"Authorization"])
     headers = draw(st.lists(st.tuples(names, header_values | st.sampled_from(
-        [b"require", b"never", b"prefer", b"\xff", b"1778184673778.abcdefgh", b"0" * 64])), max_size=4))
+        [b"require", b"never", b"prefer", b"\xff", b"1778184673778.abcdefgh", b"0" * 64, b"Bearer dvai-x",
+         b"Bearer \xff"])), max_size=4))
     return method, target, body, headers
 
 
