@@ -521,8 +521,9 @@ async def test_a_restart_keeps_its_port_and_a_taken_port_is_reported(tmp_path: P
         # never two live listeners: a second node on the same port moves on, and says so
         other = start_node_process(tmp_path / "other", config_text=MODELS, args=["--port", str(port)])
         try:
-            assert port_of(other) == port + 1
-            assert f"port {port} busy, using {port + 1}" in "".join(other.output)
+            moved = port_of(other)  # port + 1, unless another program on this machine holds that one
+            assert port < moved < port + 16
+            assert f"port {port} busy, using {moved}" in "".join(other.output)
             assert "WARNING" in "".join(line for line in other.output if "busy" in line)
         finally:
             other.stop()
