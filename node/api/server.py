@@ -23,8 +23,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from ..constants import IDLE_CONNECTION_TIMEOUT_S
 from ..common.errors import http_error_body
+from ..constants import IDLE_CONNECTION_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 

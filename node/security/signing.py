@@ -211,7 +211,7 @@ class NonceCache:
         401 ``nonce_below_replay_floor`` (its retry with a newer nonce passes once its clock
         passes our start time).
         """
-        return cls(window_s=window_s, max_entries=max_entries, floor_ms=_wall_clock_ms())
+        return cls(window_s=window_s, max_entries=max_entries, floor_ms=unix_ms())
 
     def __len__(self) -> int:
         return len(self._seen)
