@@ -34,6 +34,12 @@ QUEUE_RETRY_AFTER = 2
 MAX_TOKENS_CAP = 1 << 20
 """tokens; an upper bound on max_tokens values we accept at all."""
 
+JSON_MAX_DEPTH = 64
+"""arrays/objects a request body may nest in one another; OpenAI bodies need about 6."""
+
+JSON_MAX_NUMBER_CHARS = 100
+"""characters of one number literal in a request body (a 64-bit integer has at most 20)."""
+
 IDLE_CONNECTION_TIMEOUT_S = 30.0
 """seconds a connection may sit with no request in progress (never sent one, sent half of one, or
 kept alive after its last answer) before the node closes it; a request being served never is."""

@@ -23,11 +23,7 @@ import math
 from typing import Any
 
 from ..common.errors import InvalidRequestError
-
-JSON_MAX_DEPTH = 64
-"""arrays/objects nested in one another; OpenAI bodies need about 6."""
-JSON_MAX_NUMBER_CHARS = 100
-"""characters of one number literal (a 64-bit integer has at most 20)."""
+from ..constants import JSON_MAX_DEPTH, JSON_MAX_NUMBER_CHARS
 
 
 def decode_json_body(raw: bytes) -> Any:
