@@ -258,16 +258,17 @@ async def test_the_audit_reader_records_served_and_refused_requests(aiohttp_clie
 async def test_a_value_sqlite_cannot_bind_loses_nothing_else(tmp_path: Path) -> None:
     """A value of the wrong type is stored as NULL; a row that still cannot be stored (NULL status)
     is dropped alone and counted, and the rows around it are written."""
+    now = int(time.time() * 1000)  # rows older than the retention would be pruned by the first pass
     audit = AuditLog(tmp_path / "audit.sqlite3")
     await audit.start()
     try:
-        audit.record(row(prompt_tokens=object()))  # type: ignore[arg-type]
-        audit.record(row(ts=NOW + 1, status="x"))  # type: ignore[arg-type]
-        audit.record(row(ts=NOW + 2))
+        audit.record(row(now, prompt_tokens=object()))  # type: ignore[arg-type]
+        audit.record(row(now + 1, status="x"))  # type: ignore[arg-type]
+        audit.record(row(now + 2))
         await audit.flush()
-        audit.record(row(ts=NOW + 3))
+        audit.record(row(now + 3))
         stored = await asyncio.wait_for(audit.query(), 5)
-        assert [r.ts for r in stored] == [NOW + 3, NOW + 2, NOW]
+        assert [r.ts for r in stored] == [now + 3, now + 2, now]
         assert stored[-1].prompt_tokens is None
         assert audit.health()["writeErrors"] == 1 and audit.health()["state"] == "ok"
     finally:
