@@ -30,7 +30,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from node.api import keys, mesh, metrics, offload, openai, peers, trust
-from node.security import encode_key, sign_request_headers
+from node.pairing import encode_key
+from node.security import sign_request_headers
 
 from .conftest import REPO, NodeProcess, free_port, start_node_process
 
@@ -470,7 +471,7 @@ def test_temporary_files_of_an_interrupted_write_are_removed_at_start(tmp_path: 
         [sys.executable, "-c", (
             "import os, sys, time\n"
             "from pathlib import Path\n"
-            "from node import fsutil\n"
+            "from node.common import fsutil\n"
             "os.replace = lambda *a: (print('written', flush=True), time.sleep(600))\n"
             "fsutil.atomic_write_json(Path(sys.argv[1]) / 'pairings.json', {'version': 2, 'pairings': []})\n"
         ), str(state)], cwd=REPO, stdout=subprocess.PIPE, text=True)
