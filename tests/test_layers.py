@@ -174,6 +174,7 @@ NOT_CAPS = {
     "node.engine.simulated.DEFAULT_SIMULATED_MAX_TOKENS",  # a default answer length, not a limit
     "node.security.rendezvous_client.RETRY_MAX_S",  # our own back-off schedule, not a limit on input
     "node.transport.rendezvous_client.RETRY_MAX_S",  # (the same module after the package split)
+    "node.cli.admin.AUDIT_DEFAULT_LIMIT",  # a command's default page size, not a limit on input
 }
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -152,7 +151,7 @@ def audit_query(args: argparse.Namespace, now_ms: int) -> dict[str, str]:
 def run_audit(args: argparse.Namespace, config: NodeConfig) -> int:
     async def go() -> int:
         base = node_url(args, config)
-        query = audit_query(args, time.time_ns() // 1_000_000)
+        query = audit_query(args, unix_ms())
         result = await call("GET", f"{base}/dvai/audit?{urlencode(query)}")
         if args.json:
             print(json.dumps(result["data"], indent=2))
