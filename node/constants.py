@@ -22,6 +22,9 @@ DEFAULT_CTX_SIZE = 4096
 DEFAULT_QUEUE_DEPTH = 16
 """requests waiting per model before new ones get 503 + Retry-After."""
 
+DEFAULT_PARALLEL = 4
+"""sequences a generative model decodes together (its context holds ctx_size × parallel tokens)."""
+
 DEFAULT_GENERATION_TIMEOUT = 60.0
 """seconds a single generation may run before it is ended with an error."""
 
