@@ -11,14 +11,17 @@ from dataclasses import replace
 from typing import Any
 
 from ..common.errors import InvalidRequestError, UnsupportedParameterError
-from ..constants import MAX_COMPLETION_PROMPTS, MAX_EMBEDDING_INPUTS, MAX_STOP_SEQUENCES, MAX_TOKENS_CAP
+from ..constants import (
+    MAX_CHOICES,
+    MAX_COMPLETION_LOGPROBS,
+    MAX_COMPLETION_PROMPTS,
+    MAX_EMBEDDING_INPUTS,
+    MAX_STOP_SEQUENCES,
+    MAX_TOKENS_CAP,
+    MAX_TOP_LOGPROBS,
+)
 from ..engine.base import ChatMessage, SamplingParams
 from ..engine.requests import ChatRequest, CompletionRequest, EmbeddingRequest
-
-MAX_CHOICES = 16
-"""``n`` accepted by parsing; a model serves at most its ``parallel`` choices per request."""
-MAX_TOP_LOGPROBS = 20
-MAX_COMPLETION_LOGPROBS = 5
 
 # Parameters we recognise but do not implement: a clear 400 beats silently ignoring them.
 _UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "logit_bias",

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..common.errors import EngineError, InvalidRequestError, embeddings_not_enabled
 from ..config import env_model_name
-from ..constants import DEFAULT_PARALLEL
+from ..constants import DEFAULT_PARALLEL, MAX_TOP_LOGPROBS
 from .base import (
     ChatMessage,
     Delta,
@@ -60,7 +60,6 @@ BATCH_TOKENS = 512
 PREFILL_CHUNK_WHILE_DECODING = 256
 """prompt tokens per step while other sequences are decoding (keeps their tokens flowing)."""
 PENALTY_LAST_N = 64
-MAX_TOP_LOGPROBS = 20
 
 
 class LlamaEngine:
