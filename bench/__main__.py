@@ -11,6 +11,7 @@ BENCHMARKS = (
     "bench.mesh_sim",  # issue 5: SIMULATED mesh, router vs baselines on a virtual clock
     "bench.rendezvous_bench",  # issue 6: pairings per second, memory per idle session
     "bench.hub_bench",  # issue 13: what API keys, signatures and quotas add per request
+    "bench.engine_bench",  # issue 11: continuous batching vs llama-server at concurrency 1-8
 )
 
 for name in BENCHMARKS:

@@ -23,6 +23,7 @@ from .constants import (
     DEFAULT_HTTP_PORT,
     DEFAULT_MAX_BLANK_CHUNKS,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_PARALLEL,
     DEFAULT_QUEUE_DEPTH,
 )
 
@@ -51,6 +52,8 @@ class ModelConfig:
     keep_alive: float | None = None
     """seconds an idle model stays loaded; unset keeps it loaded."""
     queue_depth: int = DEFAULT_QUEUE_DEPTH
+    parallel: int = DEFAULT_PARALLEL
+    """sequences decoded together in one context (each gets ``ctx_size`` tokens of KV cache)."""
     aliases: tuple[str, ...] = ()
     seed: int | None = None
 
@@ -298,7 +301,7 @@ def _check(config: NodeConfig) -> None:
             if name in ids:
                 raise ConfigError(f"models.{model.id}: duplicate model id or alias '{name}'")
             ids.add(name)
-        for key in ("ctx_size", "queue_depth"):
+        for key in ("ctx_size", "queue_depth", "parallel"):
             if getattr(model, key) < 1:
                 raise ConfigError(f"models.{model.id}.{key}: expected a positive integer")
     if config.default_model is not None and config.default_model not in ids:

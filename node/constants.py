@@ -22,6 +22,18 @@ DEFAULT_CTX_SIZE = 4096
 DEFAULT_QUEUE_DEPTH = 16
 """requests waiting per model before new ones get 503 + Retry-After."""
 
+DEFAULT_PARALLEL = 4
+"""sequences a generative model decodes together (its context holds ctx_size × parallel tokens)."""
+
+MAX_CHOICES = 16
+"""``n`` a request may ask for; a model serves at most its ``parallel`` choices per request."""
+
+MAX_TOP_LOGPROBS = 20
+"""``top_logprobs`` (chat) alternatives per token."""
+
+MAX_COMPLETION_LOGPROBS = 5
+"""``logprobs`` (legacy completions) alternatives per token, as OpenAI allows."""
+
 DEFAULT_GENERATION_TIMEOUT = 60.0
 """seconds a single generation may run before it is ended with an error."""
 

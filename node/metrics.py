@@ -234,25 +234,46 @@ class _ModelCollector(Collector):
         return list(self._families())
 
     def collect(self) -> Iterable[Metric]:
-        depth, limit, state = self._families()
+        families = self._families()
+        depth, limit, state, active, seats = families[:5]
+        engine_totals = dict(zip(_ENGINE_COUNTERS, families[5:], strict=True))
         for slot in self._models.slots():
             model = slot.info.id
             depth.add_metric([model], slot.queue_depth)
             limit.add_metric([model], slot.queue_depth_limit)
             for name in self._STATES:
                 state.add_metric([model, name], 1.0 if slot.state == name else 0.0)
-        return [depth, limit, state]
+            active.add_metric([model], slot.active_sequences)
+            seats.add_metric([model], slot.parallel)
+            stats = slot.engine_stats()
+            for key, family in engine_totals.items():
+                family.add_metric([model], float(stats.get(key, 0.0)))
+        return list(families)
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[GaugeMetricFamily | CounterMetricFamily, ...]:
         return (
-            GaugeMetricFamily("dvai_queue_depth", "requests waiting for a model plus the one running",
+            GaugeMetricFamily("dvai_queue_depth", "requests waiting for a model plus those running",
                               labels=["model"]),
             GaugeMetricFamily("dvai_queue_limit", "requests that may wait per model (queue_depth setting)",
                               labels=["model"]),
             GaugeMetricFamily("dvai_model_state", "1 for the model's current load state, 0 for the others",
                               labels=["model", "state"]),
+            GaugeMetricFamily("dvai_active_sequences", "sequences the model is generating now",
+                              labels=["model"]),
+            GaugeMetricFamily("dvai_parallel_slots", "sequences the model can generate at once (parallel)",
+                              labels=["model"]),
+            *(CounterMetricFamily(name, text, labels=["model"]) for name, text in _ENGINE_COUNTERS.values()),
         )
+
+
+_ENGINE_COUNTERS = {
+    "prefill_seconds": ("dvai_engine_prefill_seconds", "engine time spent evaluating prompts"),
+    "decode_seconds": ("dvai_engine_decode_seconds", "engine time spent decoding generated tokens"),
+    "prefill_tokens": ("dvai_engine_prefill_tokens", "prompt tokens evaluated"),
+    "decode_tokens": ("dvai_engine_decode_tokens", "generated tokens evaluated"),
+    "prompt_cache_hit_tokens": ("dvai_prompt_cache_hit_tokens", "prompt tokens reused from the KV cache"),
+}
 
 
 class _PeerCollector(Collector):

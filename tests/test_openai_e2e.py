@@ -167,7 +167,9 @@ async def test_client_disconnect_frees_the_model(real_node: NodeProcess) -> None
 async def test_queue_overflow_gives_503_with_retry_after(tmp_path, default_model) -> None:  # noqa: ANN001
     from .conftest import start_node_process
 
-    node = start_node_process(tmp_path / "q", config_text="[models.gemma3-270m]\nqueue_depth = 1\n")
+    node = start_node_process(
+        tmp_path / "q", config_text="[models.gemma3-270m]\nqueue_depth = 1\nparallel = 1\n"
+    )
     long_body = {"model": "gemma3-270m", "prompt": COUNTING, "max_tokens": 400, "temperature": 0,
                  "stream": True}
     try:
@@ -203,7 +205,7 @@ async def test_queue_overflow_gives_503_with_retry_after(tmp_path, default_model
          400, "max_tokens"),
         ("/chat/completions", json.dumps({"model": "gemma3-270m", "messages": CHAT, "temperature": 9}).encode(),
          400, "temperature"),
-        ("/chat/completions", json.dumps({"model": "gemma3-270m", "messages": CHAT, "n": 3}).encode(), 400, "n"),
+        ("/chat/completions", json.dumps({"model": "gemma3-270m", "messages": CHAT, "n": 17}).encode(), 400, "n"),
         ("/chat/completions", json.dumps({"model": "gemma3-270m", "messages": CHAT,
                                           "tools": [{"type": "function"}]}).encode(), 400, "tools"),
         ("/chat/completions", json.dumps({"model": "gemma3-270m", "messages": [{"role": "robot",

@@ -176,3 +176,33 @@ async def test_slot_state_changes_are_logged_old_to_new(caplog: pytest.LogCaptur
     ]
     await slot.close()
     await broken.close()
+
+
+async def test_model_queue_seats_run_requests_together_and_keep_arrival_order() -> None:
+    queue = ModelQueue("m", limit=4, seats=3)
+    order: list[str] = []
+    release = {name: asyncio.Event() for name in ("a", "b", "big", "small")}
+
+    async def hold(name: str, seats: int) -> None:
+        async with queue.turn(seats):
+            order.append(name)
+            await release[name].wait()
+
+    tasks = [asyncio.create_task(hold("a", 1)), asyncio.create_task(hold("b", 1))]
+    await asyncio.sleep(0)
+    assert order == ["a", "b"] and queue.seats_taken == 2  # two run at once
+    tasks.append(asyncio.create_task(hold("big", 2)))  # needs 2 of the 1 free seat: waits
+    await asyncio.sleep(0)
+    tasks.append(asyncio.create_task(hold("small", 1)))  # would fit, but does not overtake "big"
+    await asyncio.sleep(0)
+    assert order == ["a", "b"] and (queue.waiting, queue.depth) == (2, 4)
+    release["a"].set()
+    await asyncio.sleep(0.01)
+    assert order == ["a", "b", "big"]
+    release["b"].set()
+    release["big"].set()
+    await asyncio.sleep(0.01)
+    assert order == ["a", "b", "big", "small"]
+    release["small"].set()
+    await asyncio.gather(*tasks)
+    assert (queue.depth, queue.seats_taken, queue.busy) == (0, 0, False)

@@ -34,6 +34,8 @@ def health_body(context: NodeContext) -> dict[str, Any]:
             "state": slot.state.value,
             "loaded": slot.state is SlotState.READY,
             "queueDepth": slot.queue_depth,
+            "parallel": slot.parallel,
+            "activeSequences": slot.active_sequences,
             "serves": list(slot.info.serves),
             **({"error": slot.error} if slot.error else {}),
         }
@@ -147,6 +149,28 @@ def _round(value: float | None) -> float | None:
 @routes.get(STATUS_PATH)
 async def status(request: web.Request) -> web.Response:
     return web.json_response(status_body(request.app[CONTEXT], time.monotonic()))
+
+
+@routes.get("/v1/dvai/slots")
+async def slots(request: web.Request) -> web.Response:
+    """Per model: sequence seats, what runs and waits, and the engine's counters (like llama-server's /slots)."""
+    return web.json_response({"models": slots_body(request.app[CONTEXT])})
+
+
+def slots_body(context: NodeContext) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": slot.info.id,
+            "state": slot.state.value,
+            "parallel": slot.parallel,
+            "activeSequences": slot.active_sequences,
+            "running": slot.running,
+            "waiting": slot.waiting,
+            "seats": slot.seat_states(),
+            "engine": slot.engine_stats(),
+        }
+        for slot in context.registry.slots()
+    ]
 
 
 # -- capability ----------------------------------------------------------------------

@@ -7,15 +7,24 @@ out, or an :class:`InvalidRequestError` naming the offending parameter.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from ..common.errors import InvalidRequestError, UnsupportedParameterError
-from ..constants import MAX_COMPLETION_PROMPTS, MAX_EMBEDDING_INPUTS, MAX_STOP_SEQUENCES, MAX_TOKENS_CAP
+from ..constants import (
+    MAX_CHOICES,
+    MAX_COMPLETION_LOGPROBS,
+    MAX_COMPLETION_PROMPTS,
+    MAX_EMBEDDING_INPUTS,
+    MAX_STOP_SEQUENCES,
+    MAX_TOKENS_CAP,
+    MAX_TOP_LOGPROBS,
+)
 from ..engine.base import ChatMessage, SamplingParams
 from ..engine.requests import ChatRequest, CompletionRequest, EmbeddingRequest
 
 # Parameters we recognise but do not implement: a clear 400 beats silently ignoring them.
-_UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "top_logprobs",
+_UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "logit_bias",
                      "audio", "modalities", "prediction", "web_search_options")
 _UNSUPPORTED_COMPLETION = ("suffix", "logit_bias", "best_of")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -24,8 +33,10 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 def parse_chat_request(body: Any) -> ChatRequest:
     body = _object(body)
     _refuse(body, _UNSUPPORTED_CHAT)
-    if body.get("logprobs") not in (None, False):
-        raise UnsupportedParameterError("logprobs are not supported", param="logprobs")
+    logprobs = _optional_bool(body, "logprobs") or False
+    top_logprobs = _optional_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top_logprobs is not None and not logprobs:
+        raise InvalidRequestError("'top_logprobs' requires 'logprobs': true", param="top_logprobs")
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise UnsupportedParameterError(
@@ -36,20 +47,26 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if max_tokens is None:
         max_tokens = _optional_int(body, "max_tokens", 1, MAX_TOKENS_CAP)
     stream, include_usage = _stream(body)
+    params = _sampling(body, max_tokens)
+    if logprobs:
+        params = replace(params, logprobs=top_logprobs or 0)
     return ChatRequest(
         model=_model(body),
         messages=messages,
-        params=_sampling(body, max_tokens),
+        params=params,
         stream=stream,
         include_usage=include_usage,
+        n=_choices(body),
+        logprobs=logprobs,
     )
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:
     body = _object(body)
     _refuse(body, _UNSUPPORTED_COMPLETION)
-    if body.get("logprobs") not in (None, 0, False):
-        raise UnsupportedParameterError("logprobs are not supported", param="logprobs")
+    logprobs = None if body.get("logprobs") is False else _optional_int(
+        body, "logprobs", 0, MAX_COMPLETION_LOGPROBS
+    )
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts: tuple[str, ...] = (prompt,)
@@ -70,13 +87,17 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     stream, include_usage = _stream(body)
     if stream and len(prompts) > 1:
         raise InvalidRequestError("streaming supports a single prompt", param="prompt")
+    params = _sampling(body, 16 if max_tokens is None else max_tokens)
+    if logprobs is not None:
+        params = replace(params, logprobs=logprobs)
     return CompletionRequest(
         model=_model(body),
         prompts=prompts,
-        params=_sampling(body, 16 if max_tokens is None else max_tokens),
+        params=params,
         stream=stream,
         include_usage=include_usage,
         echo=_optional_bool(body, "echo") or False,
+        n=_choices(body),
     )
 
 
@@ -119,12 +140,15 @@ def _refuse(body: dict[str, Any], names: tuple[str, ...]) -> None:
     for name in names:
         if body.get(name) not in (None, [], {}):
             raise UnsupportedParameterError(f"'{name}' is not supported by this node", param=name)
+
+
+def _choices(body: dict[str, Any]) -> int:
     n = body.get("n")
-    if n is not None:
-        if not _is_int(n) or n < 1:
-            raise InvalidRequestError("'n' must be a positive integer", param="n")
-        if n > 1:
-            raise UnsupportedParameterError("only n = 1 is supported", param="n")
+    if n is None:
+        return 1
+    if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequestError(f"'n' must be an integer from 1 to {MAX_CHOICES}", param="n")
+    return int(n)
 
 
 def _model(body: dict[str, Any]) -> str:

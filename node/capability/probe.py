@@ -58,7 +58,7 @@ async def probe(
     params = SamplingParams(
         max_tokens=tokens, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, seed=0, ignore_eos=True
     )
-    async with slot.turn():
+    async with slot.turn(seats=slot.parallel):  # alone on the model: a single-stream rate
         await slot.ensure_loaded()
         # A short untimed run first: one-off first-use costs of a freshly loaded model (compute
         # buffers, first touch of the weights) would otherwise read 5-15 % slow on decode and

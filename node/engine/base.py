@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
 Role = Literal["system", "user", "assistant"]
@@ -36,6 +36,10 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     """keep generating past end-of-sequence (the capability probe needs a fixed count)."""
+    grammar: str | None = None
+    """GBNF text (root rule ``root``) that every generated token must follow."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k ≥ 0: the chosen token's and the k most likely ones'."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,8 @@ class GenerationOutcome:
     first_token_at: float | None = None
     """``time.perf_counter()`` of the first generated token."""
     last_token_at: float | None = None
+    cached_tokens: int = 0
+    """prompt tokens whose KV was reused instead of evaluated again."""
 
     @property
     def decode_tok_per_s(self) -> float | None:
@@ -83,6 +89,50 @@ class GenerationOutcome:
         if self.first_token_at is None:
             self.first_token_at = when
         self.last_token_at = when
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model, and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """Text produced for one choice (``index``) since the previous delta."""
+
+    index: int
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(slots=True)
+class SequenceRequest:
+    """A generation handed to a batching engine; its callbacks run on the worker thread.
+
+    ``n`` choices share one prompt evaluation. ``on_delta`` receives each choice's text;
+    ``on_done`` is called exactly once, with one outcome per choice or the exception
+    that ended the request.
+    """
+
+    params: SamplingParams
+    on_delta: Callable[[Delta], None]
+    on_done: Callable[[list[GenerationOutcome] | BaseException], None]
+    cancel: threading.Event
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    n: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +167,25 @@ class Engine(Protocol):
     ) -> GenerationOutcome: ...
 
     def embed(self, inputs: list[str]) -> EmbeddingResult: ...
+
+
+@runtime_checkable
+class BatchEngine(Engine, Protocol):
+    """An engine that runs several sequences at once in one context.
+
+    ``submit`` may be called from any thread; it returns True when the caller must
+    schedule :meth:`run` on the model's worker thread (no step loop is running).
+    ``run`` steps every active sequence until none is left.
+    """
+
+    parallel: int
+
+    def submit(self, request: SequenceRequest) -> bool: ...
+
+    def run(self) -> None: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+    def seat_states(self) -> list[dict[str, object]]:
+        """Per sequence seat: ``id``, ``busy``, ``cachedTokens`` (KV tokens kept for reuse)."""
+        ...

@@ -1,33 +1,69 @@
 """The llama-cpp-python engine.
 
-Generation drives ``Llama.generate`` token by token, so each token reaches the
-client as it is produced: bytes are decoded incrementally (no re-detokenising
-of the whole text), stop strings are matched on the stream, and cancellation is
-checked between tokens.
+A generative model gets one llama.cpp context with ``parallel`` sequences
+(``n_seq_max``, one unified KV cache of ``ctx_size × parallel`` cells) and a
+step loop built on llama-cpp-python's low-level API (see docs/engine.md):
+
+* each step puts one token of every decoding sequence, plus a chunk of any
+  prompt still being evaluated, into one ``llama_batch`` and calls
+  ``llama_decode`` once, so the weights are read once for all of them;
+* every sequence samples with its own native sampler chain
+  (``llama_sampler_*``: penalties, grammar, top-k/top-p/min-p, temperature,
+  seeded distribution) straight from the context's logits, without copying the
+  vocabulary's logits into Python (only when log-probabilities are asked for);
+* ``n`` choices evaluate their prompt once and copy its KV with ``seq_cp``;
+* a finished or cancelled sequence gives its seat back at once; its KV stays as
+  a prompt cache that the next request with the same prefix (a chat's next
+  turn) reuses, until the seat is taken by a request that shares less of it.
+
+Embedding models keep the high-level ``Llama`` object (one request at a time).
 """
 
 from __future__ import annotations
 
 import codecs
+import collections
+import ctypes
 import logging
+import math
 import os
 import random
 import threading
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ..common.errors import EngineError, InvalidRequestError, embeddings_not_enabled
 from ..config import env_model_name
-from .base import ChatMessage, EmbeddingResult, GenerationOutcome, ModelInfo, SamplingParams, TokenSink
+from ..constants import DEFAULT_PARALLEL, MAX_TOP_LOGPROBS
+from .base import (
+    ChatMessage,
+    Delta,
+    EmbeddingResult,
+    FinishReason,
+    GenerationOutcome,
+    ModelInfo,
+    SamplingParams,
+    SequenceRequest,
+    TokenLogprob,
+    TokenSink,
+    TopLogprob,
+)
 from .chat_format import known_chat_formats, render_gemma, render_named_format, render_template
 from .textstream import ReasoningBudget, StopMatcher
 
 log = logging.getLogger(__name__)
 
+BATCH_TOKENS = 512
+"""tokens per ``llama_decode`` call (decode tokens first, then prompt chunks)."""
+PREFILL_CHUNK_WHILE_DECODING = 256
+"""prompt tokens per step while other sequences are decoding (keeps their tokens flowing)."""
+PENALTY_LAST_N = 64
+
 
 class LlamaEngine:
-    """One GGUF model in one llama.cpp context."""
+    """One GGUF model in one llama.cpp context, serving up to ``parallel`` sequences at once."""
 
     def __init__(
         self,
@@ -37,55 +73,77 @@ class LlamaEngine:
         gpu_layers: int = 99,
         reasoning_budget: int | None = None,
         seed: int | None = None,
+        parallel: int = DEFAULT_PARALLEL,
     ) -> None:
+        if parallel < 1:
+            raise ValueError("parallel must be at least 1")
         self.info = info
+        self.parallel = 1 if info.embedding else parallel
         self._threads = threads or max(1, os.cpu_count() or 1)
         self._gpu_layers = gpu_layers
         self._reasoning_budget = reasoning_budget
         self._seed = seed
-        self._llm: Any = None
+        self._llm: Any = None  # embedding mode: the high-level Llama object
+        self._model: Any = None  # generation: llama_cpp._internals.LlamaModel
+        self._loop: _StepLoop | None = None
         self._chat_mode: str = "gemma"
         self._template: str | None = None
-        self._eog_ban: Any = None
-        self._close_tokens: list[int] | None = None
+        self._inbox: collections.deque[SequenceRequest] = collections.deque()
+        self._lock = threading.Lock()
+        self._running = False
 
     # -- lifecycle -----------------------------------------------------------
     def load(self) -> None:
-        import llama_cpp
-
         if not Path(self.info.path).is_file():
             raise EngineError(f"model file not found: {self.info.path}")
-        kwargs: dict[str, Any] = {
-            "model_path": self.info.path,
-            "n_ctx": self.info.ctx_size,
-            "n_threads": self._threads,
-            "n_threads_batch": self._threads,
-            "n_gpu_layers": self._gpu_layers,
-            "embedding": self.info.embedding,
-            "verbose": False,
-        }
         if self.info.embedding:
-            batch = min(self.info.ctx_size, 2048)
-            kwargs.update(
-                n_batch=batch, n_ubatch=batch, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN
-            )
+            self._load_embedding()
+            return
+        import llama_cpp
+        from llama_cpp import _internals
+
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = self._gpu_layers
         try:
-            self._llm = llama_cpp.Llama(**kwargs)
+            self._model = _internals.LlamaModel(path_model=self.info.path, params=model_params, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"could not load model '{self.info.id}': {exc}") from exc
         try:
-            self._choose_chat_mode()
+            self._loop = _StepLoop(
+                self._model, ctx_size=self.info.ctx_size, parallel=self.parallel, threads=self._threads
+            )
+            self._choose_chat_mode(self._model.metadata())
         except BaseException:
             self.close()  # a failed slot is never unloaded: free the weights now
             raise
 
+    def _load_embedding(self) -> None:
+        import llama_cpp
+
+        batch = min(self.info.ctx_size, 2048)
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=self.info.path, n_ctx=self.info.ctx_size, n_threads=self._threads,
+                n_threads_batch=self._threads, n_gpu_layers=self._gpu_layers, embedding=True,
+                verbose=False, n_batch=batch, n_ubatch=batch, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise EngineError(f"could not load model '{self.info.id}': {exc}") from exc
+
     def close(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.fail_all(EngineError(f"model '{self.info.id}' was unloaded"))
+            loop.close()
+        model, self._model = self._model, None
+        if model is not None:
+            model.close()
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.close()
 
-    def _choose_chat_mode(self) -> None:
-        metadata = self._llm.metadata or {}
+    def _choose_chat_mode(self, metadata: dict[str, str]) -> None:
         if self.info.chat_format:
             known = known_chat_formats()
             if self.info.chat_format not in known:
@@ -106,19 +164,56 @@ class LlamaEngine:
         if self._chat_mode == "gemma":
             return render_gemma(messages)
         if self._chat_mode == "template" and self._template is not None:
-            llm = self._llm
-            bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "ignore")
-            eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "ignore")
+            model = self._model
+            bos = model.detokenize([model.token_bos()], special=True).decode("utf-8", "ignore")
+            eos = model.detokenize([model.token_eos()], special=True).decode("utf-8", "ignore")
             return render_template(self._template, messages, bos_token=bos, eos_token=eos)
         return render_named_format(self._chat_mode, messages)
 
-    def _tokenize(self, text: str) -> list[int]:
-        llm = self._llm
-        bos_text = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "ignore")
-        add_bos = not (bos_text and text.startswith(bos_text))
-        return list(llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
-
     # -- generation ------------------------------------------------------------
+    def submit(self, request: SequenceRequest) -> bool:
+        """Queue ``request`` for the step loop; True when :meth:`run` must be scheduled."""
+        if self.info.embedding:
+            request.on_done(_embedding_only(self.info.id))
+            return False
+        with self._lock:
+            self._inbox.append(request)
+            start = not self._running
+            self._running = True
+        return start
+
+    @property
+    def stepping(self) -> bool:
+        """The step loop is running (or scheduled) on the worker thread."""
+        return self._running
+
+    def run(self) -> None:
+        """Step every sequence until none is active or waiting (on the worker thread)."""
+        with self._lock:
+            self._running = True
+        while True:
+            loop = self._loop
+            admitted: list[SequenceRequest] = []
+            with self._lock:
+                if loop is None or (not self._inbox and not loop.active):
+                    self._running = False
+                    orphans = list(self._inbox)
+                    self._inbox.clear()
+                    break
+                free = loop.free_seats
+                while self._inbox and self._inbox[0].n <= free:
+                    free -= self._inbox[0].n
+                    admitted.append(self._inbox.popleft())
+            try:
+                for request in admitted:
+                    loop.admit(request, self)
+                loop.step()
+            except Exception:  # noqa: BLE001 - fail the running requests, keep serving new ones
+                log.exception("step loop failure on model %s", self.info.id)
+                loop.fail_all(EngineError("the engine failed while generating; see the node log"))
+        for request in orphans:  # only when the model was unloaded under them
+            request.on_done(EngineError(f"model '{self.info.id}' is not loaded"))
+
     def generate(
         self,
         prompt: str,
@@ -126,96 +221,63 @@ class LlamaEngine:
         sink: TokenSink,
         cancel: threading.Event,
     ) -> GenerationOutcome:
-        import llama_cpp
+        """One sequence, start to end, on the calling (worker) thread: the capability probe's path."""
+        results: list[list[GenerationOutcome] | BaseException] = []
+        request = SequenceRequest(
+            params=params, on_delta=lambda delta: sink(delta.text), on_done=results.append,
+            cancel=cancel, prompt=prompt,
+        )
+        self.submit(request)
+        self.run()
+        result = results[0] if results else EngineError("the engine did not finish the request")
+        if isinstance(result, BaseException):
+            raise result
+        return result[0]
 
-        if self.info.embedding:
+    def prepare(self, request: SequenceRequest) -> tuple[list[int], SamplingParams]:
+        """The prompt's tokens and the effective sampling parameters (chat stops added)."""
+        if request.messages is not None:
+            prompt, stops = self.render_chat(list(request.messages))
+            params = request.params
+            if stops:
+                params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *stops))))
+        else:
+            prompt, params = request.prompt or "", request.params
+        model = self._model
+        bos_text = model.detokenize([model.token_bos()], special=True).decode("utf-8", "ignore")
+        add_bos = not (bos_text and prompt.startswith(bos_text))
+        tokens = list(model.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True))
+        if not tokens:
+            raise InvalidRequestError("the prompt is empty", param="messages")
+        if len(tokens) >= self.info.ctx_size:
             raise InvalidRequestError(
-                f"model '{self.info.id}' is loaded in embedding mode and cannot generate text",
-                param="model",
-            )
-        llm = self._llm
-        tokens = self._tokenize(prompt)
-        n_ctx = llm.n_ctx()
-        if len(tokens) >= n_ctx:
-            raise InvalidRequestError(
-                f"the prompt is {len(tokens)} tokens; model '{self.info.id}' has a context of {n_ctx}",
+                f"the prompt is {len(tokens)} tokens; model '{self.info.id}' has a context of "
+                f"{self.info.ctx_size}",
                 param="messages",
                 code="context_length_exceeded",
             )
-        room = n_ctx - len(tokens)
-        limit = room if params.max_tokens is None else min(params.max_tokens, room)
-        if params.seed is not None:
-            # Reusing a cached prompt prefix changes the logits' rounding; a seeded request
-            # evaluates its whole prompt so the same request samples the same text.
-            llm.reset()
+        return tokens, params
+
+    def new_reasoning(self) -> ReasoningBudget | None:
+        return ReasoningBudget(self._reasoning_budget) if self._reasoning_budget is not None else None
+
+    def seed_for(self, params: SamplingParams) -> int:
         seed = params.seed if params.seed is not None else self._seed
-        llm.set_seed(seed if seed is not None else random.getrandbits(31))
-        vocab = llm._model.vocab
-        outcome = GenerationOutcome(prompt_tokens=len(tokens), finish_reason="length")
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopMatcher(params.stop)
-        reasoning = ReasoningBudget(self._reasoning_budget) if self._reasoning_budget is not None else None
-        processors = self._eog_processor() if params.ignore_eos else None
-        generator = llm.generate(
-            tokens,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-            frequency_penalty=params.frequency_penalty,
-            presence_penalty=params.presence_penalty,
-            logits_processor=processors,
-        )
-        try:
-            token = next(generator)
-            while not cancel.is_set():
-                if not params.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
-                    outcome.finish_reason = "stop"
-                    break
-                now = time.perf_counter()
-                if outcome.first_token_at is None:
-                    outcome.first_token_at = now
-                outcome.last_token_at = now
-                outcome.completion_tokens += 1
-                raw = decoder.decode(llm.detokenize([token]))
-                visible = reasoning.feed(raw) if reasoning is not None else raw
-                inject = None
-                if reasoning is not None and reasoning.should_close():
-                    inject = self._close_reasoning_tokens()
-                    outcome.completion_tokens += len(inject)
-                    visible += reasoning.force_close()
-                visible = stops.feed(visible)
-                if visible or not raw:
-                    sink(visible)  # "" only for a token that decodes to nothing (max_blank_chunks)
-                if stops.stopped:
-                    outcome.finish_reason = "stop"
-                    break
-                if outcome.completion_tokens >= limit:
-                    break
-                token = generator.send(inject)
-        except StopIteration:
-            pass
-        finally:
-            generator.close()
-        tail = decoder.decode(b"", final=True)
-        if reasoning is not None:
-            tail = reasoning.feed(tail) + reasoning.flush()
-        tail = stops.feed(tail) + stops.flush()
-        if tail:
-            sink(tail)
-        return outcome
+        return seed if seed is not None else random.getrandbits(31)
 
-    def _close_reasoning_tokens(self) -> list[int]:
-        if self._close_tokens is None:
-            text = ReasoningBudget.CLOSE_TEXT.encode()
-            self._close_tokens = list(self._llm.tokenize(text, add_bos=False, special=True))
-        return self._close_tokens
+    def stats(self) -> dict[str, float]:
+        loop = self._loop
+        return loop.stats() if loop is not None else {}
 
-    def _eog_processor(self) -> Any:
-        if self._eog_ban is None:
-            self._eog_ban = _eog_ban(self._llm, self._llm._model.vocab)
-        return self._eog_ban
+    def seat_states(self) -> list[dict[str, object]]:
+        loop = self._loop
+        if loop is None:
+            return []
+        free = {id(seat) for seat in list(loop.free)}
+        return [
+            {"id": seat.seq_id, "busy": id(seat) not in free, "cachedTokens": len(seat.history)}
+            for seat in loop.seats
+        ]
 
     # -- embeddings ------------------------------------------------------------
     def embed(self, inputs: list[str]) -> EmbeddingResult:
@@ -235,17 +297,437 @@ class LlamaEngine:
         return EmbeddingResult(vectors=[list(map(float, v)) for v in vectors], prompt_tokens=int(total))
 
 
-def _eog_ban(llm: Any, vocab: Any) -> Any:
-    """A logits processor that makes every end-of-generation token impossible."""
-    import llama_cpp
-    import numpy as np
-
-    banned = np.array(
-        [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)], dtype=np.intc
+def _embedding_only(model_id: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"model '{model_id}' is loaded in embedding mode and cannot generate text", param="model"
     )
 
-    def ban(_input_ids: Any, scores: Any) -> Any:
-        scores[banned] = -np.inf
-        return scores
 
-    return llama_cpp.LogitsProcessorList([ban])
+# -- the step loop -------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Seat:
+    """One llama.cpp sequence id and the tokens its KV holds (the prompt cache)."""
+
+    seq_id: int
+    history: list[int] = field(default_factory=list)
+    released_at: float = 0.0
+
+
+@dataclass(eq=False)
+class _Choice:
+    group: _Group
+    index: int
+    seat: _Seat
+    sampler: Any
+    limit: int
+    pending: list[int] = field(default_factory=list)
+    pos: int = 0
+    decoding: bool = False
+    waiting_for_prompt: bool = False
+    done: bool = False
+    outcome: GenerationOutcome = field(default_factory=GenerationOutcome)
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
+    stops: StopMatcher = field(default_factory=lambda: StopMatcher(()))
+    reasoning: ReasoningBudget | None = None
+
+
+@dataclass(eq=False)
+class _Group:
+    request: SequenceRequest
+    params: SamplingParams
+    prompt: list[int]
+    choices: list[_Choice] = field(default_factory=list)
+    failed: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(c.done for c in self.choices)
+
+
+class _StepLoop:
+    """The context, its batch and its seats. Only ever touched on the worker thread."""
+
+    def __init__(self, model: Any, *, ctx_size: int, parallel: int, threads: int) -> None:
+        import llama_cpp
+        from llama_cpp import _internals
+
+        self._llama = llama_cpp
+        self.model = model
+        self.vocab = model.vocab
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.ctx_size = ctx_size
+        self.n_swa = int(llama_cpp.llama_model_n_swa(model.model))
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = ctx_size * parallel
+        params.n_batch = BATCH_TOKENS
+        params.n_ubatch = BATCH_TOKENS
+        params.n_seq_max = parallel
+        params.kv_unified = True  # one cell pool: seq_cp shares the prompt's cells between choices
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        try:
+            self.context: Any = _internals.LlamaContext(model=model, params=params, verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise EngineError(f"could not create a context of {ctx_size * parallel} tokens: {exc}") from exc
+        self.ctx = self.context.ctx
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
+        self.seats = [_Seat(seq_id) for seq_id in range(parallel)]
+        self.free: list[_Seat] = list(self.seats)
+        self.groups: list[_Group] = []
+        self._piece = ctypes.create_string_buffer(256)
+        self._eog_bias: Any = None
+        self._close_tokens: list[int] | None = None
+        self._stats: dict[str, float] = dict.fromkeys(
+            ("steps", "prefill_tokens", "decode_tokens", "prefill_seconds", "decode_seconds",
+             "prompt_cache_hit_tokens"), 0.0)
+
+    # -- seats -----------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return bool(self.groups)
+
+    @property
+    def free_seats(self) -> int:
+        return len(self.free)
+
+    def admit(self, request: SequenceRequest, engine: LlamaEngine) -> None:
+        if request.cancel.is_set():
+            request.on_done([GenerationOutcome() for _ in range(request.n)])
+            return
+        try:
+            prompt, params = engine.prepare(request)
+        except Exception as exc:  # noqa: BLE001 - reported to this request alone
+            request.on_done(exc)
+            return
+        group = _Group(request=request, params=params, prompt=prompt)
+        reuse = params.seed is None  # a seeded request evaluates its whole prompt: repeatable logits
+        seats = self._take_seats(prompt if reuse else [], request.n)
+        seed = engine.seed_for(params)
+        limit = self.ctx_size - len(prompt)
+        if params.max_tokens is not None:
+            limit = min(limit, params.max_tokens)
+        try:
+            for index, seat in enumerate(seats):
+                sampler = self._sampler(params, (seed + index) & 0x7FFFFFFF)
+                choice = _Choice(group=group, index=index, seat=seat, sampler=sampler, limit=limit)
+                choice.stops = StopMatcher(params.stop)
+                choice.reasoning = engine.new_reasoning()
+                choice.outcome = GenerationOutcome(prompt_tokens=len(prompt), finish_reason="length")
+                group.choices.append(choice)
+        except Exception as exc:  # noqa: BLE001
+            for choice in group.choices:
+                self._llama.llama_sampler_free(choice.sampler)
+            self.free.extend(seats)
+            request.on_done(exc)
+            return
+        first = group.choices[0]
+        cached = self._common_prefix(first.seat.history, prompt) if reuse else 0
+        cached = min(cached, len(prompt) - 1)  # the last prompt token is evaluated for its logits
+        if cached > 0 and self._reusable(first.seat, cached) and self._llama.llama_memory_seq_rm(
+            self.memory, first.seat.seq_id, cached, -1
+        ):
+            del first.seat.history[cached:]
+        else:
+            cached = 0
+            self._clear(first.seat)
+        first.pos = cached
+        first.pending = prompt[cached:]
+        first.outcome.cached_tokens = cached
+        self._stats["prompt_cache_hit_tokens"] += cached
+        for choice in group.choices[1:]:
+            self._clear(choice.seat)
+            choice.waiting_for_prompt = True
+        self.groups.append(group)
+
+    def _reusable(self, seat: _Seat, cached: int) -> bool:
+        """Whether the seat's KV still holds what tokens after ``cached`` need.
+
+        A sliding-window model keeps only the last ``n_swa`` positions in its window
+        layers: once those have moved past ``cached``, the prefix must be evaluated again.
+        """
+        if self.n_swa <= 0:
+            return True
+        pos_min = int(self._llama.llama_memory_seq_pos_min(self.memory, seat.seq_id))
+        return pos_min == 0 or 0 <= pos_min < cached - self.n_swa
+
+    def _take_seats(self, prompt: list[int], n: int) -> list[_Seat]:
+        """The free seat whose cache shares most of ``prompt`` (least recently used on ties), then others."""
+        ranked = sorted(
+            self.free, key=lambda s: (-self._common_prefix(s.history, prompt), s.released_at)
+        )
+        chosen = ranked[:n]
+        for seat in chosen:
+            self.free.remove(seat)
+        return chosen
+
+    @staticmethod
+    def _common_prefix(a: list[int], b: list[int]) -> int:
+        count = 0
+        for x, y in zip(a, b, strict=False):
+            if x != y:
+                break
+            count += 1
+        return count
+
+    def _clear(self, seat: _Seat) -> None:
+        self._llama.llama_memory_seq_rm(self.memory, seat.seq_id, -1, -1)
+        seat.history.clear()
+
+    # -- sampling --------------------------------------------------------------
+    def _sampler(self, params: SamplingParams, seed: int) -> Any:
+        llama = self._llama
+        chain_params = llama.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        chain = llama.llama_sampler_chain_init(chain_params)
+        try:
+            if params.ignore_eos:
+                llama.llama_sampler_chain_add(chain, self._eog_ban())
+            if params.grammar is not None:
+                grammar = llama.llama_sampler_init_grammar(self.vocab, params.grammar.encode("utf-8"), b"root")
+                if not grammar:
+                    raise InvalidRequestError("the grammar could not be parsed (GBNF, root rule 'root')",
+                                              param="grammar")
+                llama.llama_sampler_chain_add(chain, grammar)
+            if (params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0
+                    or params.presence_penalty != 0.0):
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_penalties(
+                    PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
+            if params.temperature <= 0:
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
+                return chain
+            if params.top_k > 0:
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_min_p(params.min_p, 1))
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(params.temperature))
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
+            return chain
+        except BaseException:
+            llama.llama_sampler_free(chain)
+            raise
+
+    def _eog_ban(self) -> Any:
+        """A logit-bias sampler that makes every end-of-generation token impossible."""
+        llama = self._llama
+        if self._eog_bias is None:
+            banned = [t for t in range(self.n_vocab) if llama.llama_vocab_is_eog(self.vocab, t)]
+            biases = (llama.llama_logit_bias * len(banned))()
+            for i, token in enumerate(banned):
+                biases[i].token = token
+                biases[i].bias = -math.inf
+            self._eog_bias = biases
+        return llama.llama_sampler_init_logit_bias(self.n_vocab, len(self._eog_bias), self._eog_bias)
+
+    def _close_reasoning_tokens(self) -> list[int]:
+        if self._close_tokens is None:
+            text = ReasoningBudget.CLOSE_TEXT.encode()
+            self._close_tokens = list(self.model.tokenize(text, add_bos=False, special=True))
+        return self._close_tokens
+
+    def _piece_bytes(self, token: int, special: bool) -> bytes:
+        llama = self._llama
+        n = llama.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self.vocab, token, buffer, -n, 0, special)
+            return buffer.raw[:n]
+        return self._piece.raw[:n]
+
+    def _logprobs(self, index: int, token: int, top: int) -> TokenLogprob:
+        import numpy as np
+
+        pointer = self._llama.llama_get_logits_ith(self.ctx, index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).astype(np.float64)
+        peak = float(logits.max())
+        norm = peak + math.log(float(np.exp(logits - peak).sum()))
+        alternatives: list[TopLogprob] = []
+        if top > 0:
+            best = np.argpartition(-logits, top - 1)[:top]
+            for candidate in sorted(best.tolist(), key=lambda t: (-logits[t], t)):
+                raw = self._piece_bytes(candidate, True)
+                alternatives.append(
+                    TopLogprob(raw.decode("utf-8", "replace"), float(logits[candidate]) - norm, tuple(raw))
+                )
+        raw = self._piece_bytes(token, True)
+        return TokenLogprob(raw.decode("utf-8", "replace"), min(0.0, float(logits[token]) - norm),
+                            tuple(raw), tuple(alternatives))
+
+    # -- one step --------------------------------------------------------------
+    def step(self) -> None:
+        llama = self._llama
+        for group in list(self.groups):
+            if group.request.cancel.is_set():
+                for choice in group.choices:
+                    if not choice.done:
+                        self._finish(choice, None)
+        self.groups = [g for g in self.groups if not g.finished]
+        if not self.groups:
+            return
+        batch = self.batch
+        count = 0
+        outputs: list[tuple[_Choice, int]] = []
+        decoding = [c for g in self.groups for c in g.choices if c.decoding and c.pending and not c.done]
+        prefilling = [c for g in self.groups for c in g.choices if not c.decoding and c.pending and not c.done]
+        for choice in decoding:
+            count = self._add(choice, len(choice.pending), count, outputs)
+        room = BATCH_TOKENS - count
+        if decoding:
+            room = min(room, PREFILL_CHUNK_WHILE_DECODING)
+        prefill_tokens = 0
+        for choice in prefilling:
+            if room <= 0:
+                break
+            take = min(room, len(choice.pending))
+            count = self._add(choice, take, count, outputs)
+            room -= take
+            prefill_tokens += take
+        if count == 0:
+            return
+        batch.n_tokens = count
+        started = time.perf_counter()
+        status = llama.llama_decode(self.ctx, batch)
+        elapsed = time.perf_counter() - started
+        if status != 0:
+            reason = "the context is full" if status == 1 else f"llama_decode returned {status}"
+            for group in {id(c.group): c.group for c in (*decoding, *prefilling)}.values():
+                self._fail(group, EngineError(f"the engine could not evaluate the batch: {reason}"))
+            return
+        stats = self._stats
+        stats["steps"] += 1
+        stats["prefill_tokens"] += prefill_tokens
+        stats["decode_tokens"] += count - prefill_tokens
+        share = prefill_tokens / count
+        stats["prefill_seconds"] += elapsed * share
+        stats["decode_seconds"] += elapsed * (1 - share)
+        for choice, index in outputs:
+            if choice.done:
+                continue
+            choice.decoding = True
+            forks = [c for c in choice.group.choices if c.waiting_for_prompt] if choice.index == 0 else []
+            for fork in forks:  # n > 1: the prompt's KV, evaluated once, becomes every choice's
+                llama.llama_memory_seq_cp(self.memory, choice.seat.seq_id, fork.seat.seq_id, -1, -1)
+                fork.seat.history = list(choice.seat.history)
+                fork.pos = choice.pos
+                fork.waiting_for_prompt = False
+                fork.decoding = True
+            for target in (choice, *forks):
+                if not target.done:
+                    self._sample(target, index)
+        self.groups = [g for g in self.groups if not g.finished]
+
+    def _add(self, choice: _Choice, take: int, count: int, outputs: list[tuple[_Choice, int]]) -> int:
+        batch = self.batch
+        seq_id = choice.seat.seq_id
+        tokens = choice.pending[:take]
+        del choice.pending[:take]
+        for token in tokens:
+            batch.token[count] = token
+            batch.pos[count] = choice.pos
+            batch.n_seq_id[count] = 1
+            batch.seq_id[count][0] = seq_id
+            batch.logits[count] = 0
+            choice.pos += 1
+            count += 1
+        choice.seat.history.extend(tokens)
+        if not choice.pending:
+            batch.logits[count - 1] = 1
+            outputs.append((choice, count - 1))
+        return count
+
+    def _sample(self, choice: _Choice, index: int) -> None:
+        llama = self._llama
+        params = choice.group.params
+        token = int(llama.llama_sampler_sample(choice.sampler, self.ctx, index))
+        logprob = None
+        if params.logprobs is not None:
+            logprob = self._logprobs(index, token, min(params.logprobs, MAX_TOP_LOGPROBS))
+        outcome = choice.outcome
+        if not params.ignore_eos and llama.llama_vocab_is_eog(self.vocab, token):
+            self._finish(choice, "stop")
+            return
+        now = time.perf_counter()
+        if outcome.first_token_at is None:
+            outcome.first_token_at = now
+        outcome.last_token_at = now
+        outcome.completion_tokens += 1
+        raw = choice.decoder.decode(self._piece_bytes(token, False))
+        reasoning = choice.reasoning
+        visible = reasoning.feed(raw) if reasoning is not None else raw
+        inject: list[int] = []
+        if reasoning is not None and reasoning.should_close():
+            inject = self._close_reasoning_tokens()
+            outcome.completion_tokens += len(inject)
+            visible += reasoning.force_close()
+            if params.grammar is None:  # a grammar would refuse text it did not produce
+                for extra in inject:
+                    llama.llama_sampler_accept(choice.sampler, extra)
+        visible = choice.stops.feed(visible)
+        if visible or not raw or logprob is not None:
+            # "" only for a token that decodes to nothing (max_blank_chunks counts those)
+            choice.group.request.on_delta(
+                Delta(choice.index, visible, (logprob,) if logprob is not None else ())
+            )
+        if choice.stops.stopped:
+            self._finish(choice, "stop")
+        elif outcome.completion_tokens >= choice.limit or choice.pos + 1 + len(inject) > self.ctx_size:
+            self._finish(choice, "length")
+        else:
+            choice.pending = [token, *inject]
+
+    def _finish(self, choice: _Choice, reason: FinishReason | None) -> None:
+        """End ``choice`` (``reason`` None: cancelled) and give its seat back at once."""
+        if reason is not None:
+            choice.outcome.finish_reason = reason
+            tail = choice.decoder.decode(b"", final=True)
+            if choice.reasoning is not None:
+                tail = choice.reasoning.feed(tail) + choice.reasoning.flush()
+            tail = choice.stops.feed(tail) + choice.stops.flush()
+            if tail:
+                choice.group.request.on_delta(Delta(choice.index, tail))
+        self._release(choice)
+        group = choice.group
+        if group.finished and not group.failed:
+            group.request.on_done([c.outcome for c in group.choices])
+
+    def _release(self, choice: _Choice) -> None:
+        if choice.done:
+            return
+        choice.done = True
+        choice.pending = []
+        self._llama.llama_sampler_free(choice.sampler)
+        seat = choice.seat
+        if choice.waiting_for_prompt:
+            self._clear(seat)
+        seat.released_at = time.monotonic()
+        self.free.append(seat)  # its KV stays: the prompt cache for a following request
+
+    def _fail(self, group: _Group, error: BaseException) -> None:
+        group.failed = True
+        for choice in group.choices:
+            if not choice.done:
+                self._release(choice)
+            self._clear(choice.seat)
+        if group in self.groups:
+            self.groups.remove(group)
+        group.request.on_done(error)
+
+    def fail_all(self, error: BaseException) -> None:
+        for group in list(self.groups):
+            self._fail(group, error)
+        self.groups = []
+
+    def stats(self) -> dict[str, float]:
+        values = dict(self._stats)
+        values["active_sequences"] = sum(1 for g in self.groups for c in g.choices if not c.done)
+        values["slots"] = len(self.seats)
+        return values
+
+    def close(self) -> None:
+        self._llama.llama_batch_free(self.batch)
+        self.context.close()

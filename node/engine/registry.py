@@ -40,7 +40,7 @@ def build_engine(model: ModelConfig, *, cache_dir: Path | None = None) -> Engine
     )
     return LlamaEngine(
         info, threads=model.threads, gpu_layers=model.gpu_layers,
-        reasoning_budget=model.reasoning_budget, seed=model.seed,
+        reasoning_budget=model.reasoning_budget, seed=model.seed, parallel=model.parallel,
     )
 
 

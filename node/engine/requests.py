@@ -20,6 +20,10 @@ class ChatRequest:
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
+    """choices sampled from one evaluation of the prompt."""
+    logprobs: bool = False
+    """``choices[].logprobs.content[]``; ``params.logprobs`` holds ``top_logprobs``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +34,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    n: int = 1
 
 
 @dataclass(frozen=True, slots=True)

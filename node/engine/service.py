@@ -21,7 +21,7 @@ from typing import Any
 
 from ..common.errors import embeddings_not_enabled
 from ..config import env_model_name
-from .base import FinishReason, GenerationOutcome
+from .base import FinishReason, GenerationOutcome, TokenLogprob
 from .record import SERVED_LOCAL, RequestRecord
 from .registry import ModelRegistry
 from .requests import ChatRequest, EmbeddingRequest, GenerationRequest
@@ -56,21 +56,27 @@ class InferenceService:
         slot = self.registry.resolve(request.model)
         shape = _Shape.of(request, slot.info.id)
         total = GenerationOutcome()
+        single: GenerationOutcome | None = None
         started = time.perf_counter()
-        for index, job, echo in _jobs(request):
-            first = True
+        want_logprobs = request.params.logprobs is not None
+        for base, job, echo in _jobs(request):
+            fresh = [True] * job.n
             async with slot.generate(job, timeout=self.limits.generation_timeout,
                                      max_blank=self.limits.max_blank_chunks) as generation:
-                async for text in generation:
-                    yield shape.chunk(index, (echo + text) if first else text, first=first)
-                    first = False
-                outcome = generation.outcome
-            assert outcome is not None
-            _add(total, outcome)
-            if first and (shape.chat or echo):  # nothing generated: still answer the role / echo
-                yield shape.chunk(index, echo, first=True)
-            yield shape.chunk(index, None, finish=outcome.finish_reason)
-        _fill(record, slot, total, started)
+                async for delta in generation.deltas():
+                    first = fresh[delta.index]
+                    fresh[delta.index] = False
+                    yield shape.chunk(base + delta.index, (echo + delta.text) if first else delta.text,
+                                      first=first, logprobs=list(delta.logprobs) if want_logprobs else None)
+                outcomes = generation.outcomes
+            _add(total, outcomes)
+            single = single or outcomes[0]
+            for index, outcome in enumerate(outcomes):
+                if fresh[index] and (shape.chat or echo):  # nothing generated: still answer the role / echo
+                    yield shape.chunk(base + index, echo, first=True)
+                yield shape.chunk(base + index, None, finish=outcome.finish_reason)
+        # one sequence's decode rate (n choices together would read as n times faster)
+        _fill(record, slot, total, started, single)
         if with_usage:
             yield shape.usage_chunk(total)
 
@@ -78,8 +84,9 @@ class InferenceService:
         """The whole answer (``chat.completion`` or ``text_completion``): the stream, gathered."""
         texts: dict[int, list[str]] = {}
         finishes: dict[int, FinishReason] = {}
+        logprobs: dict[int, list[Any]] = {}
         shape: _Shape | None = None
-        usage: dict[str, int] | None = None
+        usage: dict[str, Any] | None = None
         async with contextlib.aclosing(self._chunks(request, record, with_usage=True)) as chunks:
             async for chunk in chunks:
                 shape = shape or _Shape.from_chunk(chunk, request)
@@ -89,8 +96,12 @@ class InferenceService:
                     texts.setdefault(choice["index"], []).append(_choice_text(choice) or "")
                     if choice["finish_reason"] is not None:
                         finishes[choice["index"]] = choice["finish_reason"]
+                    if choice["logprobs"] is not None:
+                        logprobs.setdefault(choice["index"], []).append(choice["logprobs"])
         assert shape is not None and usage is not None
-        return shape.whole({i: "".join(parts) for i, parts in texts.items()}, finishes, usage)
+        wanted = request.params.logprobs is not None
+        merged = {i: _merge_logprobs(logprobs.get(i, []), chat=shape.chat) for i in texts} if wanted else {}
+        return shape.whole({i: "".join(parts) for i, parts in texts.items()}, finishes, usage, merged)
 
     # -- embeddings ----------------------------------------------------------
     async def embeddings(self, request: EmbeddingRequest, record: RequestRecord | None = None) -> dict[str, Any]:
@@ -161,38 +172,49 @@ class _Shape:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def chunk(self, index: int, text: str | None, *, first: bool = False,
-              finish: FinishReason | None = None) -> dict[str, Any]:
-        """One streamed chunk: a text delta, or (``text`` None) the finish of choice ``index``."""
+              finish: FinishReason | None = None, logprobs: list[TokenLogprob] | None = None,
+              ) -> dict[str, Any]:
+        """One streamed chunk: a text delta, or (``text`` None) the finish of choice ``index``.
+
+        ``logprobs`` (when the request asked for them) are the tokens this delta came from."""
         if self.chat:
             delta: dict[str, Any] = {} if text is None else (
                 {"role": "assistant", "content": text} if first else {"content": text})
-            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "delta": delta, "finish_reason": finish,
+                      "logprobs": None if logprobs is None else _chat_logprobs(logprobs)}
         else:
-            choice = {"text": text or "", "index": index, "logprobs": None, "finish_reason": finish}
+            choice = {"text": text or "", "index": index,
+                      "logprobs": None if logprobs is None else _completion_logprobs(logprobs),
+                      "finish_reason": finish}
         return {**self._head(False), "choices": [choice]}
 
     def usage_chunk(self, outcome: GenerationOutcome) -> dict[str, Any]:
         return {**self._head(False), "choices": [], "usage": _usage(outcome)}
 
-    def whole(self, texts: dict[int, str], finishes: dict[int, FinishReason], usage: dict[str, int],
-              ) -> dict[str, Any]:
+    def whole(self, texts: dict[int, str], finishes: dict[int, FinishReason], usage: dict[str, Any],
+              logprobs: dict[int, dict[str, Any]]) -> dict[str, Any]:
         choices = []
         for index in sorted(texts):
             if self.chat:
                 choices.append({"index": index, "message": {"role": "assistant", "content": texts[index]},
-                                "finish_reason": finishes.get(index, "stop"), "logprobs": None})
+                                "finish_reason": finishes.get(index, "stop"), "logprobs": logprobs.get(index)})
             else:
-                choices.append({"text": texts[index], "index": index, "logprobs": None,
+                choices.append({"text": texts[index], "index": index, "logprobs": logprobs.get(index),
                                 "finish_reason": finishes.get(index, "stop")})
         return {**self._head(True), "choices": choices, "usage": usage}
 
 
 def _jobs(request: GenerationRequest) -> list[tuple[int, GenerationJob, str]]:
-    """(choice index, what to generate, text echoed before the first delta) per choice."""
+    """(index of its first choice, what to generate, text echoed before the first delta) per prompt.
+
+    A job yields ``n`` choices from one evaluation of its prompt; with several prompts, choice
+    ``index`` is prompt number × ``n`` + choice (as OpenAI numbers them)."""
+    n = request.n
     if isinstance(request, ChatRequest):
-        return [(0, GenerationJob(params=request.params, messages=request.messages), "")]
-    return [(index, GenerationJob(params=request.params, prompt=prompt), prompt if request.echo else "")
-            for index, prompt in enumerate(request.prompts)]
+        return [(0, GenerationJob(params=request.params, messages=request.messages, n=n), "")]
+    return [(number * n, GenerationJob(params=request.params, prompt=prompt, n=n),
+             prompt if request.echo else "")
+            for number, prompt in enumerate(request.prompts)]
 
 
 def _choice_text(choice: dict[str, Any]) -> str | None:
@@ -203,29 +225,82 @@ def _choice_text(choice: dict[str, Any]) -> str | None:
     return text if isinstance(text, str) else None
 
 
-def _usage(outcome: GenerationOutcome) -> dict[str, int]:
+def _usage(outcome: GenerationOutcome) -> dict[str, Any]:
     return {
         "prompt_tokens": outcome.prompt_tokens,
         "completion_tokens": outcome.completion_tokens,
         "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens},
     }
 
 
-def _add(total: GenerationOutcome, outcome: GenerationOutcome) -> None:
-    total.prompt_tokens += outcome.prompt_tokens
-    total.completion_tokens += outcome.completion_tokens
-    total.first_token_at = total.first_token_at or outcome.first_token_at
-    total.last_token_at = outcome.last_token_at
-    total.finish_reason = outcome.finish_reason
+def _add(total: GenerationOutcome, outcomes: list[GenerationOutcome]) -> None:
+    """Add one prompt's choices: its prompt counts once, every choice's tokens count."""
+    first = outcomes[0]
+    total.prompt_tokens += first.prompt_tokens
+    total.cached_tokens += first.cached_tokens
+    total.completion_tokens += sum(o.completion_tokens for o in outcomes)
+    total.first_token_at = total.first_token_at or first.first_token_at
+    total.last_token_at = max((o.last_token_at for o in outcomes if o.last_token_at is not None),
+                              default=total.last_token_at)
+    total.finish_reason = first.finish_reason
 
 
-def _fill(record: RequestRecord | None, slot: ModelSlot, outcome: GenerationOutcome, started: float) -> None:
+def _fill(record: RequestRecord | None, slot: ModelSlot, outcome: GenerationOutcome, started: float,
+          single: GenerationOutcome | None) -> None:
     if record is None:
         return
     first = None if outcome.first_token_at is None else outcome.first_token_at - started
     record.served(SERVED_LOCAL, model=slot.info.id, prompt_tokens=outcome.prompt_tokens,
                   completion_tokens=outcome.completion_tokens, first_token_s=first,
-                  decode_tok_per_s=outcome.decode_tok_per_s)
+                  decode_tok_per_s=single.decode_tok_per_s if single is not None else None)
+
+
+def _chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's ``choices[].logprobs`` for chat."""
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "bytes": list(t.bytes),
+                "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.bytes)} for a in t.top],
+            }
+            for t in tokens
+        ],
+        "refusal": None,
+    }
+
+
+def _completion_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object (``text_offset`` counts characters within the delta)."""
+    offsets: list[int] = []
+    position = 0
+    for t in tokens:
+        offsets.append(position)
+        position += len(t.token)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [{a.token: a.logprob for a in t.top} for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def _merge_logprobs(parts: list[dict[str, Any]], *, chat: bool) -> dict[str, Any]:
+    """The streamed chunks' logprobs of one choice as the whole answer's."""
+    if chat:
+        return {"content": [entry for part in parts for entry in part["content"]], "refusal": None}
+    merged: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    position = 0
+    for part in parts:
+        merged["tokens"] += part["tokens"]
+        merged["token_logprobs"] += part["token_logprobs"]
+        merged["top_logprobs"] += part["top_logprobs"]
+        for token in part["tokens"]:
+            merged["text_offset"].append(position)
+            position += len(token)
+    return merged
 
 
 def _encode(vector: list[float], encoding: str) -> list[float] | str:

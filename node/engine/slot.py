@@ -1,9 +1,11 @@
 """One loaded model: its state, its worker thread, its request queue, and the bridge to asyncio.
 
-Requests for the same model wait their turn in arrival order in the model's
-``ModelQueue`` (``queue.py``: bounded, FIFO). Tokens travel from the worker
-thread to the event loop with ``call_soon_threadsafe`` as they are produced;
-cancelling the consuming task stops the generation at the next token. The
+A batching engine serves ``parallel`` sequences at once (one step loop on the
+worker thread decodes a token for each of them per step); requests beyond the
+free seats wait their turn in arrival order in the model's ``ModelQueue``
+(``queue.py``: bounded, FIFO). Tokens travel from the worker thread to the
+event loop with ``call_soon_threadsafe`` as they are produced; cancelling the
+consuming task stops that sequence at the next step. The
 slot's ``SlotState`` changes only through ``ModelSlot._set_state``, which logs
 ``old -> new``.
 """
@@ -17,7 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from ..common.errors import (
@@ -25,9 +27,20 @@ from ..common.errors import (
     EngineError,
     GenerationStalledError,
     GenerationTimeoutError,
+    InvalidRequestError,
     ModelUnavailableError,
 )
-from .base import ChatMessage, EmbeddingResult, Engine, GenerationOutcome, ModelInfo, SamplingParams
+from .base import (
+    BatchEngine,
+    ChatMessage,
+    Delta,
+    EmbeddingResult,
+    Engine,
+    GenerationOutcome,
+    ModelInfo,
+    SamplingParams,
+    SequenceRequest,
+)
 from .queue import ModelQueue
 
 log = logging.getLogger(__name__)
@@ -52,13 +65,18 @@ class GenerationJob:
     params: SamplingParams
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
+    n: int = 1
+    """choices sampled from one evaluation of the prompt (at most the model's ``parallel``)."""
 
 
 class Generation:
     """A running generation: iterate for text deltas, then read ``outcome``.
 
     Use it as ``async with slot.generate(job) as gen: async for text in gen: …``
-    so that leaving early (or being cancelled) always stops the engine.
+    so that leaving early (or being cancelled) always stops the engine. A job with
+    ``n > 1`` choices (or logprobs) is read with :meth:`deltas` instead, which yields
+    :class:`Delta` values carrying the choice index; ``outcomes`` then has one entry
+    per choice.
     """
 
     def __init__(self, slot: ModelSlot, job: GenerationJob, timeout: float, max_blank: int) -> None:
@@ -67,7 +85,8 @@ class Generation:
         self._timeout = timeout
         self._max_blank = max_blank
         self.outcome: GenerationOutcome | None = None
-        self._iterator: AsyncIterator[str] | None = None
+        self.outcomes: list[GenerationOutcome] = []
+        self._iterator: AsyncIterator[Delta] | None = None
 
     async def __aenter__(self) -> Generation:
         return self
@@ -76,6 +95,14 @@ class Generation:
         await self.aclose()
 
     def __aiter__(self) -> AsyncIterator[str]:
+        return self._texts()
+
+    async def _texts(self) -> AsyncIterator[str]:
+        async for delta in self.deltas():
+            if delta.text:
+                yield delta.text
+
+    def deltas(self) -> AsyncIterator[Delta]:
         if self._iterator is None:
             self._iterator = self._run()
         return self._iterator
@@ -87,40 +114,17 @@ class Generation:
     async def collect(self) -> str:
         return "".join([text async for text in self])
 
-    async def _run(self) -> AsyncIterator[str]:
+    async def _run(self) -> AsyncIterator[Delta]:
         slot = self._slot
-        async with slot.turn():
+        job = self._job
+        async with slot.turn(seats=job.n):
             await slot.ensure_loaded()
             loop = asyncio.get_running_loop()
-            queue: asyncio.Queue[str | None] = asyncio.Queue()
+            queue: asyncio.Queue[Delta | None] = asyncio.Queue()
             cancel = threading.Event()
-            job = self._job
-
-            def sink(text: str) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, text)
-
-            def work() -> GenerationOutcome:
-                engine = slot.engine
-                if job.messages is not None:
-                    prompt, stops = engine.render_chat(list(job.messages))
-                    params = job.params
-                    if stops:
-                        from dataclasses import replace
-
-                        params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *stops))))
-                else:
-                    prompt, params = job.prompt or "", job.params
-                try:
-                    return engine.generate(prompt, params, sink, cancel)
-                except DVAIError as exc:
-                    if exc.param in ("messages", "prompt"):  # name the field the client sent
-                        exc.param = "messages" if job.messages is not None else "prompt"
-                    raise
-
-            future = loop.run_in_executor(slot.executor, work)
-            future.add_done_callback(lambda _f: queue.put_nowait(None))
+            future = slot.start(job, queue, cancel)
             deadline = loop.time() + self._timeout
-            blank = 0
+            blank = [0] * job.n
             try:
                 while True:
                     remaining = deadline - loop.time()
@@ -129,22 +133,25 @@ class Generation:
                             f"generation took longer than {self._timeout:g} s (generation_timeout)"
                         )
                     try:
-                        text = await asyncio.wait_for(queue.get(), remaining)
+                        delta = await asyncio.wait_for(queue.get(), remaining)
                     except TimeoutError:
                         continue
-                    if text is None:
+                    if delta is None:
                         break
-                    if not text:
-                        blank += 1
-                        if blank >= self._max_blank:
+                    if not delta.text and not delta.logprobs:
+                        blank[delta.index] += 1
+                        if blank[delta.index] >= self._max_blank:
                             raise GenerationStalledError(
-                                f"the model produced {blank} empty chunks in a row (max_blank_chunks)"
+                                f"the model produced {blank[delta.index]} empty chunks in a row "
+                                "(max_blank_chunks)"
                             )
                         continue
-                    blank = 0
-                    yield text
-                self.outcome = _result(future)
-                slot.notify(self.outcome)
+                    blank[delta.index] = 0
+                    yield delta
+                self.outcomes = _result(future)
+                self.outcome = self.outcomes[0]
+                for outcome in self.outcomes:
+                    slot.notify(outcome)
             finally:
                 cancel.set()
                 if not future.done():
@@ -152,7 +159,12 @@ class Generation:
                         await asyncio.shield(future)
 
 
-def _result(future: asyncio.Future[GenerationOutcome]) -> GenerationOutcome:
+def _log_runner_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("the model's step loop failed", exc_info=future.exception())
+
+
+def _result(future: asyncio.Future[list[GenerationOutcome]]) -> list[GenerationOutcome]:
     try:
         return future.result()
     except DVAIError:
@@ -162,13 +174,20 @@ def _result(future: asyncio.Future[GenerationOutcome]) -> GenerationOutcome:
         raise EngineError("the engine failed while generating; see the node log") from exc
 
 
+def _name_field(exc: BaseException, job: GenerationJob) -> BaseException:
+    if isinstance(exc, DVAIError) and exc.param in ("messages", "prompt"):  # the field the client sent
+        exc.param = "messages" if job.messages is not None else "prompt"
+    return exc
+
+
 class ModelSlot:
     """Owns one engine, the single thread that runs it, and its request queue."""
 
     def __init__(self, engine: Engine, *, queue_depth: int, keep_alive: float | None = None) -> None:
         self.engine = engine
         self.info = engine.info
-        self.queue = ModelQueue(engine.info.id, limit=queue_depth)
+        self.parallel = engine.parallel if isinstance(engine, BatchEngine) else 1
+        self.queue = ModelQueue(engine.info.id, limit=queue_depth, seats=self.parallel)
         self.keep_alive = keep_alive
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{engine.info.id}")
         self.state = SlotState.UNLOADED
@@ -193,8 +212,29 @@ class ModelSlot:
         return self.queue.waiting
 
     @property
+    def running(self) -> int:
+        """Requests holding seats now."""
+        return self.queue.running
+
+    @property
+    def active_sequences(self) -> int:
+        """Seats taken (one per choice of each running request)."""
+        return self.queue.seats_taken
+
+    def engine_stats(self) -> dict[str, float]:
+        """The batching engine's counters (prefill/decode time and tokens, prompt-cache hits)."""
+        engine = self.engine
+        return engine.stats() if isinstance(engine, BatchEngine) else {}
+
+    def seat_states(self) -> list[dict[str, object]]:
+        engine = self.engine
+        if isinstance(engine, BatchEngine) and self.loaded:
+            return engine.seat_states()
+        return []
+
+    @property
     def queue_depth(self) -> int:
-        """Requests waiting plus the one running."""
+        """Requests waiting plus those running."""
         return self.queue.depth
 
     @property
@@ -206,9 +246,16 @@ class ModelSlot:
         return self.queue.busy
 
     @contextlib.asynccontextmanager
-    async def turn(self) -> AsyncIterator[None]:
-        """This request's turn in the model's queue; the slot counts as used when it ends."""
-        async with self.queue.turn():
+    async def turn(self, seats: int = 1) -> AsyncIterator[None]:
+        """This request's ``seats`` (all of them: ``seats=slot.parallel``, an exclusive turn) in the
+        model's queue; the slot counts as used when it ends."""
+        if not 1 <= seats <= self.parallel:
+            raise InvalidRequestError(
+                f"model '{self.info.id}' serves at most {self.parallel} sequences at once "
+                f"(its 'parallel' setting); asked for {seats}",
+                param="n",
+            )
+        async with self.queue.turn(seats):
             try:
                 yield
             finally:
@@ -218,8 +265,75 @@ class ModelSlot:
     def generate(self, job: GenerationJob, *, timeout: float, max_blank: int) -> Generation:
         return Generation(self, job, timeout, max_blank)
 
+    def start(
+        self, job: GenerationJob, queue: asyncio.Queue[Delta | None], cancel: threading.Event
+    ) -> asyncio.Future[list[GenerationOutcome]]:
+        """Start ``job`` on the engine (the caller holds its seats); deltas go to ``queue``.
+
+        The returned future resolves with one outcome per choice once the engine has
+        finished the job and freed its sequences; ``None`` then ends the queue.
+        """
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+
+        def on_delta(delta: Delta) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        if isinstance(engine, BatchEngine):
+            future: asyncio.Future[list[GenerationOutcome]] = loop.create_future()
+
+            def settle(result: list[GenerationOutcome] | BaseException) -> None:
+                if not future.done():
+                    if isinstance(result, BaseException):
+                        future.set_exception(_name_field(result, job))
+                    else:
+                        future.set_result(result)
+                queue.put_nowait(None)
+
+            def on_done(result: list[GenerationOutcome] | BaseException) -> None:
+                loop.call_soon_threadsafe(settle, result)
+
+            request = SequenceRequest(
+                params=job.params, on_delta=on_delta, on_done=on_done, cancel=cancel,
+                prompt=job.prompt, messages=job.messages, n=job.n,
+            )
+            if engine.submit(request):
+                runner = loop.run_in_executor(self.executor, engine.run)
+                runner.add_done_callback(_log_runner_failure)
+            return future
+        return self._start_serial(job, on_delta, queue, cancel)
+
+    def _start_serial(
+        self,
+        job: GenerationJob,
+        on_delta: Callable[[Delta], None],
+        queue: asyncio.Queue[Delta | None],
+        cancel: threading.Event,
+    ) -> asyncio.Future[list[GenerationOutcome]]:
+        """An engine without batching: one ``generate`` call on the worker thread."""
+        engine = self.engine
+        if job.n != 1:
+            raise InvalidRequestError(f"model '{self.info.id}' serves one choice per request", param="n")
+
+        def work() -> list[GenerationOutcome]:
+            if job.messages is not None:
+                prompt, stops = engine.render_chat(list(job.messages))
+                params = job.params
+                if stops:
+                    params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *stops))))
+            else:
+                prompt, params = job.prompt or "", job.params
+            try:
+                return [engine.generate(prompt, params, lambda text: on_delta(Delta(0, text)), cancel)]
+            except DVAIError as exc:
+                raise _name_field(exc, job) from None
+
+        future = asyncio.get_running_loop().run_in_executor(self.executor, work)
+        future.add_done_callback(lambda _f: queue.put_nowait(None))
+        return future
+
     async def embed(self, inputs: list[str]) -> EmbeddingResult:
-        async with self.turn():
+        async with self.turn(seats=self.parallel):
             await self.ensure_loaded()
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(self.executor, self.engine.embed, inputs)
