@@ -4,11 +4,19 @@ Generation drives ``Llama.generate`` token by token, so each token reaches the
 client as it is produced: bytes are decoded incrementally (no re-detokenising
 of the whole text), stop strings are matched on the stream, and cancellation is
 checked between tokens.
+
+llama.cpp's own log goes through Python logging (logger ``llama.cpp``, DEBUG),
+and models load with the process's output intact: llama-cpp-python's
+``verbose=False`` would otherwise point fds 1 and 2 at /dev/null for the whole
+process during a load, swallowing every other thread's output (the start
+banner included).
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
+import ctypes
 import logging
 import os
 import random
@@ -19,11 +27,89 @@ from typing import Any
 
 from ..common.errors import EngineError, InvalidRequestError, embeddings_not_enabled
 from ..config import env_model_name
-from .base import ChatMessage, EmbeddingResult, GenerationOutcome, ModelInfo, SamplingParams, TokenSink
+from .base import (
+    ChatMessage,
+    EmbeddingResult,
+    GenerationOutcome,
+    ModelInfo,
+    SamplingDefaults,
+    SamplingParams,
+    TokenSink,
+)
 from .chat_format import known_chat_formats, render_gemma, render_named_format, render_template
 from .textstream import ReasoningBudget, StopMatcher
 
 log = logging.getLogger(__name__)
+native_log = logging.getLogger("llama.cpp")
+
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a GGUF model, in words a user can act on; None if it may be one."""
+    try:
+        if path.is_dir():
+            return f"{path} is a directory, not a GGUF file"
+        if not path.exists():
+            return f"{path}: no such file"
+        with path.open("rb") as handle:
+            magic = handle.read(len(GGUF_MAGIC))
+    except PermissionError:
+        return f"{path}: permission denied"
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    if magic != GGUF_MAGIC:
+        return f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)"
+    return None
+
+
+class _NativeLog:
+    """Receives llama.cpp's log lines (through ``llama_log_set``) and hands them to Python logging.
+
+    llama.cpp sends a line in pieces (``GGML_LOG_LEVEL_CONT`` continues the previous one);
+    the pieces are joined and logged per line, all at DEBUG: they are llama.cpp's internals
+    (``llama_kv_cache_iswa: using full-size SWA cache``), not the node's messages.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        self._lock = threading.Lock()
+        self.callback: Any = None
+
+    def write(self, _level: int, text: bytes | None, _user_data: Any) -> None:
+        if not text:
+            return
+        with self._lock:
+            self._buffer += text.decode("utf-8", "replace")
+            *lines, self._buffer = self._buffer.split("\n")
+        for line in lines:
+            if line.strip():
+                native_log.debug("%s", line.rstrip())
+
+
+_NATIVE_LOG = _NativeLog()
+"""One per process: llama.cpp has a single log callback, and ctypes needs a live reference to it."""
+
+
+def route_native_log() -> None:
+    """Install the llama.cpp log callback and keep llama-cpp-python from redirecting fds 1 and 2."""
+    import llama_cpp
+    import llama_cpp._internals as internals
+    import llama_cpp.llama as llama_module
+
+    if _NATIVE_LOG.callback is None:
+        _NATIVE_LOG.callback = llama_cpp.llama_log_callback(_NATIVE_LOG.write)
+    llama_cpp.llama_log_set(_NATIVE_LOG.callback, ctypes.c_void_p(0))
+    for module in (llama_module, internals):
+        if getattr(module, "suppress_stdout_stderr", None) is not _KeepOutput:
+            module.suppress_stdout_stderr = _KeepOutput  # type: ignore[attr-defined]
+
+
+class _KeepOutput(contextlib.nullcontext[None]):
+    """Stands in for llama-cpp-python's ``suppress_stdout_stderr``: leaves the fds alone."""
+
+    def __init__(self, disable: bool = True) -> None:
+        super().__init__()
 
 
 class LlamaEngine:
@@ -37,8 +123,12 @@ class LlamaEngine:
         gpu_layers: int = 99,
         reasoning_budget: int | None = None,
         seed: int | None = None,
+        unavailable: str | None = None,
+        defaults: SamplingDefaults | None = None,
     ) -> None:
         self.info = info
+        self._unavailable = unavailable
+        self.defaults = defaults or SamplingDefaults()
         self._threads = threads or max(1, os.cpu_count() or 1)
         self._gpu_layers = gpu_layers
         self._reasoning_budget = reasoning_budget
@@ -51,10 +141,14 @@ class LlamaEngine:
 
     # -- lifecycle -----------------------------------------------------------
     def load(self) -> None:
+        if self._unavailable is not None:
+            raise EngineError(self._unavailable)
+        problem = gguf_problem(Path(self.info.path))
+        if problem is not None:
+            raise EngineError(problem)
         import llama_cpp
 
-        if not Path(self.info.path).is_file():
-            raise EngineError(f"model file not found: {self.info.path}")
+        route_native_log()
         kwargs: dict[str, Any] = {
             "model_path": self.info.path,
             "n_ctx": self.info.ctx_size,
@@ -143,7 +237,9 @@ class LlamaEngine:
                 code="context_length_exceeded",
             )
         room = n_ctx - len(tokens)
-        limit = room if params.max_tokens is None else min(params.max_tokens, room)
+        defaults = self.defaults
+        max_tokens = params.max_tokens if params.max_tokens is not None else defaults.max_tokens
+        limit = room if max_tokens is None else min(max_tokens, room)
         if params.seed is not None:
             # Reusing a cached prompt prefix changes the logits' rounding; a seeded request
             # evaluates its whole prompt so the same request samples the same text.
@@ -156,13 +252,14 @@ class LlamaEngine:
         stops = StopMatcher(params.stop)
         reasoning = ReasoningBudget(self._reasoning_budget) if self._reasoning_budget is not None else None
         processors = self._eog_processor() if params.ignore_eos else None
+        stop_tokens = set() if params.ignore_eos else self._marker_tokens(params.stop)
         generator = llm.generate(
             tokens,
             top_k=params.top_k,
-            top_p=params.top_p,
+            top_p=defaults.top_p if params.top_p is None else params.top_p,
             min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
+            temp=defaults.temperature if params.temperature is None else params.temperature,
+            repeat_penalty=defaults.repeat_penalty if params.repeat_penalty is None else params.repeat_penalty,
             frequency_penalty=params.frequency_penalty,
             presence_penalty=params.presence_penalty,
             logits_processor=processors,
@@ -170,7 +267,7 @@ class LlamaEngine:
         try:
             token = next(generator)
             while not cancel.is_set():
-                if not params.ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
+                if not params.ignore_eos and (token in stop_tokens or llama_cpp.llama_vocab_is_eog(vocab, token)):
                     outcome.finish_reason = "stop"
                     break
                 now = time.perf_counter()
@@ -205,6 +302,19 @@ class LlamaEngine:
         if tail:
             sink(tail)
         return outcome
+
+    def _marker_tokens(self, stops: tuple[str, ...]) -> set[int]:
+        """The stop strings that are one special token (``<end_of_turn>``, ``<|im_end|>``…).
+
+        A special token detokenises to no text, so the text matcher never sees it: a turn
+        marker has to be caught by its token id.
+        """
+        llm, out = self._llm, set()
+        for stop in stops:
+            tokens = llm.tokenize(stop.encode("utf-8"), add_bos=False, special=True)
+            if len(tokens) == 1 and not llm.detokenize(tokens):
+                out.add(int(tokens[0]))
+        return out
 
     def _close_reasoning_tokens(self) -> list[int]:
         if self._close_tokens is None:

@@ -63,3 +63,9 @@ class ModelQueue:
         finally:
             self._running = 0
             self._lock.release()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold the model outside the admission limit, after the running request (to unload it)."""
+        async with self._lock:
+            yield

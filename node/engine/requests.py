@@ -20,6 +20,8 @@ class ChatRequest:
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
+    keep_alive: float | None = None
+    """seconds the model stays loaded after this request (negative: for ever; 0: unload when done)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
+    keep_alive: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,7 @@ class EmbeddingRequest:
     model: str
     inputs: tuple[str, ...]
     encoding_format: str = "float"
+    keep_alive: float | None = None
 
 
 GenerationRequest = ChatRequest | CompletionRequest
