@@ -15,7 +15,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip wheel
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet -e '.[dev]'
+	@echo "Installing dvai-mesh into $(VENV). The first time, llama-cpp-python compiles from source"
+	@echo "(about 8 minutes on 2 cores, with pip's progress below); later set-ups reuse pip's cached wheel."
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --progress-bar on -e '.[dev]'
 	touch $(STAMP)
 
 serve: setup

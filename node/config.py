@@ -26,9 +26,11 @@ from .constants import (
     DEFAULT_PARALLEL,
     DEFAULT_QUEUE_DEPTH,
 )
+from .engine.default_model import DEFAULT_CHAT_MODEL_ID, GEMMA3_ID
 
 ENV_PREFIX = "DVAI_"
-DEFAULT_MODEL_ID = "gemma3-270m"
+DEFAULT_MODEL_ID = DEFAULT_CHAT_MODEL_ID
+"""the model a node serves (and answers chats with) when no model is configured."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +39,8 @@ class ModelConfig:
 
     id: str = DEFAULT_MODEL_ID
     path: str | None = None
-    """GGUF file; unset means the built-in default model."""
+    """GGUF file; unset: the built-in model of the same id (``smollm2-135m``, ``gemma3-270m``),
+    else the built-in chat model."""
     engine: Literal["llama", "simulated"] = "llama"
     """``simulated`` produces filler tokens at ``simulated_tok_per_s``: for routing tests only."""
     simulated_tok_per_s: float = 20.0
@@ -185,7 +188,11 @@ class NodeConfig:
     generation_timeout: float = DEFAULT_GENERATION_TIMEOUT
     max_blank_chunks: int = DEFAULT_MAX_BLANK_CHUNKS
     default_model: str | None = None
-    models: tuple[ModelConfig, ...] = (ModelConfig(),)
+    models: tuple[ModelConfig, ...] = (ModelConfig(), ModelConfig(id=GEMMA3_ID, preload=False))
+    """without a model table: the built-in chat model, and Gemma 3 270M loaded on first use."""
+    on_model_load_failure: Literal["exit", "continue"] = "exit"
+    """``exit``: ``dvai-node serve`` exits (status 1, naming the model and the reason) when a
+    preloaded model cannot load; ``continue``: keep serving the others (503 for a failed one)."""
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
@@ -223,7 +230,7 @@ def load_config(
     from_env = env_to_mapping(os.environ if env is None else env, ENV_PREFIX)
     if isinstance(from_env.get("models"), dict):
         file_models = merged.get("models")
-        known: dict[str, Any] = file_models if isinstance(file_models, dict) else {DEFAULT_MODEL_ID: {}}
+        known: dict[str, Any] = file_models if isinstance(file_models, dict) else _default_models_table()
         merged["models"] = known
         from_env["models"] = _match_env_models(from_env["models"], known)
     merged = deep_merge(merged, from_env)
@@ -260,6 +267,11 @@ def env_model_name(model_id: str) -> str:
     return model_id.upper().replace("-", "_").replace(".", "_")
 
 
+def _default_models_table() -> dict[str, Any]:
+    """``NodeConfig().models`` as the TOML table that describes it (environment overrides apply to it)."""
+    return {model.id: ({} if model.preload else {"preload": False}) for model in NodeConfig().models}
+
+
 def _match_env_models(env_models: dict[str, Any], known: Mapping[str, Any]) -> dict[str, Any]:
     """Environment names cannot hold ``-``: ``DVAI_MODELS__GEMMA3_270M__…`` means ``gemma3-270m``."""
     by_env_name = {env_model_name(str(model_id)).lower(): str(model_id) for model_id in known}
@@ -270,7 +282,7 @@ def config_from_mapping(data: Mapping[str, Any]) -> NodeConfig:
     data = dict(data)
     if "models" in data:
         data["models"] = _models_from_mapping(data["models"])
-    config = build_dataclass(NodeConfig, data, "")
+    config: NodeConfig = build_dataclass(NodeConfig, data, "")
     _check(config)
     return config
 

@@ -59,6 +59,9 @@ kept alive after its last answer) before the node closes it; a request being ser
 AUDIT_COMMIT_WAIT_S = 2.0
 """seconds a JSON answer waits for its audit row to be committed before it is sent anyway."""
 
+KEEP_ALIVE_MAX_S = 10 * 365 * 86400.0
+"""seconds; a request's larger ``keep_alive`` is refused (a negative one keeps the model loaded)."""
+
 # --- Offload ----------------------------------------------------------------
 OFFLOAD_HEADER = "X-DVAI-Offload"
 SERVED_BY_HEADER = "X-DVAI-Served-By"
@@ -258,6 +261,22 @@ CAPABILITY_STORE_MAX_ENTRIES = 256
 
 CAPABILITY_FILE_MAX_BYTES = 1 << 20
 """bytes; a larger capability.json is ignored (it is not ours, or it was tampered with)."""
+
+PROBE_UNEVEN_RATIO = 1.5
+"""a probe whose median token gap implies a rate this many times its overall rate was
+disturbed: some tokens waited (another process took the cores) and the mean is not the
+device's speed. A quiet run's ratio is close to 1 (decode steps take near-equal time)."""
+
+PROBE_BELOW_HEURISTIC_RATIO = 0.25
+"""a probe below this fraction of the bandwidth heuristic is suspect: the heuristic is rough
+(docs/capability.md: probes land at 0.6-1.6x it) but not 4x too high on a quiet machine."""
+
+PROBE_BELOW_PREVIOUS_RATIO = 0.5
+"""a probe below this fraction of the previous stored probe of the same model is suspect."""
+
+PROBE_RETRY_DELAYS_S = (30.0, 120.0)
+"""seconds before re-measuring a start-up probe that looked disturbed; after the last, the best
+figure measured is kept (with a warning)."""
 
 # --- Metrics (GET /metrics) -----------------------------------------------------
 # Prometheus keeps every label value it has seen for the life of the process: a label

@@ -204,11 +204,14 @@ def open_node_identity(
     host: str | None = None,
     machine_id: str | None = None,
     now_ms: int | None = None,
+    exclusive: bool = False,
 ) -> IdentityHandle:
     """Load or create the key, lock the state dir, record ``instance.json``, warn about copies.
 
     Blocking (file I/O): call it from a thread (``asyncio.to_thread``) when a loop runs.
     Each warning is logged once at WARNING level and kept in ``handle.warnings``.
+    With ``exclusive`` (a serving node), a state dir another process holds raises
+    :class:`StateDirInUseError` instead of a warning.
     """
     state_dir = ensure_private_dir(Path(state_dir))
     device = load_or_create_identity(state_dir)
@@ -225,6 +228,11 @@ def open_node_identity(
     )
     warnings: list[str] = []
     lock_fd, holder = _lock_state_dir(state_dir)
+    if lock_fd is None and holder is not None and exclusive:
+        raise StateDirInUseError(
+            f"another dvai-node ({holder}) is already running from state dir {state_dir}; stop it, or "
+            f"give this node its own state dir (--state-dir DIR, or DVAI_STATE_DIR)"
+        )
     if lock_fd is None and holder is not None:
         warnings.append(
             f"another dvai-node process ({holder}) is running from state dir {state_dir} right now: "
@@ -237,6 +245,10 @@ def open_node_identity(
     for message in warnings:
         _log.warning("%s", message)
     return IdentityHandle(identity, tuple(warnings), lock_fd)
+
+
+class StateDirInUseError(RuntimeError):
+    """A serving node found its state dir locked by another running node."""
 
 
 def make_health_proof(identity: NodeIdentity, challenge: str) -> dict[str, str] | None:

@@ -189,7 +189,7 @@ class Node:
     def _build_context(self) -> NodeContext:
         config = self.config
         state_dir = config.resolved_state_dir()
-        self._identity_handle = handle = open_node_identity(state_dir, config.device_name)
+        self._identity_handle = handle = open_node_identity(state_dir, config.device_name, exclusive=True)
         if handle.locked:  # no other node writes here: leftovers of a write a crash interrupted
             for path in remove_stale_temp_files(state_dir):
                 log.info("removed %s, left by an interrupted write", path.name)

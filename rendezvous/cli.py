@@ -59,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dvai-rendezvous: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warning = config.public_url_warning()
+    if warning is not None:
+        logging.getLogger("dvai.rendezvous").warning("%s", warning)
 
     def ready(server: RendezvousServer) -> None:
         print(f"dvai-rendezvous listening on {server.url} (public URL {server.config.base_url}, "

@@ -84,6 +84,16 @@ class RendezvousConfig:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}"
 
+    def public_url_warning(self) -> str | None:
+        """A warning when QR codes would carry a URL other devices cannot reach (no ``public_url``)."""
+        if self.public_url:
+            return None
+        host = self.host.strip("[]")
+        if host in ("0.0.0.0", "::", "") or host == "localhost" or host.startswith("127.") or host == "::1":
+            return (f"no public_url set: QR codes will carry {self.base_url}, which other devices cannot "
+                    "reach; set --public-url (public_url, DVAI_RENDEZVOUS_PUBLIC_URL) to the URL clients use")
+        return None
+
     def resolved_db(self) -> str:
         if self.db:
             return self.db if self.db == MEMORY_DB else str(Path(self.db).expanduser())

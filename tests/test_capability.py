@@ -173,7 +173,8 @@ async def test_heuristic_then_probe_over_http_and_reuse_after_restart(
 def test_cli_probe_prints_and_persists(tmp_path: Path, default_model: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DVAI_")}
     result = subprocess.run(
-        [sys.executable, "-m", "node", "probe", "--state-dir", str(tmp_path), "--tokens", "12"],
+        [sys.executable, "-m", "node", "probe", "--state-dir", str(tmp_path), "--tokens", "12",
+         "--model", "gemma3-270m"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
     )
     assert result.returncode == 0, result.stderr
@@ -404,3 +405,93 @@ def test_parse_probe_request() -> None:
     for bad in ([], {"tokens": 2000}, {"tokens": 8.0}, {"model": ""}, {"model": "m" * 300}, {"x": 1}):
         with pytest.raises(InvalidRequestError):
             parse_probe_request(bad)
+
+
+# --------------------------------------------------------------------------------------
+# Disturbed start-up probes (pure rule, then the service with a fake probe and clock)
+
+
+def steady(rate: float, tokens: int = 16) -> list[float]:
+    return [i / rate for i in range(tokens)]
+
+
+def test_probe_disturbance_rule() -> None:
+    from node.capability import probe_disturbance
+
+    assert probe_disturbance(40.0, steady(40.0), heuristic=50.0, previous=42.0) is None
+    # 15 quick tokens, then one that waited 2 s for the cores: the mean says ~7 tok/s
+    stalled = steady(40.0, 15) + [15 / 40.0 + 2.0]
+    rate = 15 / stalled[-1]
+    reason = probe_disturbance(rate, stalled)
+    assert reason is not None and "uneven" in reason
+    assert "estimate" in (probe_disturbance(4.0, steady(4.0), heuristic=33.0) or "")
+    assert "previous probe" in (probe_disturbance(4.0, steady(4.0), previous=32.7) or "")
+    assert probe_disturbance(30.0, steady(30.0), heuristic=60.0, previous=40.0) is None  # within bounds
+
+
+class FakeProbe:
+    """Stands in for the probe: returns the given rates in turn, with steady token times."""
+
+    def __init__(self, rates: list[float]) -> None:
+        self.rates = rates
+        self.calls = 0
+
+    async def __call__(self, slot: ModelSlot, tokens: int, *, token_times: list[float],
+                       now: Any, **_: Any) -> CapabilityScore:
+        rate = self.rates[self.calls]
+        self.calls += 1
+        token_times.extend(steady(rate, tokens))
+        return CapabilityScore(slot.info.id, rate, 100.0, now(), "simulated", "probe", tokens)
+
+
+async def test_a_disturbed_start_up_probe_is_measured_again_not_saved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIMULATED engine (heuristic 40 tok/s); a fake probe reads 4 tok/s, then 38."""
+    registry = simulated_registry(40.0)
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        assert not (tmp_path / CAPABILITY_FILE).exists()  # nothing persisted while waiting
+
+    fake = FakeProbe([4.0, 38.0])
+    service = CapabilityService(simulated_config(tmp_path, probe_on_start=True), registry,
+                                CapabilityStore(tmp_path), sleep=sleep, measure=fake, retry_delays=(30.0, 120.0))
+    caplog.set_level(logging.WARNING, logger="node.capability")
+    await registry.start()
+    await service.start()
+    try:
+        for _ in range(200):
+            if (tmp_path / CAPABILITY_FILE).exists():
+                break
+            await asyncio.sleep(0.01)
+        assert fake.calls == 2 and slept == [30.0]
+        assert [r["tokPerS"] for r in stored(tmp_path)] == [38.0]
+        assert "looks disturbed" in caplog.text and "measured 4.0 tok/s, not saved" in caplog.text
+    finally:
+        await service.stop()
+        await registry.stop()
+
+
+async def test_a_start_up_probe_that_stays_low_keeps_the_best_figure(tmp_path: Path) -> None:
+    registry = simulated_registry(40.0)
+
+    async def sleep(_seconds: float) -> None:
+        return None
+
+    fake = FakeProbe([4.0, 6.0, 5.0])
+    service = CapabilityService(simulated_config(tmp_path, probe_on_start=True), registry,
+                                CapabilityStore(tmp_path), sleep=sleep, measure=fake, retry_delays=(1.0, 2.0))
+    await registry.start()
+    await service.start()
+    try:
+        for _ in range(200):
+            if (tmp_path / CAPABILITY_FILE).exists():
+                break
+            await asyncio.sleep(0.01)
+        assert fake.calls == 3
+        assert [r["tokPerS"] for r in stored(tmp_path)] == [6.0]
+    finally:
+        await service.stop()
+        await registry.stop()

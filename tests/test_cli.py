@@ -62,11 +62,13 @@ async def test_serve_prints_base_url_and_models(tmp_path: Path, default_model: P
     try:
         text = "".join(node.output)
         assert "OpenAI base URL: http://127.0.0.1:" in text
-        assert "model gemma3-270m" in text
+        assert "model smollm2-135m: built-in SmolLM2 135M Instruct" in text
+        assert "model gemma3-270m: built-in Gemma 3 270M base (Q4_K_M) (loads on first use)" in text
         async with aiohttp.ClientSession() as session:
             response = await session.get(node.base_url + "/models")
             assert response.status == 200
-            assert (await response.json())["data"][0]["id"] == "gemma3-270m"
+            models = (await response.json())["data"]
+            assert [(m["id"], m["loaded"]) for m in models] == [("smollm2-135m", True), ("gemma3-270m", False)]
     finally:
         node.stop()
     assert node.process.returncode == 0  # SIGTERM is a clean shutdown

@@ -20,8 +20,10 @@ def test_defaults() -> None:
     config = load_config(env={})
     assert config.http_bind_host == "127.0.0.1"
     assert config.http_base_port == 38883 and config.http_max_port_attempts == 16
-    assert config.models[0].id == "gemma3-270m" and config.models[0].ctx_size == 4096
+    assert [(m.id, m.preload) for m in config.models] == [("smollm2-135m", True), ("gemma3-270m", False)]
+    assert config.default_model_id == "smollm2-135m" and config.models[0].ctx_size == 4096
     assert config.models[0].gpu_layers == 99 and config.models[0].queue_depth == 16
+    assert config.on_model_load_failure == "exit"
     assert config.offload.enabled is False and config.offload.min_local_capability == 10
     assert config.generation_timeout == 60 and config.max_blank_chunks == 20
     assert config.max_body_bytes == 8 * 1024 * 1024
@@ -45,14 +47,15 @@ def test_state_dir_and_models_from_env(tmp_path: Path) -> None:
     config = load_config(env={"DVAI_STATE_DIR": str(tmp_path), "DVAI_MODELS__TINY__CTX_SIZE": "2048",
                               "DVAI_MODELS__TINY__EMBEDDING": "yes"})
     assert config.state_dir == tmp_path
-    tiny = config.models[1]  # added beside the built-in default, not instead of it
-    assert [m.id for m in config.models] == ["gemma3-270m", "tiny"]
+    tiny = config.models[2]  # added beside the built-in defaults, not instead of them
+    assert [m.id for m in config.models] == ["smollm2-135m", "gemma3-270m", "tiny"]
     assert tiny.ctx_size == 2048 and tiny.embedding
 
 
 def test_env_names_reach_model_ids_with_dashes(tmp_path: Path) -> None:
     config = load_config(env={"DVAI_MODELS__GEMMA3_270M__EMBEDDING": "true"})
-    assert [(m.id, m.embedding) for m in config.models] == [("gemma3-270m", True)]
+    assert [(m.id, m.embedding, m.preload) for m in config.models] == [
+        ("smollm2-135m", False, True), ("gemma3-270m", True, False)]  # the built-in defaults, one changed
     file = write(tmp_path, "[models.my-chat]\nctx_size = 1024\n")
     config = load_config(file, env={"DVAI_MODELS__MY_CHAT__CTX_SIZE": "2048"})
     assert [(m.id, m.ctx_size) for m in config.models] == [("my-chat", 2048)]

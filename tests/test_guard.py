@@ -460,3 +460,24 @@ def test_exposed_node_in_a_network_namespace() -> None:
         assert time.monotonic() - started < 30
     finally:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.mark.parametrize("path", ["/health", "/healthz", "/v1/dvai/models/smollm2-135m/unload"])
+def test_health_aliases_are_public_and_model_admin_is_loopback_only(path: str) -> None:
+    """The node's own lists (node/app.py): health aliases like /v1/dvai/health, load/unload like admin."""
+    from node.api import mesh, trust
+    from node.common.errors import PermissionDeniedError
+    from node.security import DEFAULT_PUBLIC_PATHS
+    from node.security.guard import AccessPolicy, decide_access
+    from node.security.signing import ANONYMOUS_ATTRIBUTION
+
+    policy = AccessPolicy(require_pairing=True, trust_loopback=True, public_paths=DEFAULT_PUBLIC_PATHS,
+                          loopback_only_paths=trust.ADMIN_PATHS | mesh.ADMIN_PATHS)
+    lan = {"paths": (path,), "loopback": False, "attribution": ANONYMOUS_ATTRIBUTION,
+           "admin_peer": False, "browser": False}
+    if "models" in path:
+        with pytest.raises(PermissionDeniedError):
+            decide_access(policy, **lan)  # type: ignore[arg-type]
+        decide_access(policy, **{**lan, "loopback": True})  # type: ignore[arg-type]
+    else:
+        decide_access(policy, **lan)  # type: ignore[arg-type]  # public: no error from the LAN, unsigned

@@ -66,7 +66,7 @@ async def test_a_missing_model_file_is_reported_not_crashed(tmp_path: Path) -> N
         health = await session.get(node.base_url[:-3] + "/v1/dvai/health")
         body = await health.json()
         assert health.status == 503 and body["status"] == "failed"
-        assert "not found" in body["models"][0]["error"]
+        assert "no such file" in body["models"][0]["error"]
         response = await session.post(node.base_url + "/completions", json={"model": "ghost", "prompt": "x"})
         assert response.status == 503
         assert (await response.json())["error"]["code"] == "model_unavailable"
@@ -91,3 +91,35 @@ async def test_lazy_model_loads_on_first_use_and_idle_model_unloads(tmp_path: Pa
         assert registry.resolve("eager").state == "ready"  # no keep_alive: stays loaded
         again = await node.completion("x", model="lazy", max_tokens=2)
         assert again["usage"]["completion_tokens"] == 2 and registry.resolve("lazy").state == "ready"
+
+
+async def test_generation_timeout_ends_with_length_streamed_or_not(tmp_path: Path) -> None:
+    """SIMULATED engine at 20 tok/s, 0.5 s limit: the text so far, finish_reason "length"."""
+    cfg = config(tmp_path, transport="none", generation_timeout=0.5,
+                 models={"sim": {"engine": "simulated", "simulated_tok_per_s": 20}})
+    async with Node(cfg) as node:
+        reply = await node.chat_completion([{"role": "user", "content": "go"}], max_tokens=1000)
+        choice = reply["choices"][0]
+        assert choice["finish_reason"] == "length"
+        assert 3 <= reply["usage"]["completion_tokens"] < 1000 and choice["message"]["content"].startswith("alpha")
+        chunks = [c async for c in node.stream_chat([{"role": "user", "content": "go"}], max_tokens=1000)]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length" and text.startswith("alpha bravo")
+
+
+async def test_keep_alive_zero_unloads_after_the_request(tmp_path: Path) -> None:
+    """SIMULATED engine: the registry's lifecycle with a per-request keep_alive."""
+    cfg = config(tmp_path, transport="none", models={"sim": {"engine": "simulated", "simulated_tok_per_s": 500}})
+    async with Node(cfg) as node:
+        assert node.context is not None
+        slot = node.context.registry.resolve("sim")
+        await node.completion("x", max_tokens=2, keep_alive="10m")
+        assert slot.state == "ready" and 590 < (slot.keep_alive_left(slot.last_used) or 0) <= 600
+        await node.completion("x", max_tokens=2, keep_alive=0)
+        for _ in range(40):
+            if slot.state == "unloaded":
+                break
+            await asyncio.sleep(0.01)
+        assert slot.state == "unloaded"
+        await node.completion("x", max_tokens=2)  # loads again; back to the configured keep_alive (none)
+        assert slot.state == "ready" and slot.keep_alive_left(slot.last_used) is None

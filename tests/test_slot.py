@@ -10,7 +10,6 @@ import pytest
 
 from node.common.errors import (
     GenerationStalledError,
-    GenerationTimeoutError,
     ModelUnavailableError,
     QueueFullError,
 )
@@ -97,10 +96,19 @@ async def test_cancelling_a_running_generation_stops_the_engine_within_a_token()
     await slot.close()
 
 
-async def test_generation_timeout() -> None:
+async def test_generation_timeout_ends_like_max_tokens() -> None:
+    """Past generation_timeout the text so far is kept and finish_reason is "length"."""
     slot = simulated_slot(tok_per_s=20)
-    with pytest.raises(GenerationTimeoutError):
-        await run(slot, 1000, [], "slow", timeout=0.2)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with slot.generate(job(1000), timeout=0.3, max_blank=5) as generation:
+        text = await generation.collect()
+        outcome = generation.outcome
+    assert 0.3 <= loop.time() - started < 1.0
+    assert outcome is not None and outcome.finish_reason == "length"
+    words = text.split()
+    assert 3 <= len(words) == outcome.completion_tokens < 1000
+    assert words[:3] == ["alpha", "bravo", "charlie"]
     await slot.close()
 
 

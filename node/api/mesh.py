@@ -11,17 +11,23 @@ from ..capability import CapabilityDisabledError, CapabilityService, check_probe
 from ..common.errors import InvalidRequestError
 from ..constants import CAPABILITY_MODEL_ID_MAX_CHARS
 from ..context import CONTEXT, NodeContext
-from ..engine.slot import SlotState
+from ..engine.slot import ModelSlot, SlotState
 from ..identity import make_health_proof
 from ..version import __version__
 from .middlewares import read_json
 
 routes = web.RouteTableDef()
 
+STATUS_PATH = "/v1/dvai/status"
+MODEL_ADMIN_PREFIX = "/v1/dvai/models/"
+ADMIN_PATHS = frozenset({STATUS_PATH, MODEL_ADMIN_PREFIX})
+"""loopback-only (or a paired admin device): the status view, and loading/unloading models."""
+
 
 def health_body(context: NodeContext) -> dict[str, Any]:
     registry = context.registry
     failed = registry.failed
+    now = time.monotonic()
     if registry.ready:
         status = "ok"
     elif registry.loading:
@@ -37,6 +43,7 @@ def health_body(context: NodeContext) -> dict[str, Any]:
             "parallel": slot.parallel,
             "activeSequences": slot.active_sequences,
             "serves": list(slot.info.serves),
+            "keepAliveLeftS": _rounded(slot.keep_alive_left(now)),
             **({"error": slot.error} if slot.error else {}),
         }
         for slot in registry.slots()
@@ -61,8 +68,15 @@ def _audit_health(context: NodeContext) -> dict[str, Any]:
     return {key: health[key] for key in ("state", "writeErrors", "droppedRows")}
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
 @routes.get("/v1/dvai/health")
+@routes.get("/health")
+@routes.get("/healthz")
 async def health(request: web.Request) -> web.Response:
+    """``/health`` and ``/healthz`` are aliases (what llama-server users and probes expect)."""
     context = request.app[CONTEXT]
     body = health_body(context)
     if context.node_identity is not None:
@@ -80,9 +94,6 @@ async def health(request: web.Request) -> web.Response:
 
 # -- status (loopback admin) -------------------------------------------------------------
 
-STATUS_PATH = "/v1/dvai/status"
-ADMIN_PATHS = frozenset({STATUS_PATH})
-"""loopback-only (or a paired admin device): what the node has loaded and queued, its peers."""
 
 
 def status_body(context: NodeContext, now: float) -> dict[str, Any]:
@@ -219,3 +230,28 @@ async def probe(request: web.Request) -> web.Response:
     model, tokens = parse_probe_request(await read_json(request) if request.body_exists else {})
     score = await service.run_probe(model, tokens)
     return web.json_response(score.to_json())
+
+
+# -- model admin ------------------------------------------------------------------------
+
+
+def model_state_body(slot: ModelSlot) -> dict[str, Any]:
+    return {"id": slot.info.id, "state": slot.state.value, "loaded": slot.state is SlotState.READY,
+            **({"error": slot.error} if slot.error else {})}
+
+
+@routes.post("/v1/dvai/models/{model}/load")
+async def load_model(request: web.Request) -> web.Response:
+    """Load a model now (it stays loaded for its configured keep_alive once idle)."""
+    slot = request.app[CONTEXT].registry.resolve(request.match_info["model"])
+    await slot.ensure_loaded()
+    slot.last_used = time.monotonic()
+    return web.json_response(model_state_body(slot))
+
+
+@routes.post("/v1/dvai/models/{model}/unload")
+async def unload_model(request: web.Request) -> web.Response:
+    """Unload a model once its running request (if any) is done; the next request loads it again."""
+    slot = request.app[CONTEXT].registry.resolve(request.match_info["model"])
+    await slot.unload()
+    return web.json_response(model_state_body(slot))

@@ -7,11 +7,13 @@ out, or an :class:`InvalidRequestError` naming the offending parameter.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 from typing import Any
 
 from ..common.errors import InvalidRequestError, UnsupportedParameterError
 from ..constants import (
+    KEEP_ALIVE_MAX_S,
     MAX_CHOICES,
     MAX_COMPLETION_LOGPROBS,
     MAX_COMPLETION_PROMPTS,
@@ -58,6 +60,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         include_usage=include_usage,
         n=_choices(body),
         logprobs=logprobs,
+        keep_alive=parse_keep_alive(body.get("keep_alive")),
     )
 
 
@@ -98,6 +101,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         include_usage=include_usage,
         echo=_optional_bool(body, "echo") or False,
         n=_choices(body),
+        keep_alive=parse_keep_alive(body.get("keep_alive")),
     )
 
 
@@ -124,7 +128,41 @@ def parse_embedding_request(body: Any) -> EmbeddingRequest:
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise InvalidRequestError("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
-    return EmbeddingRequest(model=_model(body), inputs=inputs, encoding_format=encoding)
+    return EmbeddingRequest(model=_model(body), inputs=inputs, encoding_format=encoding,
+                            keep_alive=parse_keep_alive(body.get("keep_alive")))
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_keep_alive(value: Any) -> float | None:
+    """Ollama's ``keep_alive``: seconds as a number, or a duration such as ``"5m"``, ``"1h30m"``,
+    ``"300ms"``; negative keeps the model loaded for ever, 0 unloads it after the request."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        try:
+            seconds = float(body) if body and body[-1].isdigit() else _duration(body)
+        except ValueError:
+            seconds = math.nan
+        value = sign * seconds
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not numeric or not -KEEP_ALIVE_MAX_S <= value <= KEEP_ALIVE_MAX_S:  # also refuses NaN and huge ints
+        raise InvalidRequestError(
+            "'keep_alive' must be a number of seconds or a duration such as \"5m\" (negative: keep "
+            "the model loaded; 0: unload it after this request)", param="keep_alive")
+    return float(value)
+
+
+def _duration(text: str) -> float:
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise ValueError(text)
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
 
 # --------------------------------------------------------------------------
@@ -224,7 +262,6 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
         raise InvalidRequestError("'stop' must be a string or a list of strings", param="stop")
     for text in stops:
         _encodable(text, "stop")
-    defaults = SamplingParams()
     temperature = _optional_number(body, "temperature", 0.0, 2.0)
     top_p = _optional_number(body, "top_p", 0.0, 1.0)
     seed = body.get("seed")
@@ -232,8 +269,8 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
         raise InvalidRequestError("'seed' must be an integer", param="seed")
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=defaults.temperature if temperature is None else temperature,
-        top_p=defaults.top_p if top_p is None else top_p,
+        temperature=temperature,  # None: the model's default
+        top_p=top_p,
         presence_penalty=_optional_number(body, "presence_penalty", -2.0, 2.0) or 0.0,
         frequency_penalty=_optional_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
         stop=stops,

@@ -31,6 +31,7 @@ from .score import (
     heuristic_tok_per_s,
     library_version_for,
     measure_copy_bandwidth,
+    probe_disturbance,
     prompt_rate,
 )
 from .service import CapabilityService, ScoreListener
@@ -51,6 +52,7 @@ __all__ = [
     "library_version_for",
     "measure_copy_bandwidth",
     "probe",
+    "probe_disturbance",
     "prompt_rate",
     "score_from_outcome",
 ]

@@ -39,13 +39,15 @@ async def probe(
     time_limit: float = DEFAULT_GENERATION_TIMEOUT,
     on_token: Callable[[], None] | None = None,
     now: Callable[[], float] = time.time,
+    token_times: list[float] | None = None,
 ) -> CapabilityScore:
     """Time ``tokens`` decode tokens on ``slot``, after waiting its turn in the model's queue.
 
     End of sequence is suppressed, so exactly ``tokens`` tokens are produced (fewer only
     when the context fills). Greedy sampling keeps runs comparable; a 2-token untimed run
     precedes the timed one. ``on_token`` is called on the event loop as each timed token
-    arrives (for progress displays).
+    arrives (for progress displays). ``token_times``, when given, receives the
+    ``perf_counter()`` of each timed token as the engine produced it (for ``probe_disturbance``).
     """
     check_probe_tokens(tokens)
     if slot.info.embedding:
@@ -56,7 +58,8 @@ async def probe(
     salt = random.randrange(10**6)
     text = prompt if prompt is not None else PROBE_PROMPT.format(salt=salt)
     params = SamplingParams(
-        max_tokens=tokens, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, seed=0, ignore_eos=True
+        max_tokens=tokens, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=0,
+        ignore_eos=True,
     )
     async with slot.turn(seats=slot.parallel):  # alone on the model: a single-stream rate
         await slot.ensure_loaded()
@@ -65,7 +68,7 @@ async def probe(
         # ~2x slow on the prompt. Its different salt keeps the timed prompt uncached.
         warm_up = replace(params, max_tokens=WARM_UP_TOKENS)
         await _run_on_worker(slot, PROBE_PROMPT.format(salt=salt + 1), warm_up, time_limit, None)
-        started, outcome = await _run_on_worker(slot, text, params, time_limit, on_token)
+        started, outcome = await _run_on_worker(slot, text, params, time_limit, on_token, token_times)
     if library_version is None:
         library_version = await asyncio.to_thread(library_version_for, slot.engine)
     return score_from_outcome(
@@ -110,6 +113,7 @@ async def _run_on_worker(
     params: SamplingParams,
     time_limit: float,
     on_token: Callable[[], None] | None,
+    token_times: list[float] | None = None,
 ) -> tuple[float, GenerationOutcome]:
     """Run the engine on the model's thread; the caller holds the slot's turn.
 
@@ -120,6 +124,8 @@ async def _run_on_worker(
     cancel = threading.Event()
 
     def sink(_text: str) -> None:
+        if token_times is not None:
+            token_times.append(time.perf_counter())
         if on_token is not None:
             loop.call_soon_threadsafe(on_token)
 

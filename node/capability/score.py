@@ -13,6 +13,9 @@ from ..constants import (
     CAPABILITY_MODEL_ID_MAX_CHARS,
     CAPABILITY_NOTIFY_MIN_CHANGE,
     CAPABILITY_VERSION_MAX_CHARS,
+    PROBE_BELOW_HEURISTIC_RATIO,
+    PROBE_BELOW_PREVIOUS_RATIO,
+    PROBE_UNEVEN_RATIO,
 )
 from ..engine.base import Engine
 
@@ -115,6 +118,32 @@ def heuristic_tok_per_s(size_bytes: int, threads: int, copy_bandwidth: float) ->
         return None
     gain = math.sqrt(min(max(threads, 1), HEURISTIC_THREAD_GAIN_CAP))
     return min(HEURISTIC_EFFICIENCY * copy_bandwidth * gain / size_bytes, CAPABILITY_MAX_TOK_PER_S)
+
+
+def probe_disturbance(
+    rate: float,
+    token_times: list[float],
+    *,
+    heuristic: float | None = None,
+    previous: float | None = None,
+) -> str | None:
+    """Why a probe's ``rate`` looks disturbed (a busy machine, not the device's speed), or None.
+
+    ``token_times``: when each timed token was produced (seconds, any origin). Three signs:
+    uneven token gaps (the median gap implies a much higher rate than the mean), a rate far
+    below the bandwidth heuristic, or far below the previous stored probe of the same model.
+    """
+    gaps = sorted(b - a for a, b in zip(token_times, token_times[1:], strict=False) if b >= a)
+    if len(gaps) >= 4:
+        median = gaps[len(gaps) // 2]
+        if median > 0 and (1.0 / median) > PROBE_UNEVEN_RATIO * rate:
+            return (f"uneven token times: the median gap implies {1.0 / median:.1f} tok/s, "
+                    f"the whole run {rate:.1f} tok/s")
+    if heuristic is not None and rate < PROBE_BELOW_HEURISTIC_RATIO * heuristic:
+        return f"{rate:.1f} tok/s is far below the estimate from memory bandwidth ({heuristic:.1f} tok/s)"
+    if previous is not None and rate < PROBE_BELOW_PREVIOUS_RATIO * previous:
+        return f"{rate:.1f} tok/s is far below the previous probe ({previous:.1f} tok/s)"
+    return None
 
 
 def changed_enough(old: float | None, new: float, threshold: float = CAPABILITY_NOTIFY_MIN_CHANGE) -> bool:

@@ -7,13 +7,13 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from ..common.errors import DVAIError
 from ..common.ewma import ewma
 from ..config import NodeConfig
-from ..constants import CAPABILITY_OBSERVED_ALPHA, OBSERVED_MIN_TOKENS
+from ..constants import CAPABILITY_OBSERVED_ALPHA, OBSERVED_MIN_TOKENS, PROBE_RETRY_DELAYS_S
 from ..engine.base import GenerationOutcome, ModelInfo
 from ..engine.registry import ModelRegistry
 from ..engine.simulated import SimulatedEngine
@@ -27,6 +27,7 @@ from .score import (
     library_version_for,
     measure_copy_bandwidth,
     plausible_rate,
+    probe_disturbance,
 )
 from .store import CapabilityStore
 
@@ -53,12 +54,19 @@ class CapabilityService:
         *,
         now: Callable[[], float] = time.time,
         bandwidth: Callable[[], float | None] = measure_copy_bandwidth,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        retry_delays: tuple[float, ...] = PROBE_RETRY_DELAYS_S,
+        measure: Callable[..., Awaitable[CapabilityScore]] = probe,
     ) -> None:
+        """``now``, ``bandwidth``, ``sleep`` and ``measure`` (the probe) are replaceable for tests."""
         self.config = config
         self.registry = registry
         self.store = store
         self._now = now
         self._measure_bandwidth = bandwidth
+        self._sleep = sleep
+        self._retry_delays = retry_delays
+        self._measure = measure
         self._threads = {m.id: m.threads or os.cpu_count() or 1 for m in config.models}
         self._versions: dict[str, str] = {}
         self._bandwidth: float | None = None
@@ -168,13 +176,16 @@ class CapabilityService:
             slot, tokens, library_version=self._versions[slot.info.id],
             time_limit=self.config.generation_timeout, on_token=on_token, now=self._now,
         )
+        await self._record(slot, score)
+        return score
+
+    async def _record(self, slot: ModelSlot, score: CapabilityScore) -> None:
         self.store.put(score, slot.info.size_bytes)
         self._observed.pop(slot.info.id, None)  # a fresh probe restarts the observed average
         await self._save()
         log.info("capability of %s: %.1f tok/s (probe of %d tokens)", score.model_id, score.tok_per_s,
                  score.samples)
         self._announce(score, force=True)
-        return score
 
     async def _probe_missing(self) -> None:
         with contextlib.suppress(Exception):
@@ -183,9 +194,44 @@ class CapabilityService:
             if slot.info.embedding or slot.state is not SlotState.READY or self._stored(slot) is not None:
                 continue
             try:
-                await self.run_probe(slot.info.id)
+                await self._startup_probe(slot)
             except DVAIError as exc:
                 log.warning("capability probe of %s failed: %s", slot.info.id, exc.message)
+
+    async def _startup_probe(self, slot: ModelSlot) -> CapabilityScore:
+        """Probe at start; a run that looks disturbed is not kept but measured again later.
+
+        Nodes starting together on one host (or any busy moment) slow each other's probes;
+        persisting such a figure would steer routing until the observed average caught up.
+        After the last retry the best figure measured is kept.
+        """
+        await self._prepare()
+        tokens = check_probe_tokens(self.config.offload.probe_tokens)
+        measured: list[CapabilityScore] = []
+        for attempt in range(len(self._retry_delays) + 1):
+            times: list[float] = []
+            score = await self._measure(slot, tokens, library_version=self._versions[slot.info.id],
+                                        time_limit=self.config.generation_timeout, now=self._now,
+                                        token_times=times)
+            measured.append(score)
+            heuristic = self._heuristic(slot)
+            previous = self.store.latest(slot.info.id, slot.info.size_bytes)
+            reason = probe_disturbance(score.tok_per_s, times,
+                                       heuristic=None if heuristic is None else heuristic.tok_per_s,
+                                       previous=None if previous is None else previous.tok_per_s)
+            if reason is None:
+                break
+            if attempt == len(self._retry_delays):
+                score = max(measured, key=lambda s: s.tok_per_s)
+                log.warning("capability probe of %s still looks disturbed (%s); keeping the best of %d "
+                            "runs, %.1f tok/s", slot.info.id, reason, len(measured), score.tok_per_s)
+                break
+            delay = self._retry_delays[attempt]
+            log.warning("capability probe of %s looks disturbed (%s): measured %.1f tok/s, not saved; "
+                        "measuring again in %g s", slot.info.id, reason, score.tok_per_s, delay)
+            await self._sleep(delay)
+        await self._record(slot, score)
+        return score
 
     # -- served traffic ------------------------------------------------------------
     def _on_outcome(self, info: ModelInfo, outcome: GenerationOutcome) -> None:

@@ -36,6 +36,12 @@ class CapabilityStore:
             return None
         return entry[1]
 
+    def latest(self, model_id: str, size_bytes: int) -> CapabilityScore | None:
+        """The most recent stored score of this model file, whatever library version measured it."""
+        scores = [score for (mid, _), (size, score) in self._entries.items()
+                  if mid == model_id and size == size_bytes]
+        return max(scores, key=lambda score: score.measured_at, default=None)
+
     def put(self, score: CapabilityScore, size_bytes: int) -> None:
         """Remember ``score`` (replacing the entry for its key); the oldest goes past the cap."""
         self._entries[(score.model_id, score.library_version)] = (size_bytes, score)

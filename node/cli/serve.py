@@ -26,6 +26,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, config: NodeConfig) -> int:
+    from ..identity import StateDirInUseError
+
     try:
         return asyncio.run(serve(config))
     except KeyboardInterrupt:
@@ -33,10 +35,16 @@ def run(args: argparse.Namespace, config: NodeConfig) -> int:
     except ConfigError as exc:
         print(f"dvai-node: {exc}", file=sys.stderr)
         return 2
+    except StateDirInUseError as exc:
+        print(f"dvai-node: {exc}", file=sys.stderr)
+        return 1
 
 
 async def serve(config: NodeConfig, *, stop: asyncio.Event | None = None) -> int:
-    """Run until SIGINT/SIGTERM (or until ``stop`` is set, for embedders and tests)."""
+    """Run until SIGINT/SIGTERM (or until ``stop`` is set, for embedders and tests).
+
+    Returns 1 when a preloaded model cannot load and ``on_model_load_failure`` is ``exit``.
+    """
     from ..runtime import Node
 
     node = Node(config)
@@ -49,13 +57,17 @@ async def serve(config: NodeConfig, *, stop: asyncio.Event | None = None) -> int
         if context.local_base_url and context.local_base_url != node.base_url:
             print(f"  from this machine (unsigned): {context.local_base_url}")
         for model in config.models:
-            print(f"  model {model.id}: {describe_source(model)}")
+            lazy = "" if model.preload else " (loads on first use)"
+            print(f"  model {model.id}: {describe_source(model)}{lazy}")
         sys.stdout.flush()
         await context.registry.wait_preloaded()
         failed = context.registry.failed
-        if failed:
-            for slot in failed:
-                print(f"model {slot.info.id} failed to load: {slot.error}", file=sys.stderr)
+        for slot in failed:
+            print(f"dvai-node: model {slot.info.id} could not be loaded: {slot.error}", file=sys.stderr)
+        if failed and config.on_model_load_failure == "exit":
+            print("dvai-node: exiting (set on_model_load_failure = \"continue\" to serve the other models "
+                  "anyway)", file=sys.stderr, flush=True)
+            return 1
         print("ready" if not failed else "running with failed models", flush=True)
         await wait_for_stop_signal(stop)
     finally:
@@ -66,4 +78,8 @@ async def serve(config: NodeConfig, *, stop: asyncio.Event | None = None) -> int
 def describe_source(model: ModelConfig) -> str:
     if model.engine == "simulated":
         return f"SIMULATED engine at {model.simulated_tok_per_s:g} tok/s"
-    return model.path or "built-in Gemma 3 270M (Q4_K_M)"
+    if model.path:
+        return model.path
+    from ..engine.default_model import builtin_model_for
+
+    return f"built-in {builtin_model_for(model.id).title}"

@@ -22,14 +22,26 @@ class ChatMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class SamplingParams:
-    max_tokens: int | None = None
-    """None: until end of sequence or the context is full."""
+class SamplingDefaults:
+    """A model's sampling settings for requests that do not choose their own."""
+
     temperature: float = 0.8
     top_p: float = 0.95
+    repeat_penalty: float = 1.0
+    max_tokens: int | None = None
+    """None: until end of sequence or the context is full."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int | None = None
+    """None: the model's default (``SamplingDefaults.max_tokens``)."""
+    temperature: float | None = None
+    """None (here and below): the model's default (``SamplingDefaults``)."""
+    top_p: float | None = None
     top_k: int = 40
     min_p: float = 0.05
-    repeat_penalty: float = 1.0
+    repeat_penalty: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()

@@ -11,7 +11,22 @@ from typing import Any
 
 from .base import ChatMessage
 
+GEMMA_START_OF_TURN = "<start_of_turn>"
 GEMMA_END_OF_TURN = "<end_of_turn>"
+
+TURN_MARKERS = (
+    GEMMA_START_OF_TURN, GEMMA_END_OF_TURN,                       # Gemma
+    "<|im_start|>", "<|im_end|>",                                 # ChatML (SmolLM2, Qwen)
+    "<|start_header_id|>", "<|eot_id|>",                          # Llama 3
+    "<|user|>", "<|assistant|>", "<|system|>", "<|end|>",         # Phi-3, Zephyr
+    "[INST]",                                                     # Mistral, Llama 2
+)
+"""Markers that open or close a turn: a model that produces one has finished its answer."""
+
+
+def turn_stops(prompt: str) -> tuple[str, ...]:
+    """The turn markers the rendered chat uses: the model must stop on any of them."""
+    return tuple(marker for marker in TURN_MARKERS if marker in prompt)
 
 
 def render_gemma(messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
@@ -31,7 +46,7 @@ def render_gemma(messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
     if pending_system:
         parts.append(f"<start_of_turn>user\n{pending_system}{GEMMA_END_OF_TURN}\n")
     parts.append("<start_of_turn>model\n")
-    return "".join(parts), (GEMMA_END_OF_TURN,)
+    return "".join(parts), (GEMMA_END_OF_TURN, GEMMA_START_OF_TURN)
 
 
 def render_template(
@@ -41,11 +56,11 @@ def render_template(
 
     formatter = Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token)
     result = formatter(messages=_as_dicts(messages))
-    return result.prompt, _stops(result.stop, eos_token)
+    return result.prompt, _stops(result.stop, eos_token, *turn_stops(result.prompt))
 
 
 def render_named_format(name: str, messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
-    """A format llama-cpp-python knows by name (``chatml``, ``llama-3``, ``mistral-instruct``…)."""
+    """A format llama-cpp-python knows by name (``chatml``, ``llama3``, ``mistral-instruct``…)."""
     if name == "gemma":
         return render_gemma(messages)
     from llama_cpp import llama_chat_format
@@ -54,7 +69,7 @@ def render_named_format(name: str, messages: list[ChatMessage]) -> tuple[str, tu
     if formatter is None:
         raise ValueError(f"unknown chat_format '{name}'")
     result = formatter(messages=_as_dicts(messages))
-    return result.prompt, _stops(result.stop)
+    return result.prompt, _stops(result.stop, *turn_stops(result.prompt))
 
 
 def known_chat_formats() -> list[str]:

@@ -17,12 +17,19 @@ step loop built on llama-cpp-python's low-level API (see docs/engine.md):
   turn) reuses, until the seat is taken by a request that shares less of it.
 
 Embedding models keep the high-level ``Llama`` object (one request at a time).
+
+llama.cpp's own log goes through Python logging (logger ``llama.cpp``, DEBUG),
+and models load with the process's output intact: llama-cpp-python's
+``verbose=False`` would otherwise point fds 1 and 2 at /dev/null for the whole
+process during a load, swallowing every other thread's output (the start
+banner included).
 """
 
 from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import ctypes
 import logging
 import math
@@ -44,6 +51,7 @@ from .base import (
     FinishReason,
     GenerationOutcome,
     ModelInfo,
+    SamplingDefaults,
     SamplingParams,
     SequenceRequest,
     TokenLogprob,
@@ -54,6 +62,76 @@ from .chat_format import known_chat_formats, render_gemma, render_named_format, 
 from .textstream import ReasoningBudget, StopMatcher
 
 log = logging.getLogger(__name__)
+native_log = logging.getLogger("llama.cpp")
+
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a GGUF model, in words a user can act on; None if it may be one."""
+    try:
+        if path.is_dir():
+            return f"{path} is a directory, not a GGUF file"
+        if not path.exists():
+            return f"{path}: no such file"
+        with path.open("rb") as handle:
+            magic = handle.read(len(GGUF_MAGIC))
+    except PermissionError:
+        return f"{path}: permission denied"
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    if magic != GGUF_MAGIC:
+        return f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)"
+    return None
+
+
+class _NativeLog:
+    """Receives llama.cpp's log lines (through ``llama_log_set``) and hands them to Python logging.
+
+    llama.cpp sends a line in pieces (``GGML_LOG_LEVEL_CONT`` continues the previous one);
+    the pieces are joined and logged per line, all at DEBUG: they are llama.cpp's internals
+    (``llama_kv_cache_iswa: using full-size SWA cache``), not the node's messages.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = ""
+        self._lock = threading.Lock()
+        self.callback: Any = None
+
+    def write(self, _level: int, text: bytes | None, _user_data: Any) -> None:
+        if not text:
+            return
+        with self._lock:
+            self._buffer += text.decode("utf-8", "replace")
+            *lines, self._buffer = self._buffer.split("\n")
+        for line in lines:
+            if line.strip():
+                native_log.debug("%s", line.rstrip())
+
+
+_NATIVE_LOG = _NativeLog()
+"""One per process: llama.cpp has a single log callback, and ctypes needs a live reference to it."""
+
+
+def route_native_log() -> None:
+    """Install the llama.cpp log callback and keep llama-cpp-python from redirecting fds 1 and 2."""
+    import llama_cpp
+    import llama_cpp._internals as internals
+    import llama_cpp.llama as llama_module
+
+    if _NATIVE_LOG.callback is None:
+        _NATIVE_LOG.callback = llama_cpp.llama_log_callback(_NATIVE_LOG.write)
+    llama_cpp.llama_log_set(_NATIVE_LOG.callback, ctypes.c_void_p(0))
+    for module in (llama_module, internals):
+        if getattr(module, "suppress_stdout_stderr", None) is not _KeepOutput:
+            module.suppress_stdout_stderr = _KeepOutput  # type: ignore[attr-defined]
+
+
+class _KeepOutput(contextlib.nullcontext[None]):
+    """Stands in for llama-cpp-python's ``suppress_stdout_stderr``: leaves the fds alone."""
+
+    def __init__(self, disable: bool = True) -> None:
+        super().__init__()
 
 BATCH_TOKENS = 512
 """tokens per ``llama_decode`` call (decode tokens first, then prompt chunks)."""
@@ -74,11 +152,15 @@ class LlamaEngine:
         reasoning_budget: int | None = None,
         seed: int | None = None,
         parallel: int = DEFAULT_PARALLEL,
+        unavailable: str | None = None,
+        defaults: SamplingDefaults | None = None,
     ) -> None:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
         self.info = info
         self.parallel = 1 if info.embedding else parallel
+        self._unavailable = unavailable
+        self.defaults = defaults or SamplingDefaults()
         self._threads = threads or max(1, os.cpu_count() or 1)
         self._gpu_layers = gpu_layers
         self._reasoning_budget = reasoning_budget
@@ -94,8 +176,12 @@ class LlamaEngine:
 
     # -- lifecycle -----------------------------------------------------------
     def load(self) -> None:
-        if not Path(self.info.path).is_file():
-            raise EngineError(f"model file not found: {self.info.path}")
+        if self._unavailable is not None:
+            raise EngineError(self._unavailable)
+        problem = gguf_problem(Path(self.info.path))
+        if problem is not None:
+            raise EngineError(problem)
+        route_native_log()
         if self.info.embedding:
             self._load_embedding()
             return
@@ -234,8 +320,9 @@ class LlamaEngine:
             raise result
         return result[0]
 
-    def prepare(self, request: SequenceRequest) -> tuple[list[int], SamplingParams]:
-        """The prompt's tokens and the effective sampling parameters (chat stops added)."""
+    def prepare(self, request: SequenceRequest) -> tuple[list[int], SamplingParams, frozenset[int]]:
+        """The prompt's tokens, the effective sampling parameters (chat stops and the model's
+        defaults added) and the stop strings that are single special tokens."""
         if request.messages is not None:
             prompt, stops = self.render_chat(list(request.messages))
             params = request.params
@@ -256,7 +343,31 @@ class LlamaEngine:
                 param="messages",
                 code="context_length_exceeded",
             )
-        return tokens, params
+        return tokens, self._with_defaults(params), self._marker_tokens(params.stop)
+
+    def _with_defaults(self, params: SamplingParams) -> SamplingParams:
+        """``params`` with the model's defaults where the request chose nothing."""
+        d = self.defaults
+        return replace(
+            params,
+            temperature=d.temperature if params.temperature is None else params.temperature,
+            top_p=d.top_p if params.top_p is None else params.top_p,
+            repeat_penalty=d.repeat_penalty if params.repeat_penalty is None else params.repeat_penalty,
+            max_tokens=d.max_tokens if params.max_tokens is None else params.max_tokens,
+        )
+
+    def _marker_tokens(self, stops: tuple[str, ...]) -> frozenset[int]:
+        """The stop strings that are one special token (``<end_of_turn>``, ``<|im_end|>``…).
+
+        A special token decodes to no text, so the text matcher never sees it: a turn marker
+        has to be caught by its token id.
+        """
+        model, out = self._model, set()
+        for stop in stops:
+            tokens = model.tokenize(stop.encode("utf-8"), add_bos=False, special=True)
+            if len(tokens) == 1 and not model.detokenize(tokens, special=False):
+                out.add(int(tokens[0]))
+        return frozenset(out)
 
     def new_reasoning(self) -> ReasoningBudget | None:
         return ReasoningBudget(self._reasoning_budget) if self._reasoning_budget is not None else None
@@ -338,6 +449,8 @@ class _Group:
     request: SequenceRequest
     params: SamplingParams
     prompt: list[int]
+    stop_tokens: frozenset[int] = frozenset()
+    """special tokens that end a turn (the chat format's markers), caught by id."""
     choices: list[_Choice] = field(default_factory=list)
     failed: bool = False
 
@@ -399,11 +512,11 @@ class _StepLoop:
             request.on_done([GenerationOutcome() for _ in range(request.n)])
             return
         try:
-            prompt, params = engine.prepare(request)
+            prompt, params, stop_tokens = engine.prepare(request)
         except Exception as exc:  # noqa: BLE001 - reported to this request alone
             request.on_done(exc)
             return
-        group = _Group(request=request, params=params, prompt=prompt)
+        group = _Group(request=request, params=params, prompt=prompt, stop_tokens=stop_tokens)
         reuse = params.seed is None  # a seeded request evaluates its whole prompt: repeatable logits
         seats = self._take_seats(prompt if reuse else [], request.n)
         seed = engine.seed_for(params)
@@ -492,20 +605,24 @@ class _StepLoop:
                     raise InvalidRequestError("the grammar could not be parsed (GBNF, root rule 'root')",
                                               param="grammar")
                 llama.llama_sampler_chain_add(chain, grammar)
-            if (params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0
-                    or params.presence_penalty != 0.0):
+            # prepare() filled the model's defaults in; the fallbacks only satisfy the type checker
+            defaults = SamplingDefaults()
+            repeat = defaults.repeat_penalty if params.repeat_penalty is None else params.repeat_penalty
+            temperature = defaults.temperature if params.temperature is None else params.temperature
+            top_p = defaults.top_p if params.top_p is None else params.top_p
+            if repeat != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
                 llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_penalties(
-                    PENALTY_LAST_N, params.repeat_penalty, params.frequency_penalty, params.presence_penalty))
-            if params.temperature <= 0:
+                    PENALTY_LAST_N, repeat, params.frequency_penalty, params.presence_penalty))
+            if temperature <= 0:
                 llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
                 return chain
             if params.top_k > 0:
                 llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(params.top_k))
-            if params.top_p < 1.0:
-                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(params.top_p, 1))
+            if top_p < 1.0:
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(top_p, 1))
             if params.min_p > 0.0:
                 llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_min_p(params.min_p, 1))
-            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(params.temperature))
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(temperature))
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
             return chain
         except BaseException:
@@ -648,7 +765,7 @@ class _StepLoop:
         if params.logprobs is not None:
             logprob = self._logprobs(index, token, min(params.logprobs, MAX_TOP_LOGPROBS))
         outcome = choice.outcome
-        if not params.ignore_eos and llama.llama_vocab_is_eog(self.vocab, token):
+        if not params.ignore_eos and (token in choice.group.stop_tokens or llama.llama_vocab_is_eog(self.vocab, token)):
             self._finish(choice, "stop")
             return
         now = time.perf_counter()

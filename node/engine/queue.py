@@ -59,13 +59,13 @@ class ModelQueue:
         return self._running > 0 or bool(self._waiters)
 
     @contextlib.asynccontextmanager
-    async def turn(self, seats: int = 1) -> AsyncIterator[None]:
+    async def turn(self, seats: int = 1, *, bounded: bool = True) -> AsyncIterator[None]:
         """Wait for ``seats`` free seats in arrival order (or raise ``QueueFullError``); hold them
         while the body runs."""
         if not 1 <= seats <= self.seats:
             raise ValueError(f"a request may take 1 to {self.seats} seats, not {seats}")
         if self._waiters or self._free < seats:
-            if len(self._waiters) >= self.limit:
+            if bounded and len(self._waiters) >= self.limit:
                 raise QueueFullError(
                     f"model '{self.model_id}' has {len(self._waiters)} requests waiting (queue_depth "
                     f"{self.limit}); retry later",
@@ -104,3 +104,10 @@ class ModelQueue:
                 continue
             self._free -= seats
             waiter.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold every seat, after the running requests and outside the admission limit (to unload
+        the model)."""
+        async with self.turn(self.seats, bounded=False):
+            yield

@@ -20,7 +20,7 @@ REAP_INTERVAL_S = 5.0
 
 
 def build_engine(model: ModelConfig, *, cache_dir: Path | None = None) -> Engine:
-    """An engine for one model entry (resolving the built-in default model path)."""
+    """An engine for one model entry (resolving a built-in model's path, assembling it if needed)."""
     if model.engine == "simulated":
         from .simulated import SimulatedEngine
 
@@ -29,18 +29,28 @@ def build_engine(model: ModelConfig, *, cache_dir: Path | None = None) -> Engine
             aliases=model.aliases, owned_by="dvai-mesh-simulated",
         )
         return SimulatedEngine(info, tok_per_s=model.simulated_tok_per_s)
-    from .default_model import default_model_path
+    from .default_model import builtin_model_for
     from .llama import LlamaEngine
 
-    path = Path(model.path).expanduser() if model.path else default_model_path(cache_dir)
+    unavailable, defaults, threads = None, None, model.threads
+    if model.path:
+        path = Path(model.path).expanduser()
+    else:
+        builtin = builtin_model_for(model.id)
+        defaults, threads = builtin.defaults, threads or builtin.threads
+        try:
+            path = builtin.locate(cache_dir, None)
+        except (OSError, ValueError, ImportError) as exc:  # reported when the model is loaded
+            path, unavailable = Path(f"<built-in {model.id}>"), str(exc)
     size = path.stat().st_size if path.is_file() else 0
     info = ModelInfo(
         id=model.id, path=str(path), ctx_size=model.ctx_size, embedding=model.embedding,
         aliases=model.aliases, chat_format=model.chat_format, size_bytes=size,
     )
     return LlamaEngine(
-        info, threads=model.threads, gpu_layers=model.gpu_layers,
+        info, threads=threads, gpu_layers=model.gpu_layers,
         reasoning_budget=model.reasoning_budget, seed=model.seed, parallel=model.parallel,
+        unavailable=unavailable, defaults=defaults,
     )
 
 
@@ -82,21 +92,23 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        """Every preloaded model is loaded (the health endpoint's ``ok`` vs ``loading``)."""
+        """Every preloaded model is loaded, or was and was unloaded on purpose (keep_alive, the admin
+        call: the next request loads it again): the health endpoint's ``ok`` vs ``loading``."""
         return all(
-            self._slots[model_id].state is SlotState.READY
-            for model_id, cfg in self._configs.items()
-            if cfg.preload
+            slot.state is SlotState.READY or (slot.has_loaded and slot.state is not SlotState.FAILED)
+            for slot in self._preloaded()
         )
 
     @property
     def loading(self) -> bool:
-        """A preloaded model is still on its way (not yet ready, not failed)."""
+        """A preloaded model is still on its way to its first load (not yet ready, not failed)."""
         return any(
-            self._slots[model_id].state in (SlotState.UNLOADED, SlotState.LOADING)
-            for model_id, cfg in self._configs.items()
-            if cfg.preload
+            not slot.has_loaded and slot.state in (SlotState.UNLOADED, SlotState.LOADING)
+            for slot in self._preloaded()
         )
+
+    def _preloaded(self) -> list[ModelSlot]:
+        return [self._slots[model_id] for model_id, cfg in self._configs.items() if cfg.preload]
 
     @property
     def failed(self) -> list[ModelSlot]:
@@ -139,9 +151,9 @@ class ModelRegistry:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for slot in self._slots.values():
-                if slot.keep_alive is not None and slot.state is SlotState.READY:
-                    if slot.idle_for(now) > slot.keep_alive:
-                        try:
-                            await slot.unload()
-                        except Exception:  # noqa: BLE001 - one model's failure must not stop the reaper
-                            log.exception("could not unload idle model %s", slot.info.id)
+                left = slot.keep_alive_left(now)
+                if left is not None and left <= 0 and not slot.busy:
+                    try:
+                        await slot.unload()
+                    except Exception:  # noqa: BLE001 - one model's failure must not stop the reaper
+                        log.exception("could not unload idle model %s", slot.info.id)

@@ -24,6 +24,8 @@ class ChatRequest:
     """choices sampled from one evaluation of the prompt."""
     logprobs: bool = False
     """``choices[].logprobs.content[]``; ``params.logprobs`` holds ``top_logprobs``."""
+    keep_alive: float | None = None
+    """seconds the model stays loaded after this request (negative: for ever; 0: unload when done)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,7 @@ class CompletionRequest:
     include_usage: bool = False
     echo: bool = False
     n: int = 1
+    keep_alive: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +45,7 @@ class EmbeddingRequest:
     model: str
     inputs: tuple[str, ...]
     encoding_format: str = "float"
+    keep_alive: float | None = None
 
 
 GenerationRequest = ChatRequest | CompletionRequest

@@ -62,7 +62,8 @@ class InferenceService:
         for base, job, echo in _jobs(request):
             fresh = [True] * job.n
             async with slot.generate(job, timeout=self.limits.generation_timeout,
-                                     max_blank=self.limits.max_blank_chunks) as generation:
+                                     max_blank=self.limits.max_blank_chunks,
+                                     keep_alive=request.keep_alive) as generation:
                 async for delta in generation.deltas():
                     first = fresh[delta.index]
                     fresh[delta.index] = False
@@ -108,7 +109,7 @@ class InferenceService:
         slot = self.registry.resolve(request.model)
         if not slot.info.embedding:  # checked before queueing: a wrong model fails fast
             raise embeddings_not_enabled(slot.info.id, env_model_name(slot.info.id))
-        result = await slot.embed(list(request.inputs))
+        result = await slot.embed(list(request.inputs), keep_alive=request.keep_alive)
         if record is not None:
             record.served(SERVED_LOCAL, model=slot.info.id, prompt_tokens=result.prompt_tokens, completion_tokens=0)
         data = [

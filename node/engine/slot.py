@@ -26,7 +26,6 @@ from ..common.errors import (
     DVAIError,
     EngineError,
     GenerationStalledError,
-    GenerationTimeoutError,
     InvalidRequestError,
     ModelUnavailableError,
 )
@@ -79,9 +78,11 @@ class Generation:
     per choice.
     """
 
-    def __init__(self, slot: ModelSlot, job: GenerationJob, timeout: float, max_blank: int) -> None:
+    def __init__(self, slot: ModelSlot, job: GenerationJob, timeout: float, max_blank: int,
+                 keep_alive: float | None = None) -> None:
         self._slot = slot
         self._job = job
+        self._keep_alive = keep_alive
         self._timeout = timeout
         self._max_blank = max_blank
         self.outcome: GenerationOutcome | None = None
@@ -117,7 +118,7 @@ class Generation:
     async def _run(self) -> AsyncIterator[Delta]:
         slot = self._slot
         job = self._job
-        async with slot.turn(seats=job.n):
+        async with slot.turn(seats=job.n, keep_alive=self._keep_alive):
             await slot.ensure_loaded()
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Delta | None] = asyncio.Queue()
@@ -128,12 +129,14 @@ class Generation:
             try:
                 while True:
                     remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        raise GenerationTimeoutError(
-                            f"generation took longer than {self._timeout:g} s (generation_timeout)"
-                        )
+                    if remaining <= 0 and not cancel.is_set():
+                        # Like max_tokens: the engine stops at the next token, the text so far is
+                        # kept, and the outcome's finish_reason stays "length".
+                        log.info("generation on %s reached generation_timeout (%g s); ending it",
+                                 slot.info.id, self._timeout)
+                        cancel.set()
                     try:
-                        delta = await asyncio.wait_for(queue.get(), remaining)
+                        delta = await (queue.get() if cancel.is_set() else asyncio.wait_for(queue.get(), remaining))
                     except TimeoutError:
                         continue
                     if delta is None:
@@ -189,6 +192,12 @@ class ModelSlot:
         self.parallel = engine.parallel if isinstance(engine, BatchEngine) else 1
         self.queue = ModelQueue(engine.info.id, limit=queue_depth, seats=self.parallel)
         self.keep_alive = keep_alive
+        """the configured keep_alive: seconds an idle model stays loaded (None: for ever)."""
+        self.current_keep_alive = keep_alive
+        """the keep_alive in force: the last request's own ``keep_alive``, else the configured one."""
+        self._unloading: asyncio.Task[None] | None = None
+        self.has_loaded = False
+        """the model has been loaded at least once (unloaded since is not "still loading")."""
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{engine.info.id}")
         self.state = SlotState.UNLOADED
         self.error: str | None = None
@@ -246,24 +255,48 @@ class ModelSlot:
         return self.queue.busy
 
     @contextlib.asynccontextmanager
-    async def turn(self, seats: int = 1) -> AsyncIterator[None]:
+    async def turn(self, seats: int = 1, *, keep_alive: float | None = None) -> AsyncIterator[None]:
         """This request's ``seats`` (all of them: ``seats=slot.parallel``, an exclusive turn) in the
-        model's queue; the slot counts as used when it ends."""
+        model's queue; the slot counts as used when it ends.
+
+        ``keep_alive`` (seconds; negative: for ever) is how long the model stays loaded once the
+        request is done (Ollama's per-request ``keep_alive``); unset: the configured one.
+        """
         if not 1 <= seats <= self.parallel:
             raise InvalidRequestError(
                 f"model '{self.info.id}' serves at most {self.parallel} sequences at once "
                 f"(its 'parallel' setting); asked for {seats}",
                 param="n",
             )
-        async with self.queue.turn(seats):
-            try:
-                yield
-            finally:
-                self.last_used = time.monotonic()
+        try:
+            async with self.queue.turn(seats):
+                try:
+                    yield
+                finally:
+                    self.last_used = time.monotonic()
+                    if keep_alive is not None:
+                        self.current_keep_alive = None if keep_alive < 0 else keep_alive
+                    else:
+                        self.current_keep_alive = self.keep_alive
+        finally:
+            if self.current_keep_alive == 0 and not self.busy and self.loaded:
+                self._unload_soon()
+
+    def _unload_soon(self) -> None:
+        if self._unloading is None or self._unloading.done():
+            self._unloading = asyncio.get_running_loop().create_task(
+                self._unload_quietly(), name=f"unload-{self.info.id}")
+
+    async def _unload_quietly(self) -> None:
+        try:
+            await self.unload()
+        except Exception:  # noqa: BLE001 - the next request loads it again
+            log.exception("could not unload model %s", self.info.id)
 
     # -- work --------------------------------------------------------------
-    def generate(self, job: GenerationJob, *, timeout: float, max_blank: int) -> Generation:
-        return Generation(self, job, timeout, max_blank)
+    def generate(self, job: GenerationJob, *, timeout: float, max_blank: int,
+                 keep_alive: float | None = None) -> Generation:
+        return Generation(self, job, timeout, max_blank, keep_alive)
 
     def start(
         self, job: GenerationJob, queue: asyncio.Queue[Delta | None], cancel: threading.Event
@@ -332,8 +365,8 @@ class ModelSlot:
         future.add_done_callback(lambda _f: queue.put_nowait(None))
         return future
 
-    async def embed(self, inputs: list[str]) -> EmbeddingResult:
-        async with self.turn(seats=self.parallel):
+    async def embed(self, inputs: list[str], *, keep_alive: float | None = None) -> EmbeddingResult:
+        async with self.turn(seats=self.parallel, keep_alive=keep_alive):
             await self.ensure_loaded()
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(self.executor, self.engine.embed, inputs)
@@ -357,6 +390,8 @@ class ModelSlot:
             if self.loaded:  # another request loaded it while this one waited
                 return
             self._set_state(SlotState.LOADING)
+            size = f", {self.info.size_bytes / 1e6:.0f} MB" if self.info.size_bytes else ""
+            log.info("loading model %s (%s%s)", self.info.id, self.info.path, size)
             started = time.perf_counter()
             try:
                 await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.load)
@@ -366,11 +401,13 @@ class ModelSlot:
                 raise ModelUnavailableError(
                     f"model '{self.info.id}' could not be loaded: {error}", retry_after=30
                 ) from exc
+            self.has_loaded = True
             self._set_state(SlotState.READY)
             log.info("model %s loaded in %.1f s", self.info.id, time.perf_counter() - started)
 
     async def unload(self) -> None:
-        async with self._load_lock:
+        """Free the weights, after the running request (if any); the next request loads it again."""
+        async with self.queue.exclusive(), self._load_lock:  # never while a generation uses the weights
             if self.state is not SlotState.READY:
                 return
             await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.close)
@@ -378,6 +415,11 @@ class ModelSlot:
             log.info("model %s unloaded", self.info.id)
 
     async def close(self) -> None:
+        task, self._unloading = self._unloading, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.unload()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -386,10 +428,11 @@ class ModelSlot:
 
     def keep_alive_left(self, now: float) -> float | None:
         """Seconds until the idle reaper may unload this model; None when it stays (no
-        ``keep_alive``) or is not loaded. ``now`` is ``time.monotonic()``."""
-        if self.keep_alive is None or not self.loaded:
+        ``keep_alive`` in force: the last request's own, else the configured one) or is not
+        loaded. ``now`` is ``time.monotonic()``."""
+        if self.current_keep_alive is None or not self.loaded:
             return None
-        return max(0.0, self.keep_alive - self.idle_for(now))
+        return max(0.0, self.current_keep_alive - self.idle_for(now))
 
     # -- observers ---------------------------------------------------------
     def add_listener(self, listener: OutcomeListener) -> None:

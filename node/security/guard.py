@@ -47,7 +47,7 @@ ATTRIBUTION_KEY: Any = web.RequestKey("dvai_attribution", Attribution) if _HAS_R
 LOOPBACK_KEY: Any = web.RequestKey("dvai_loopback", bool) if _HAS_REQUEST_KEY else "dvai_loopback"
 """``request[LOOPBACK_KEY]``: True when the caller is a trusted loopback caller."""
 
-DEFAULT_PUBLIC_PATHS = frozenset({f"{MESH_PATH}/health", f"{MESH_PATH}/handshake"})
+DEFAULT_PUBLIC_PATHS = frozenset({f"{MESH_PATH}/health", "/health", "/healthz", f"{MESH_PATH}/handshake"})
 """Reachable unsigned from the LAN even when pairing is required: you cannot pair without them."""
 
 _HOSTNAME_RE = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
