@@ -612,7 +612,7 @@ class _StepLoop:
             top_p = defaults.top_p if params.top_p is None else params.top_p
             if repeat != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
                 llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_penalties(
-                    PENALTY_LAST_N, repeat, params.frequency_penalty, params.presence_penalty))
+                    self.n_vocab, PENALTY_LAST_N, repeat, params.frequency_penalty, params.presence_penalty))
             if temperature <= 0:
                 llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_greedy())
                 return chain
