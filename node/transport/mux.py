@@ -160,6 +160,9 @@ class StreamMux:
         self._writable.set()
         self._closed: str | None = None
         self.last_activity = monotonic()
+        """when a frame was last sent or received (idle detection)."""
+        self.last_received = self.last_activity
+        """when a frame was last received (liveness while streams are open)."""
 
     # -- state ------------------------------------------------------------------------
     @property
@@ -207,7 +210,7 @@ class StreamMux:
         """One message from the channel. A protocol violation closes the link (never raises)."""
         if self._closed is not None:
             return
-        self.last_activity = self._monotonic()
+        self.last_activity = self.last_received = self._monotonic()
         try:
             if isinstance(data, str):
                 raise LinkProtocolError("text message on a binary channel")
@@ -233,6 +236,8 @@ class StreamMux:
         head_frame = RequestHead(stream_id, method, path, tuple(headers.items()))
         data = serialize_frame(head_frame)  # ValueError before anything is sent
         self._next_id += 2
+        if self.open_streams == 0:
+            self.last_received = self._monotonic()  # liveness is judged from the first open stream on
         stream = _Outbound(asyncio.get_running_loop().create_future())
         self._outbound[stream_id] = stream
         try:
