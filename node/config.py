@@ -114,6 +114,9 @@ class OffloadConfig:
     ice_servers: tuple[IceServer, ...] = ()
     """STUN/TURN servers for WebRTC links to rendezvous peers; empty: host candidates only
     (no third-party server is ever contacted)."""
+    rendezvous_turn: bool = False
+    """ask the rendezvous for time-limited TURN credentials (its ``turn_secret``/``turn_urls``) and
+    add its TURN server to ``ice_servers``."""
     ice_relay_only: bool = False
     """use only TURN-relayed paths (hides both devices' addresses from each other)."""
     link_connect_timeout: float = 15.0

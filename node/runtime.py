@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -26,7 +26,7 @@ from .audit import AUDIT_FILE, AuditLog
 from .capability import CapabilityScore, CapabilityService, CapabilityStore
 from .common.errors import ConfigError
 from .common.fsutil import atomic_write_json, read_json, remove_stale_temp_files
-from .config import NodeConfig, load_config, override_config
+from .config import IceServer, NodeConfig, load_config, override_config
 from .context import NodeContext
 from .discovery import AdvertisedInfo, DiscoveryService, Peer, PeerTable
 from .engine.registry import ModelRegistry
@@ -46,6 +46,9 @@ from .pairing.qr_service import QrPairingService
 from .security import NonceCache, exposure_warnings, is_loopback
 from .transport.http_link import HttpPeerLink
 from .transport.rendezvous_client import Approver as QrApprover
+
+if TYPE_CHECKING:
+    from .transport.inbound import LinkRequestReplayer
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,7 @@ class Node:
         self._background: set[asyncio.Task[Any]] = set()
         self._runner: NodeRunner | None = None
         self._port: int | None = None
+        self._replayer: LinkRequestReplayer | None = None
 
     # -- lifecycle -----------------------------------------------------------
     async def __aenter__(self) -> Node:
@@ -120,6 +124,8 @@ class Node:
                     await self._start_discovery(context)
                     context.router = self._build_router(context)
                     await context.router.start()
+                    if self.config.offload.rendezvous_url:
+                        await self._start_internet_path(context, self.config.offload.rendezvous_url)
             if wait_ready:
                 await context.registry.wait_preloaded()
         except BaseException:
@@ -162,6 +168,47 @@ class Node:
         preload = asyncio.create_task(self._readvertise_after_preload(context), name="readvertise")
         self._background.add(preload)
         preload.add_done_callback(self._background.discard)
+
+    async def _start_internet_path(self, context: NodeContext, rendezvous_url: str) -> None:
+        """Presence on the rendezvous and WebRTC links to QR-paired peers (docs/internet-path.md).
+
+        Requests arriving over a link are replayed into this node's own application through
+        an internal Unix-socket site, so they pass every check an HTTP request passes."""
+        from .transport.inbound import LinkRequestReplayer
+        from .transport.links import LinkManager
+        from .transport.presence import PresenceConnection
+
+        assert self._runner is not None and context.pairings is not None and context.http is not None
+        offload = self.config.offload
+        self._replayer = replayer = LinkRequestReplayer(
+            read_timeout=self.config.generation_timeout + offload.forward_read_timeout)
+        await web.UnixSite(self._runner, replayer.socket_path).start()
+        pairings = context.pairings
+
+        def link_key(device_id: str) -> bytes | None:
+            pairing = pairings.get(device_id)
+            return pairing.key if pairing is not None and pairing.via == "rendezvous" \
+                and pairing.role == "mutual" else None
+
+        def watched() -> list[str]:
+            return sorted(p.peer_device_id for p in pairings.list() if link_key(p.peer_device_id) is not None)
+
+        presence: PresenceConnection | None = None
+
+        def ice_servers() -> tuple[IceServer, ...]:
+            minted = presence.turn_servers() if presence is not None else ()
+            return (*offload.ice_servers, *minted)
+
+        context.links = LinkManager(
+            device_id=context.identity.device_id, pairing_key_for=link_key, ice_servers=ice_servers,
+            relay_only=offload.ice_relay_only, connect_timeout=offload.link_connect_timeout,
+            idle_timeout=offload.link_idle_timeout, on_request=replayer.serve)
+        await context.links.start()
+        context.presence = presence = PresenceConnection(
+            base_url=rendezvous_url, identity=context.identity, session=context.http, links=context.links,
+            watched=watched, on_presence=lambda online: None, interval=offload.presence_interval,
+            want_turn=offload.rendezvous_turn)
+        await presence.start()
 
     async def _readvertise_after_preload(self, context: NodeContext) -> None:
         await context.registry.wait_preloaded()
@@ -271,6 +318,12 @@ class Node:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.context is not None and self.context.router is not None:
             await self.context.router.stop()
+        if self.context is not None and self.context.presence is not None:
+            await self.context.presence.stop()
+            self.context.presence = None
+        if self.context is not None and self.context.links is not None:
+            await self.context.links.stop()
+            self.context.links = None
         if self.context is not None and self.context.discovery is not None:
             # Say goodbye while the node still answers its health checks.
             await self.context.discovery.stop()
@@ -278,6 +331,9 @@ class Node:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        replayer, self._replayer = self._replayer, None
+        if replayer is not None:
+            await replayer.close()
         context, self.context = self.context, None
         if context is not None:
             if context.approver is not None:

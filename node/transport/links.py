@@ -98,7 +98,7 @@ class LinkManager:
         *,
         device_id: str,
         pairing_key_for: Callable[[str], bytes | None],
-        ice_servers: tuple[IceServer, ...] = (),
+        ice_servers: Callable[[], tuple[IceServer, ...]] = tuple,
         relay_only: bool = False,
         connect_timeout: float = 15.0,
         idle_timeout: float = 120.0,
@@ -213,7 +213,7 @@ class LinkManager:
             assert self._on_request is not None
             await self._on_request(peer_id, request, writer)
 
-        link = RtcLink(peer_id=peer_id, link_id=link_id, offerer=offerer, ice_servers=self._ice_servers,
+        link = RtcLink(peer_id=peer_id, link_id=link_id, offerer=offerer, ice_servers=self._ice_servers(),
                        relay_only=self._relay_only, on_request=serve if self._on_request else None,
                        on_gone=self._gone, monotonic=self._monotonic)
         self._links[peer_id] = link
@@ -312,6 +312,9 @@ class LinkManager:
                     log.exception("tending link to %s failed", link.peer_id[:16])
 
     def _tend(self, link: RtcLink, now: float) -> None:
+        if self._pairing_key_for(link.peer_id) is None:
+            link.close("the pairing was revoked")
+            return
         mux = link.mux
         if mux is None:
             if link.state is LinkState.CONNECTING and now - link.created_at > self.connect_timeout * 2:

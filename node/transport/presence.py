@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 
+from ..config import IceServer
 from ..identity import DeviceIdentity
 from .links import LinkManager
 from .signaling import SignalingClient, SignalingError
@@ -51,6 +52,10 @@ class _LockedSender:
         async with self._lock:
             await self._client.query_presence(device_ids)
 
+    async def request_turn(self) -> None:
+        async with self._lock:
+            await self._client.request_turn()
+
 
 class PresenceConnection:
     def __init__(
@@ -63,6 +68,7 @@ class PresenceConnection:
         watched: Callable[[], list[str]],
         on_presence: OnPresence,
         interval: float = 10.0,
+        want_turn: bool = False,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._base_url = base_url
@@ -72,6 +78,9 @@ class PresenceConnection:
         self._watched = watched
         self._on_presence = on_presence
         self._interval = interval
+        self._want_turn = want_turn
+        self._turn: tuple[IceServer, float] | None = None
+        """the minted TURN server and when (monotonic) to renew it."""
         self._monotonic = monotonic
         self._task: asyncio.Task[None] | None = None
         self._sender: _LockedSender | None = None
@@ -94,11 +103,19 @@ class PresenceConnection:
     def online(self) -> frozenset[str]:
         return self._online
 
+    def turn_servers(self) -> tuple[IceServer, ...]:
+        """The TURN server the rendezvous minted credentials for (empty when none or expired)."""
+        if self._turn is None:
+            return ()
+        return (self._turn[0],)
+
     async def refresh(self) -> None:
-        """Ask about the watched peers now (e.g. right after a new pairing)."""
+        """Ask about the watched peers now (e.g. right after a new pairing); renew TURN credentials."""
         sender = self._sender
         if sender is None:
             return
+        if self._want_turn and (self._turn is None or self._monotonic() >= self._turn[1]):
+            await sender.request_turn()
         ids = self._watched()[:MAX_PRESENCE_QUERY]
         if ids:
             await sender.query(ids)
@@ -154,12 +171,26 @@ class PresenceConnection:
             if isinstance(online, list):
                 watched = set(self._watched())
                 self._set_online(frozenset(i for i in online if isinstance(i, str) and i in watched))
+        elif kind == "turn":
+            self._accept_turn(frame)
         elif kind == "error":
             message_id = frame.get("id")
             if frame.get("code") == "peer_offline" and isinstance(message_id, str):
                 self._links.on_undeliverable(message_id)
             else:
                 log.debug("rendezvous error: %s", frame.get("message"))
+
+    def _accept_turn(self, frame: dict[str, Any]) -> None:
+        urls, username, credential, ttl = (frame.get("urls"), frame.get("username"), frame.get("credential"),
+                                           frame.get("ttl"))
+        if not (isinstance(urls, list) and urls and all(isinstance(u, str) and u.startswith(("turn:", "turns:"))
+                                                       for u in urls)
+                and isinstance(username, str) and isinstance(credential, str)
+                and isinstance(ttl, int) and ttl >= 60):
+            log.warning("the rendezvous sent malformed TURN credentials; ignoring them")
+            return
+        server = IceServer(urls=tuple(urls[:4]), username=username, credential=credential)
+        self._turn = (server, self._monotonic() + ttl * 0.8)  # renewed well before they expire
 
     async def _poll(self) -> None:
         while True:
