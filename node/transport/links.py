@@ -344,7 +344,9 @@ class LinkManager:
         try:
             link.rtt_ms = await mux.ping(within=LINK_DEAD_AFTER_S) * 1000
         except TimeoutError:
-            link.fail(f"ping timeout: no pong within {LINK_DEAD_AFTER_S:g} s")
+            # A pong queued behind a bulk transfer is late, not lost: only silence fails the link.
+            if self._monotonic() - mux.last_received > LINK_DEAD_AFTER_S:
+                link.fail(f"ping timeout: nothing from the peer for {LINK_DEAD_AFTER_S:g} s")
         except LinkClosedError:
             pass
         finally:

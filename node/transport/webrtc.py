@@ -172,9 +172,9 @@ class RtcLink:
         """Give up on the link (set-up failed, ping timed out, protocol error)."""
         if self.state in (LinkState.CLOSED, LinkState.FAILED):
             return
-        if self._mux is not None:
-            self._mux.close(reason)  # calls back _on_mux_closed
         self._set_state(LinkState.FAILED, reason)
+        if self._mux is not None:
+            self._mux.close(reason)
         self._close_pc()
 
     def close(self, reason: str = "closed") -> None:
