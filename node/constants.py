@@ -65,6 +65,8 @@ SERVED_BY_HEADER = "X-DVAI-Served-By"
 SUBSTITUTED_HEADER = "X-DVAI-Substituted-From"
 """on an answer served by another model than the one asked for (hub substitution): the name asked for."""
 HOP_HEADER = "X-DVAI-Hop"
+LINK_PEER_HEADER = "X-DVAI-Link-Peer"
+"""set by the node itself on requests it replays from a WebRTC link (never trusted from the network)."""
 REQUEST_ID_HEADER = "X-Request-Id"
 NO_CAPABLE_DEVICE_RETRY_AFTER = 30
 """seconds, fixed by the reference's no_capable_device contract."""

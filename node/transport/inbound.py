@@ -8,9 +8,10 @@ second code path to keep in sync. A Unix-socket caller has no IP address, so the
 treats it as a remote, non-loopback caller: it never gets loopback trust (no unsigned
 admin endpoints), whatever the link's peer sends.
 
-Before replaying, the request must be signed by the very device at the other end of the
-link (``X-DVAI-Peer-Device-Id`` equals the peer's id); anything else is answered 401
-without touching the application. The socket lives in a private (0700) temporary
+The replayer names the linked peer in ``X-DVAI-Link-Peer`` (replacing any such header the
+peer sent); on that site the guard (``node.security.guard.arrived_over_link``) then
+requires every request, whatever its path, to be signed by exactly that device, and the
+refusals are audited like any other. The socket lives in a private (0700) temporary
 directory and is removed on close.
 """
 
@@ -25,8 +26,7 @@ from pathlib import Path
 
 import aiohttp
 
-from ..errors import AuthenticationError, DVAIError
-from ..security.signing import HEADER_PEER_DEVICE_ID
+from ..constants import LINK_PEER_HEADER
 from .mux import InboundRequest, ResponseWriter
 
 __all__ = ["LinkRequestReplayer", "REPLAY_SOCKET_NAME"]
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 REPLAY_SOCKET_NAME = "link.sock"
 
 _DROPPED_REQUEST_HEADERS = frozenset({
-    "host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+    LINK_PEER_HEADER.lower(), "host", "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
     "upgrade", "content-length", "expect",
 })
 _DROPPED_RESPONSE_HEADERS = frozenset({
@@ -70,12 +70,8 @@ class LinkRequestReplayer:
 
     async def serve(self, peer_id: str, request: InboundRequest, writer: ResponseWriter) -> None:
         """Answer ``request`` from ``peer_id`` (cancelled when the peer cancels the stream)."""
-        signer = next((v for k, v in request.headers.items() if k.lower() == HEADER_PEER_DEVICE_ID.lower()), None)
-        if signer != peer_id:
-            await _refuse(writer, AuthenticationError(
-                "requests over a link must be signed by the linked device", code="signature_required"))
-            return
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED_REQUEST_HEADERS}
+        headers[LINK_PEER_HEADER] = peer_id  # the guard requires the request be signed by this device
         try:
             async with self._client().request(request.method, "http://localhost" + request.path,
                                               headers=headers, data=request.body,
@@ -90,10 +86,3 @@ class LinkRequestReplayer:
             with contextlib.suppress(Exception):
                 await writer.fail("replay_failed", f"the node could not serve the request: {type(exc).__name__}")
 
-
-async def _refuse(writer: ResponseWriter, error: DVAIError) -> None:
-    import json
-
-    writer.head(error.status, {"Content-Type": "application/json"})
-    await writer.write(json.dumps(error.to_body()).encode())
-    await writer.end()

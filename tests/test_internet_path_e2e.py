@@ -1,0 +1,194 @@
+"""The internet path end to end on loopback: a real `dvai-rendezvous` process and real node
+processes (SIMULATED engine) that reach each other over WebRTC data channels.
+
+Here the test process plays a QR-paired device itself (its own identity, the real QR
+pairing through the rendezvous, the link stack of ``node.transport``) to check what the
+serving node does with link traffic: every request goes through the same checks as HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from node.identity import DeviceIdentity
+from node.security import sign_request_headers
+from node.security.rendezvous_client import QrPairingScanner
+from node.transport.links import LinkManager
+from node.transport.presence import PresenceConnection
+
+from .conftest import NodeProcess, start_node_process
+from .test_qr_e2e import rendezvous  # noqa: F401 - the fixture: a real rendezvous process
+
+pytestmark = pytest.mark.timeout(120)
+SIMULATED = '[models.gemma3-270m]\nengine = "simulated"\nsimulated_tok_per_s = 200\n'  # SIMULATED engine
+CHAT = {"model": "gemma3-270m", "messages": [{"role": "user", "content": "Count for me"}], "max_tokens": 24,
+        "stream": True}
+
+
+def node_config(rendezvous_url: str) -> str:
+    return (SIMULATED + "[offload]\nenabled = true\ndiscover_lan = false\nprobe_on_start = false\n"
+            f'rendezvous_url = "{rendezvous_url}"\npresence_interval = 0.5\n')
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass
+class PairedDevice:
+    """The test process as a device QR-paired with the node."""
+
+    identity: DeviceIdentity
+    key: bytes
+    node_id: str
+    links: LinkManager
+
+    def signed(self, path: str, body: bytes, method: str = "POST") -> Request:
+        headers = sign_request_headers(self.key, self.identity.device_id, self.identity.device_id, method, path, body)
+        return Request(method, path, {**headers, "Content-Type": "application/json"}, body)
+
+    async def send(self, request: Request) -> tuple[int, dict[str, str], bytes]:
+        response = await self.links.link_for(self.node_id).open(request, connect_timeout=15)
+        parts = []
+        while chunk := await response.read_chunk():
+            parts.append(chunk)
+        response.release()
+        return response.status, dict(response.headers), b"".join(parts)
+
+
+async def _node_id(node: NodeProcess, http: aiohttp.ClientSession) -> str:
+    return str((await (await http.get(node.root + "/v1/dvai/health")).json())["deviceId"])
+
+
+async def _qr_pair(node: NodeProcess, identity: DeviceIdentity, http: aiohttp.ClientSession) -> bytes:
+    offer = await (await http.post(node.root + "/v1/dvai/pair-qr")).json()
+    result = await QrPairingScanner(identity=identity, device_name="test-device", http=http).pair(offer["payload"])
+    for _ in range(100):  # the node stores its side once our finish message arrived
+        status = await (await http.get(node.root + f"/v1/dvai/pair-qr/{offer['sessionId']}")).json()
+        if status.get("state") == "paired":
+            break
+        await asyncio.sleep(0.1)
+    return result.pairing_key
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+async def serving(tmp_path: Path, rendezvous: str, http: aiohttp.ClientSession  # noqa: F811
+                  ) -> AsyncIterator[tuple[NodeProcess, PairedDevice]]:
+    node = start_node_process(tmp_path / "b", config_text=node_config(rendezvous))
+    links: LinkManager | None = None
+    presence: PresenceConnection | None = None
+    try:
+        node_id = await _node_id(node, http)
+        me = DeviceIdentity.generate()
+        key = await _qr_pair(node, me, http)
+        links = LinkManager(device_id=me.device_id, pairing_key_for={node_id: key}.get, connect_timeout=15)
+        presence = PresenceConnection(base_url=rendezvous, identity=me, session=http, links=links,
+                                      watched=lambda: [node_id], on_presence=lambda _o: None, interval=0.3)
+        await links.start()
+        await presence.start()
+        await asyncio.wait_for(presence.connected.wait(), 10)
+        for _ in range(100):
+            if node_id in presence.online:
+                break
+            await asyncio.sleep(0.1)
+        yield node, PairedDevice(me, key, node_id, links)
+    finally:
+        if presence is not None:
+            await presence.stop()
+        if links is not None:
+            await links.stop()
+        node.stop()
+
+
+def _content(sse: bytes) -> tuple[str, bool]:
+    text, done = [], False
+    for line in sse.decode().splitlines():
+        if line == "data: [DONE]":
+            done = True
+        elif line.startswith("data: "):
+            for choice in json.loads(line[6:]).get("choices", []):
+                text.append(choice.get("delta", {}).get("content") or "")
+    return "".join(text), done
+
+
+async def test_link_requests_pass_every_http_check(serving: tuple[NodeProcess, PairedDevice],
+                                                   http: aiohttp.ClientSession) -> None:
+    node, me = serving
+    body = json.dumps(CHAT).encode()
+
+    # a signed streamed chat over the link: served, identical to asking the node directly
+    request = me.signed("/v1/chat/completions", body)
+    status, headers, sse = await me.send(request)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    over_link, done = _content(sse)
+    direct = await (await http.post(node.base_url + "/chat/completions", json=CHAT)).read()
+    assert done and over_link and over_link == _content(direct)[0]
+
+    # the same signed request again: the node's nonce cache refuses the replay
+    status, _, replayed = await me.send(request)
+    assert status == 401 and "nonce" in replayed.decode().lower()
+
+    # unsigned, or signed by another device than the linked one: refused
+    status, _, unsigned = await me.send(Request("POST", "/v1/chat/completions", {}, body))
+    assert status == 401 and json.loads(unsigned)["error"]["code"] == "signature_required"
+    other = DeviceIdentity.generate()
+    foreign = sign_request_headers(me.key, other.device_id, other.device_id, "POST", "/v1/chat/completions", body)
+    status, _, _ = await me.send(Request("POST", "/v1/chat/completions", foreign, body))
+    assert status == 401
+
+    # a bad signature: the guard's verification, as over HTTP
+    forged = me.signed("/v1/chat/completions", body)
+    forged.headers["X-DVAI-Signature"] = "0" * 64
+    status, _, _ = await me.send(forged)
+    assert status == 401
+
+    # link traffic never gets loopback trust: admin endpoints stay closed
+    status, _, admin = await me.send(me.signed("/v1/dvai/pairings", b"", method="GET"))
+    assert status == 403 and json.loads(admin)["error"]["code"] == "loopback_only"
+
+    # bad input over the link gets the same 4xx as over HTTP
+    status, _, bad = await me.send(me.signed("/v1/chat/completions", b'{"model": 5}'))
+    assert status == 400 and json.loads(bad)["error"]["type"] == "invalid_request_error"
+
+    # the audit log recorded each one: this device's served and invalid requests, the refusals
+    # (unproven, so anonymous) as well
+    audit = await (await http.get(node.root + "/v1/dvai/audit")).json()
+    rows = [(row["peerDeviceId"], row["status"]) for row in audit["data"]]
+    assert (me.identity.device_id, 200) in rows and (me.identity.device_id, 400) in rows
+    assert rows.count(("anonymous", 401)) == 4
+
+
+async def test_cancel_over_the_link_stops_generation(serving: tuple[NodeProcess, PairedDevice],
+                                                     http: aiohttp.ClientSession) -> None:
+    node, me = serving
+    body = json.dumps({**CHAT, "max_tokens": 2000}).encode()  # 10 s at 200 tok/s
+    response = await me.links.link_for(me.node_id).open(me.signed("/v1/chat/completions", body),
+                                                         connect_timeout=15)
+    assert response.status == 200
+    assert await response.read_chunk()
+    response.cancel()
+    for _ in range(50):  # the node's audit row shows the request ended early, as a client disconnect
+        rows = (await (await http.get(node.root + "/v1/dvai/audit",
+                                      params={"peer": me.identity.device_id})).json())["data"]
+        if rows:
+            break
+        await asyncio.sleep(0.1)
+    assert rows and rows[0]["status"] == 499
+    assert (rows[0]["completionTokens"] or 0) < 400
