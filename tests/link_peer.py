@@ -92,9 +92,10 @@ async def main() -> int:
                     break
                 await asyncio.sleep(0.25)
             started = time.perf_counter()
+            await links.connect(peer.device_id, 20)
+            setup_ms = (time.perf_counter() - started) * 1000
             response = await links.link_for(peer.device_id).open(Request("POST", "/echo", {}, body),
                                                                  connect_timeout=20)
-            setup_ms = (time.perf_counter() - started) * 1000
             received = bytearray()
             while chunk := await response.read_chunk():
                 received += chunk

@@ -7,6 +7,7 @@ refusal to relay into private ranges), the rendezvous mints its credentials.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -50,6 +51,13 @@ def _wait_port(homes: Homes, role: str, port: int, proto: str = "tcp", within: f
 
 @pytest.fixture
 def servers() -> Iterator[PublicServers]:
+    with public_servers() as running:
+        yield running
+
+
+@contextlib.contextmanager
+def public_servers() -> Iterator[PublicServers]:
+    """The homes, and the rendezvous and coturn running on the public network."""
     if shutil.which("turnserver") is None:
         pytest.skip("coturn is not installed (apt-get install coturn; .ci/run does)")
     homes = make_homes()
