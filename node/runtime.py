@@ -48,6 +48,7 @@ from .transport.http_link import HttpPeerLink
 from .transport.rendezvous_client import Approver as QrApprover
 
 if TYPE_CHECKING:
+    from .discovery.rendezvous import RemotePeerBook
     from .transport.inbound import LinkRequestReplayer
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class Node:
         self._runner: NodeRunner | None = None
         self._port: int | None = None
         self._replayer: LinkRequestReplayer | None = None
+        self._remote_peers: RemotePeerBook | None = None
 
     # -- lifecycle -----------------------------------------------------------
     async def __aenter__(self) -> Node:
@@ -174,6 +176,9 @@ class Node:
 
         Requests arriving over a link are replayed into this node's own application through
         an internal Unix-socket site, so they pass every check an HTTP request passes."""
+        from .discovery.model import HealthReport
+        from .discovery.rendezvous import RemotePeerBook, fetch_health_over
+        from .security import sign_request_headers
         from .transport.inbound import LinkRequestReplayer
         from .transport.links import LinkManager
         from .transport.presence import PresenceConnection
@@ -204,9 +209,34 @@ class Node:
             relay_only=offload.ice_relay_only, connect_timeout=offload.link_connect_timeout,
             idle_timeout=offload.link_idle_timeout, on_request=replayer.serve)
         await context.links.start()
+        links = context.links
+        own_id = context.identity.device_id
+
+        async def fetch_health(device_id: str) -> HealthReport | str:
+            key = link_key(device_id)
+            if key is None:
+                return "not paired"
+
+            def sign(method: str, path: str, body: bytes) -> dict[str, str]:
+                return sign_request_headers(key, own_id, own_id, method, path, body)
+
+            return await fetch_health_over(links.link_for(device_id), sign,
+                                           connect_timeout=offload.link_connect_timeout)
+
+        def paired_name(device_id: str) -> str | None:
+            pairing = pairings.get(device_id)
+            return pairing.peer_device_name if link_key(device_id) is not None and pairing else None
+
+        def link_up(device_id: str) -> bool:
+            info = links.info(device_id)
+            return info is not None and info.state.up
+
+        assert context.peers is not None
+        self._remote_peers = book = RemotePeerBook(table=context.peers, fetch_health=fetch_health,
+                                                   paired_name=paired_name, link_up=link_up)
         context.presence = presence = PresenceConnection(
-            base_url=rendezvous_url, identity=context.identity, session=context.http, links=context.links,
-            watched=watched, on_presence=lambda online: None, interval=offload.presence_interval,
+            base_url=rendezvous_url, identity=context.identity, session=context.http, links=links,
+            watched=watched, on_presence=book.on_presence, interval=offload.presence_interval,
             want_turn=offload.rendezvous_turn)
         await presence.start()
 
@@ -321,6 +351,9 @@ class Node:
         if self.context is not None and self.context.presence is not None:
             await self.context.presence.stop()
             self.context.presence = None
+        book, self._remote_peers = self._remote_peers, None
+        if book is not None:
+            await book.close()
         if self.context is not None and self.context.links is not None:
             await self.context.links.stop()
             self.context.links = None

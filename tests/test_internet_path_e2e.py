@@ -194,3 +194,59 @@ async def test_cancel_over_the_link_stops_generation(serving: tuple[NodeProcess,
     assert rows, "the node never finished the cancelled request"
     assert rows[0]["status"] in (200, 499) and rows[0]["latencyMs"] < 5000, rows[0]
     assert (rows[0]["completionTokens"] or 0) < 1000, rows[0]
+
+
+async def _pair_nodes(a: NodeProcess, b: NodeProcess, http: aiohttp.ClientSession) -> None:
+    """QR pairing between two node processes through their admin endpoints (as the CLI does)."""
+    offer = await (await http.post(a.root + "/v1/dvai/pair-qr")).json()
+    scanned = await http.post(b.root + "/v1/dvai/pair-scan", json={"payload": offer["payload"]})
+    assert scanned.status == 200, await scanned.text()
+    for _ in range(100):
+        status = await (await http.get(a.root + f"/v1/dvai/pair-qr/{offer['sessionId']}")).json()
+        if status.get("state") == "paired":
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"pairing did not finish: {status}")
+
+
+async def _peers(node: NodeProcess, http: aiohttp.ClientSession) -> list[dict[str, object]]:
+    return list((await (await http.get(node.root + "/v1/dvai/peers")).json())["data"])
+
+
+async def _wait_for_peer(node: NodeProcess, http: aiohttp.ClientSession, device_id: str,
+                         predicate: object = None, within: float = 30) -> dict[str, object]:
+    deadline = asyncio.get_running_loop().time() + within
+    last: list[dict[str, object]] = []
+    while asyncio.get_running_loop().time() < deadline:
+        last = await _peers(node, http)
+        for peer in last:
+            if peer["deviceId"] == device_id and (predicate is None or predicate(peer)):  # type: ignore[operator]
+                return peer
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"peer {device_id} never showed up as wanted: {last}")
+
+
+async def test_qr_paired_nodes_list_each_other_as_rendezvous_peers(
+        tmp_path: Path, rendezvous: str, http: aiohttp.ClientSession) -> None:  # noqa: F811
+    a = start_node_process(tmp_path / "a", config_text=node_config(rendezvous))
+    b = start_node_process(tmp_path / "b", config_text=node_config(rendezvous))
+    try:
+        await _pair_nodes(a, b, http)
+        b_id = await _node_id(b, http)
+        peer = await _wait_for_peer(a, http, b_id, lambda p: p["state"] == "reachable")
+        assert peer["via"] == "rendezvous" and peer["identityVerified"] is True
+        assert peer["loadedModels"] == ["gemma3-270m"]
+        link = peer["link"]
+        assert isinstance(link, dict) and link["state"] == "direct"
+        peer = await _wait_for_peer(a, http, b_id, lambda p: (p["link"] or {}).get("rttMs") is not None)
+        assert 0 < peer["link"]["rttMs"] < 1000  # type: ignore[index]
+        b.stop()  # gone from the rendezvous → gone from the table
+        for _ in range(100):
+            if all(p["deviceId"] != b_id for p in await _peers(a, http)):
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError("a stopped peer stayed listed")
+    finally:
+        a.stop()
+        b.stop()
