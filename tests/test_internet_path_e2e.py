@@ -9,8 +9,14 @@ serving node does with link traffic: every request goes through the same checks 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,10 +26,10 @@ import pytest
 from node.identity import DeviceIdentity
 from node.security import sign_request_headers
 from node.security.rendezvous_client import QrPairingScanner
-from node.transport.links import LinkManager
+from node.transport.links import LinkManager, LinkUnavailableError
 from node.transport.presence import PresenceConnection
 
-from .conftest import NodeProcess, start_node_process
+from .conftest import REPO, NodeProcess, free_port, start_node_process
 from .test_qr_e2e import rendezvous  # noqa: F401 - the fixture: a real rendezvous process
 
 pytestmark = pytest.mark.timeout(120)
@@ -250,3 +256,119 @@ async def test_qr_paired_nodes_list_each_other_as_rendezvous_peers(
     finally:
         a.stop()
         b.stop()
+
+
+# -- a malicious rendezvous, hostile frames ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def tampering_rendezvous(tmp_path: Path, mode: str) -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.tampering_rendezvous", "--host", "127.0.0.1", "--port", str(port),
+         "--db", str(tmp_path / f"tamper-{mode}.sqlite3")],
+        cwd=REPO, env={**os.environ, "DVAI_TAMPER": mode}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@contextlib.asynccontextmanager
+async def paired_device(node: NodeProcess, rendezvous_url: str, http: aiohttp.ClientSession,
+                        connect_timeout: float = 15) -> AsyncIterator[PairedDevice]:
+    node_id = await _node_id(node, http)
+    me = DeviceIdentity.generate()
+    key = await _qr_pair(node, me, http)
+    links = LinkManager(device_id=me.device_id, pairing_key_for={node_id: key}.get,
+                        connect_timeout=connect_timeout)
+    presence = PresenceConnection(base_url=rendezvous_url, identity=me, session=http, links=links,
+                                  watched=lambda: [node_id], on_presence=lambda _o: None, interval=0.3)
+    await links.start()
+    await presence.start()
+    try:
+        await asyncio.wait_for(presence.connected.wait(), 10)
+        while node_id not in presence.online:
+            await asyncio.sleep(0.1)
+        yield PairedDevice(me, key, node_id, links)
+    finally:
+        await presence.stop()
+        await links.stop()
+
+
+async def _served(node: NodeProcess, http: aiohttp.ClientSession) -> int:
+    rows = (await (await http.get(node.root + "/v1/dvai/audit")).json())["data"]
+    return sum(1 for row in rows if row["peerDeviceId"] not in ("self", "anonymous"))
+
+
+async def test_a_rendezvous_that_alters_signaling_gets_no_link(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    with tampering_rendezvous(tmp_path, "flip") as url:
+        node = start_node_process(tmp_path / "b", config_text=node_config(url))
+        try:
+            async with paired_device(node, url, http, connect_timeout=4) as me:
+                with pytest.raises(LinkUnavailableError):
+                    await me.send(me.signed("/v1/chat/completions", json.dumps(CHAT).encode()))
+            assert await _served(node, http) == 0
+            peers = await _peers(node, http)
+            assert all((p.get("link") or {}).get("state") not in ("direct", "relayed") for p in peers)
+        finally:
+            node.stop()
+
+
+async def test_a_rendezvous_that_replays_signaling_gets_no_link(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    with tampering_rendezvous(tmp_path, "replay") as url:
+        node = start_node_process(tmp_path / "b", config_text=node_config(url))
+        try:
+            async with paired_device(node, url, http, connect_timeout=4) as me:
+                status, _, _ = await me.send(me.signed("/v1/chat/completions", json.dumps(CHAT).encode()))
+                assert status == 200  # the first set-up is genuine
+                link = me.links._links[me.node_id]  # noqa: SLF001 - close it to force a second set-up
+                link.close("test")
+                await link.wait_closed()
+                # every later offer is replaced by the first one, which the node refuses as a replay
+                with pytest.raises(LinkUnavailableError):
+                    await me.send(me.signed("/v1/chat/completions", json.dumps(CHAT).encode()))
+            assert await _served(node, http) == 1
+        finally:
+            node.stop()
+
+
+def _hostile_payloads() -> dict[str, list[bytes]]:
+    from node.transport.frames import BodyChunk, RequestHead, serialize_frame
+
+    return {
+        "garbage": [b"\xc1\x00garbage"],
+        "oversize": [b"\x80" * (70 * 1024)],
+        "unknown stream": [serialize_frame(BodyChunk(999_999, b"x"))],
+        "10,000 streams": [serialize_frame(RequestHead(2 * i + 1, "POST", "/v1/chat/completions"))
+                           for i in range(1000, 11_000)],
+    }
+
+
+async def test_hostile_frames_close_the_link_and_the_node_keeps_serving(
+        serving: tuple[NodeProcess, PairedDevice], http: aiohttp.ClientSession) -> None:
+    node, me = serving
+    body = json.dumps({**CHAT, "stream": False, "max_tokens": 4}).encode()
+    for name, frames in _hostile_payloads().items():
+        status, _, _ = await me.send(me.signed("/v1/chat/completions", body))
+        assert status == 200, name  # a (new) link is up
+        link = me.links._links[me.node_id]  # noqa: SLF001 - the test writes raw bytes on its channel
+        channel = link._mux._channel  # type: ignore[union-attr]  # noqa: SLF001
+        with contextlib.suppress(Exception):
+            for frame in frames:
+                channel.send(frame)
+        for _ in range(100):
+            if not link.state.up:
+                break
+            await asyncio.sleep(0.05)
+        assert not link.state.up, f"{name}: the node did not close the link"
+        direct = await http.post(node.base_url + "/chat/completions", json={**CHAT, "stream": False})
+        assert direct.status == 200, name  # the node is up and serving other clients
