@@ -111,3 +111,12 @@ def test_self_is_never_a_remote_peer() -> None:
     table.set_remote([Peer(device_id=A, device_name="me", dvai_version="", base_url="", app_id=None,
                            loaded_models=(), capability={}, via="rendezvous", secure=True, last_seen_at=NOW)])
     assert table.get(A) is None and table.snapshot() == ()
+
+
+def test_cli_shows_the_link_state_and_round_trip() -> None:
+    from node.cli.admin import link_text
+
+    assert link_text({"state": "direct", "rttMs": 23.4, "error": None}) == "direct 23 ms"
+    assert link_text({"state": "relayed", "rttMs": None}) == "relayed"
+    assert link_text({"state": "failed", "rttMs": 5.0, "error": "ping timeout"}) == "failed"
+    assert link_text(None) == "-"
