@@ -160,3 +160,48 @@ async def test_offline_peer_fails_fast(rendezvous_url: str, http: aiohttp.Client
         assert asyncio.get_running_loop().time() - started < 5
     finally:
         await close(a)
+
+
+async def test_presence_reconnects_after_the_rendezvous_restarts(tmp_path: Path,
+                                                                  http: aiohttp.ClientSession) -> None:
+    from .conftest import free_port
+
+    config = make_config(tmp_path, port=free_port())
+    identity = DeviceIdentity.generate()
+    async with running(config) as server:
+        d = await device(server.url, http, {}, identity)
+    try:
+        # the server is gone: the node notices and keeps trying with back-off
+        for _ in range(50):
+            if not d.presence.connected.is_set():
+                break
+            await asyncio.sleep(0.1)
+        assert not d.presence.connected.is_set() and not d.links.signaling_up
+        async with running(config):
+            await asyncio.wait_for(d.presence.connected.wait(), 10)
+            assert d.links.signaling_up
+    finally:
+        await close(d)
+
+
+async def test_a_failed_link_is_set_up_again_on_the_next_request(rendezvous_url: str,
+                                                                 http: aiohttp.ClientSession) -> None:
+    key = os.urandom(32)
+    a_id, b_id = DeviceIdentity.generate(), DeviceIdentity.generate()
+    a = await device(rendezvous_url, http, {b_id.device_id: key}, a_id)
+    b = await device(rendezvous_url, http, {a_id.device_id: key}, b_id)
+    try:
+        first = await a.links.link_for(b_id.device_id).open(Request("POST", "/1", {}, b"one"), connect_timeout=10)
+        assert await read_all(first) == b"one"
+        b.links._links[a_id.device_id].fail("test: the path broke")  # noqa: SLF001
+        for _ in range(100):  # a learns it from the closed association
+            info = a.links.info(b_id.device_id)
+            if info is not None and not info.state.up:
+                break
+            await asyncio.sleep(0.05)
+        assert not a.links.info(b_id.device_id).state.up  # type: ignore[union-attr]
+        again = await a.links.link_for(b_id.device_id).open(Request("POST", "/2", {}, b"two"), connect_timeout=10)
+        assert await read_all(again) == b"two"
+        assert a.links.info(b_id.device_id).state is LinkState.DIRECT  # type: ignore[union-attr]
+    finally:
+        await close(a, b)
