@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 LINK_PING_INTERVAL_S = 0.5
 """seconds between pings on a link that carries streams."""
-LINK_DEAD_AFTER_S = 2.5
+LINK_DEAD_AFTER_S = 2.0
 """seconds without any frame from a peer, while streams are open, before the link is failed:
 a killed peer's streams end with a clean error within about this long."""
 LINK_IDLE_PING_S = 15.0
