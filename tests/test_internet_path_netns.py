@@ -14,12 +14,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from .conftest import NodeProcess, start_node_process
 from .netns_support import SERVER_IP, Homes, make_homes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,3 +127,74 @@ def test_link_falls_back_to_turn_when_udp_between_the_nats_is_blocked(servers: P
     result = _call_across(servers, [{"urls": [f"stun:{SERVER_IP}:3478"]}], "--rendezvous-turn")
     assert result["ok"] is True and result["bytes"] == 256 * 1024, result
     assert result["state"] == "relayed"
+
+
+# -- nodes in the homes ------------------------------------------------------------------------
+
+SIMULATED_NODE = (  # SIMULATED engine: the network is under test here, not the model
+    '[models.gemma3-270m]\nengine = "simulated"\nsimulated_tok_per_s = 200\n'
+    "[offload]\nenabled = true\ndiscover_lan = false\nprobe_on_start = false\n"
+    f'rendezvous_url = "{RENDEZVOUS_URL}"\npresence_interval = 0.5\nrendezvous_turn = true\n'
+    f'[[offload.ice_servers]]\nurls = ["stun:{SERVER_IP}:3478"]\n'
+)
+
+
+def http_in(homes: Homes, side: str, method: str, url: str, body: object = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+    """An HTTP request made from inside the ``side`` namespace (where the node's loopback is)."""
+    args = [*homes.exec_prefix(side), sys.executable, "-m", "tests.netns_http", method, url,
+            json.dumps(body) if body is not None else "", *(f"{k}={v}" for k, v in (headers or {}).items())]
+    done = subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=90)
+    answer = json.loads(done.stdout)
+    return answer["status"], answer["headers"], answer["body"]
+
+
+@dataclass
+class HomeNodes:
+    homes: Homes
+    a: NodeProcess
+    b: NodeProcess
+    b_id: str
+
+
+@pytest.fixture
+def home_nodes(servers: PublicServers, tmp_path: Path) -> Iterator[HomeNodes]:
+    homes = servers.homes
+    a = start_node_process(tmp_path / "a", config_text=SIMULATED_NODE, prefix=homes.exec_prefix("a"))
+    try:
+        b = start_node_process(tmp_path / "b", config_text=SIMULATED_NODE, prefix=homes.exec_prefix("b"))
+    except BaseException:
+        a.stop()
+        raise
+    try:
+        _, _, health = http_in(homes, "b", "GET", b.root + "/v1/dvai/health")
+        b_id = json.loads(health)["deviceId"]
+        status, _, offer = http_in(homes, "a", "POST", a.root + "/v1/dvai/pair-qr")
+        assert status == 200, offer
+        payload = json.loads(offer)
+        status, _, scanned = http_in(homes, "b", "POST", b.root + "/v1/dvai/pair-scan",
+                                     {"payload": payload["payload"]})
+        assert status == 200, scanned  # QR pairing across both NATs, through the rendezvous
+        yield HomeNodes(homes, a, b, b_id)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def wait_for_peer(nodes: HomeNodes, predicate: Callable[[dict[str, Any]], bool], within: float = 40) -> dict[str, Any]:
+    deadline = time.monotonic() + within
+    peers: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        _, _, body = http_in(nodes.homes, "a", "GET", nodes.a.root + "/v1/dvai/peers")
+        peers = json.loads(body)["data"]
+        for peer in peers:
+            if peer["deviceId"] == nodes.b_id and predicate(peer):
+                return peer
+        time.sleep(0.5)
+    raise AssertionError(f"no peer {nodes.b_id} as wanted: {peers}")
+
+
+def test_qr_paired_nodes_in_two_homes_see_each_other_through_the_rendezvous(home_nodes: HomeNodes) -> None:
+    peer = wait_for_peer(home_nodes, lambda p: p["state"] == "reachable")
+    assert peer["via"] == "rendezvous" and peer["identityVerified"] is True
+    assert peer["link"]["state"] == "direct"  # STUN-discovered addresses through both NATs
