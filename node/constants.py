@@ -407,8 +407,8 @@ USAGE_LABEL_MAX_CHARS = 200
 
 # --- The internet path: data-channel frames and links (node/transport) ----------------
 LINK_MAX_FRAME_BYTES = 64 * 1024
-"""bytes of one serialized frame on a data channel; also aiortc's advertised
-``max-message-size``, so a frame is never split by SCTP into a message the peer refuses."""
+"""bytes of one serialized frame on a data channel: the message size every WebRTC stack
+accepts (aiortc advertises 256 KiB), and what bounds one frame's buffer at the reader."""
 
 LINK_MAX_CHUNK_BYTES = 60 * 1024
 """bytes of body carried by one chunk frame (leaves room for the frame's map and tags)."""
