@@ -436,6 +436,10 @@ LINK_MAX_STREAM_BUFFER_BYTES = 4 * 1024 * 1024
 """bytes received on one stream and not yet read by its consumer; past this the stream is
 refused (a request body larger than the body limit, or a peer ignoring cancellation)."""
 
+LINK_MAX_INBOUND_BODY_BYTES = 16 * 1024 * 1024
+"""bytes of request bodies one peer may have in flight to us on a link at once (all its streams);
+more closes the link: bounds what 64 streams of large bodies could pin in memory."""
+
 LINK_SEND_HIGH_WATER_BYTES = 1024 * 1024
 """bytes queued in the channel (``bufferedAmount``) above which a sender waits."""
 

@@ -207,7 +207,8 @@ class Node:
         context.links = LinkManager(
             device_id=context.identity.device_id, pairing_key_for=link_key, ice_servers=ice_servers,
             relay_only=offload.ice_relay_only, connect_timeout=offload.link_connect_timeout,
-            idle_timeout=offload.link_idle_timeout, on_request=replayer.serve)
+            idle_timeout=offload.link_idle_timeout, on_request=replayer.serve,
+            max_request_body=self.config.max_body_bytes)
         await context.links.start()
         links = context.links
         own_id = context.identity.device_id

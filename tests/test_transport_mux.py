@@ -266,3 +266,20 @@ async def test_ping_flood_does_not_queue_pongs_past_high_water() -> None:
         a.mux.feed(ping)
     assert a.buffered_amount <= LINK_SEND_HIGH_WATER_BYTES + 64
     assert not a.mux.closed
+
+
+async def test_bodies_in_flight_are_bounded_per_link() -> None:
+    from node.constants import LINK_MAX_INBOUND_BODY_BYTES
+
+    a, _ = linked(on_a=echo, max_request_body=LINK_MAX_INBOUND_BODY_BYTES)
+    assert a.mux
+    chunk = b"x" * 61_440
+    streams = 0
+    while not a.mux.closed and streams < 64:  # many streams, none finished, each under its own limit
+        stream = 2 * streams + 2
+        a.mux.feed(serialize_frame(RequestHead(stream, "POST", "/")))
+        for _ in range(16):
+            a.mux.feed(serialize_frame(BodyChunk(stream, chunk)))
+        streams += 1
+    assert a.mux.closed and "bodies" in (a.mux.close_reason or "")
+    assert streams * 16 * len(chunk) <= LINK_MAX_INBOUND_BODY_BYTES + 16 * len(chunk)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config import IceServer
-from ..constants import LINK_MAX_SIGNAL_BYTES
+from ..constants import LINK_MAX_SIGNAL_BYTES, LINK_MAX_STREAM_BUFFER_BYTES
 from .mux import ChannelResponse, InboundRequest, LinkClosedError, ResponseWriter, StreamMux
 from .signal_crypto import SignalRejectedError, SignalSealer
 from .webrtc import LinkState, RtcLink
@@ -103,6 +103,7 @@ class LinkManager:
         connect_timeout: float = 15.0,
         idle_timeout: float = 120.0,
         on_request: PeerRequestHandler | None = None,
+        max_request_body: int = LINK_MAX_STREAM_BUFFER_BYTES,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -113,6 +114,7 @@ class LinkManager:
         self.connect_timeout = connect_timeout
         self._idle_timeout = idle_timeout
         self._on_request = on_request
+        self._max_request_body = max_request_body
         self._clock = clock
         self._monotonic = monotonic
         self._links: dict[str, RtcLink] = {}
@@ -215,6 +217,7 @@ class LinkManager:
 
         link = RtcLink(peer_id=peer_id, link_id=link_id, offerer=offerer, ice_servers=self._ice_servers(),
                        relay_only=self._relay_only, on_request=serve if self._on_request else None,
+                       max_request_body=self._max_request_body,
                        on_gone=self._gone, monotonic=self._monotonic)
         self._links[peer_id] = link
         return link

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..constants import (
+    LINK_MAX_INBOUND_BODY_BYTES,
     LINK_MAX_STREAM_BUFFER_BYTES,
     LINK_MAX_STREAM_ID,
     LINK_MAX_STREAMS,
@@ -153,6 +154,7 @@ class StreamMux:
         self._next_id = 1 if initiator else 2
         self._peer_parity = 0 if initiator else 1
         self._last_peer_id = 0
+        self._inbound_body_bytes = 0
         self._outbound: dict[int, _Outbound] = {}
         self._inbound: dict[int, _Inbound] = {}
         self._pings: dict[int, asyncio.Future[float]] = {}
@@ -325,6 +327,8 @@ class StreamMux:
             raise LinkProtocolError(f"{type(frame).__name__} for unknown stream {frame.stream}")
         if isinstance(frame, Cancel):
             self._inbound.pop(frame.stream, None)
+            if not inbound.ended:
+                self._inbound_body_bytes -= inbound.size
             if inbound.task is not None:
                 inbound.task.cancel()
             return
@@ -332,6 +336,9 @@ class StreamMux:
             raise LinkProtocolError(f"{type(frame).__name__} after the end of stream {frame.stream}")
         if isinstance(frame, BodyChunk):
             inbound.size += len(frame.data)
+            self._inbound_body_bytes += len(frame.data)
+            if self._inbound_body_bytes > LINK_MAX_INBOUND_BODY_BYTES:
+                raise LinkProtocolError(f"peer sent more than {LINK_MAX_INBOUND_BODY_BYTES} bytes of bodies at once")
             if inbound.size > self._max_request_body:
                 inbound.refused = True
                 inbound.body.clear()
@@ -339,6 +346,7 @@ class StreamMux:
                 inbound.body.append(frame.data)
             return
         inbound.ended = True
+        self._inbound_body_bytes -= inbound.size  # handed to the handler, as an HTTP body would be
         self._start_handler(frame.stream, inbound)
 
     def _dispatch_outbound(self, frame: Frame) -> None:

@@ -25,7 +25,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from ..config import IceServer
-from ..constants import LINK_SEND_LOW_WATER_BYTES
+from ..constants import LINK_MAX_STREAM_BUFFER_BYTES, LINK_SEND_LOW_WATER_BYTES
 from .mux import InboundHandler, LinkClosedError, StreamMux
 
 if TYPE_CHECKING:
@@ -97,9 +97,11 @@ class RtcLink:
         on_request: InboundHandler | None,
         on_gone: Callable[[RtcLink], None],
         relay_only: bool = False,
+        max_request_body: int = LINK_MAX_STREAM_BUFFER_BYTES,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.peer_id = peer_id
+        self._max_request_body = max_request_body
         self.link_id = link_id
         self.offerer = offerer
         self.state = LinkState.CONNECTING
@@ -199,7 +201,8 @@ class RtcLink:
             return
         channel.bufferedAmountLowThreshold = LINK_SEND_LOW_WATER_BYTES
         mux = StreamMux(_ChannelAdapter(channel, self._close_pc), initiator=self.offerer,
-                        on_request=self._on_request, on_close=self._on_mux_closed)
+                        on_request=self._on_request, on_close=self._on_mux_closed,
+                        max_request_body=self._max_request_body)
         self._mux = mux
         channel.on("message", mux.feed)
         channel.on("bufferedamountlow", mux.on_buffered_amount_low)
