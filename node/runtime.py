@@ -46,6 +46,7 @@ from .pairing.qr_service import QrPairingService
 from .security import NonceCache, exposure_warnings, is_loopback
 from .transport.http_link import HttpPeerLink
 from .transport.rendezvous_client import Approver as QrApprover
+from .transport.link import PeerLink
 
 if TYPE_CHECKING:
     from .discovery.rendezvous import RemotePeerBook
@@ -308,7 +309,11 @@ class Node:
             raise RuntimeError("the offload router needs the peer table, the pairing store and the HTTP client")
         session = context.http
 
-        def link_for(peer: Peer) -> HttpPeerLink:
+        def link_for(peer: Peer) -> PeerLink:
+            # A rendezvous peer is reached over its WebRTC data channel (docs/internet-path.md);
+            # the peer table lists a device found on both paths as its LAN entry while that answers.
+            if peer.via == "rendezvous" and context.links is not None:
+                return context.links.link_for(peer.device_id)
             return HttpPeerLink(session, peer.base_url)
 
         return OffloadRouter(config=context.config, device_id=context.identity.device_id,

@@ -372,3 +372,122 @@ async def test_hostile_frames_close_the_link_and_the_node_keeps_serving(
         assert not link.state.up, f"{name}: the node did not close the link"
         direct = await http.post(node.base_url + "/chat/completions", json={**CHAT, "stream": False})
         assert direct.status == 200, name  # the node is up and serving other clients
+
+
+# -- routing over the link ---------------------------------------------------------------------
+
+
+def routed_config(rendezvous_url: str, rate: float) -> str:
+    """A SIMULATED node at ``rate`` tok/s that knows its own speed (no probe at start)."""
+    return node_config(rendezvous_url).replace("simulated_tok_per_s = 200", f"simulated_tok_per_s = {rate:g}")
+
+
+def _sse_in_order(sse: str) -> tuple[str, list[dict[str, object]], bool]:
+    text, errors, done = [], [], False
+    for line in sse.splitlines():
+        if line == "data: [DONE]":
+            done = True
+        elif line.startswith("data: "):
+            event = json.loads(line[6:])
+            if "error" in event:
+                errors.append(event["error"])
+            for choice in event.get("choices", []):
+                text.append(choice.get("delta", {}).get("content") or "")
+    return "".join(text), errors, done
+
+
+@pytest.fixture
+async def linked_nodes(tmp_path: Path, rendezvous: str, http: aiohttp.ClientSession  # noqa: F811
+                       ) -> AsyncIterator[tuple[NodeProcess, NodeProcess, str]]:
+    """A slow node A (SIMULATED 2 tok/s) QR-paired with a fast node B (SIMULATED 200 tok/s)."""
+    a = start_node_process(tmp_path / "a", config_text=routed_config(rendezvous, 2))
+    b = start_node_process(tmp_path / "b", config_text=routed_config(rendezvous, 200))
+    try:
+        await _pair_nodes(a, b, http)
+        b_id = await _node_id(b, http)
+        await _wait_for_peer(a, http, b_id, lambda p: p["state"] == "reachable")
+        yield a, b, b_id
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_require_is_served_by_the_rendezvous_peer_over_the_link(
+        linked_nodes: tuple[NodeProcess, NodeProcess, str], http: aiohttp.ClientSession) -> None:
+    a, b, b_id = linked_nodes
+    request = {**CHAT, "max_tokens": 40}
+    async with http.post(a.base_url + "/chat/completions", json=request,
+                         headers={"X-DVAI-Offload": "require"}) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers["X-DVAI-Served-By"] == b_id
+        relayed = await response.text()
+    direct = await (await http.post(b.base_url + "/chat/completions", json=request)).text()
+    text, errors, done = _sse_in_order(relayed)
+    assert done and not errors and text and text == _sse_in_order(direct)[0]  # streamed intact
+    # the router verified the peer over the link with the signed probe, as on the LAN
+    status = await (await http.get(a.root + "/v1/dvai/offload")).json()
+    verified = next(p["verified"] for p in status["peers"] if p["deviceId"] == b_id)
+    assert verified and verified[0]["tokPerS"] > 50
+    # non-streamed answers travel the link too
+    whole = await http.post(a.base_url + "/chat/completions", json={**request, "stream": False},
+                            headers={"X-DVAI-Offload": "require"})
+    assert whole.status == 200 and whole.headers["X-DVAI-Served-By"] == b_id
+    assert (await whole.json())["choices"][0]["message"]["content"] == text
+
+
+async def test_peer_killed_mid_stream_ends_with_an_error_and_done_within_3_s(
+        linked_nodes: tuple[NodeProcess, NodeProcess, str], http: aiohttp.ClientSession) -> None:
+    a, b, b_id = linked_nodes
+    request = {**CHAT, "max_tokens": 4000}  # 20 s at 200 tok/s
+    async with http.post(a.base_url + "/chat/completions", json=request,
+                         headers={"X-DVAI-Offload": "require"}) as response:
+        assert response.status == 200 and response.headers["X-DVAI-Served-By"] == b_id
+        first = await response.content.readany()
+        assert first.startswith(b"data: ")
+        b.process.kill()
+        killed = time.monotonic()
+        rest = await asyncio.wait_for(response.content.read(), 10)
+        ended = time.monotonic() - killed
+    text, errors, done = _sse_in_order((first + rest).decode())
+    assert done and errors and errors[-1]["code"] == "peer_failed", (first + rest)[-400:]
+    assert ended < 3.0, f"the stream ended {ended:.2f} s after the peer died"
+
+
+async def test_client_leaving_cancels_generation_on_the_peer(
+        linked_nodes: tuple[NodeProcess, NodeProcess, str], http: aiohttp.ClientSession) -> None:
+    a, b, b_id = linked_nodes
+    request = {**CHAT, "max_tokens": 4000}
+    async with http.post(a.base_url + "/chat/completions", json=request,
+                         headers={"X-DVAI-Offload": "require"}) as response:
+        assert response.status == 200 and response.headers["X-DVAI-Served-By"] == b_id
+        await response.content.readany()
+    # the client is gone → A cancels the stream over the link → B's handler stops generating
+    rows: list[dict[str, object]] = []
+    for _ in range(50):
+        rows = [r for r in (await (await http.get(b.root + "/v1/dvai/audit")).json())["data"]
+                if r["endpoint"] == "/v1/chat/completions" and r["completionTokens"] != 32]
+        if rows:
+            break
+        await asyncio.sleep(0.1)
+    assert rows, "the peer never finished the cancelled request"
+    assert rows[0]["latencyMs"] < 5000 and (rows[0]["completionTokens"] or 0) < 1000, rows[0]
+
+
+async def test_no_capable_device_reports_the_internet_path_truthfully(
+        tmp_path: Path, rendezvous: str, http: aiohttp.ClientSession) -> None:  # noqa: F811
+    a = start_node_process(tmp_path / "a", config_text=routed_config(rendezvous, 2))
+    b = start_node_process(tmp_path / "b", config_text=routed_config(rendezvous, 200))
+    try:
+        body = {**CHAT, "stream": False}
+        refused = await (await http.post(a.base_url + "/chat/completions", json=body,
+                                         headers={"X-DVAI-Offload": "require"})).json()
+        assert refused["error"]["rendezvousConfigured"] is True
+        assert refused["error"]["pairedRemotePeers"] == 0
+        await _pair_nodes(a, b, http)
+        b.stop()  # paired, but not online: still refused, now with one remote peer paired
+        refused = await (await http.post(a.base_url + "/chat/completions", json=body,
+                                         headers={"X-DVAI-Offload": "require"})).json()
+        assert refused["error"]["type"] == "no_capable_device" and refused["error"]["pairedRemotePeers"] == 1
+    finally:
+        a.stop()
+        b.stop()

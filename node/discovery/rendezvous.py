@@ -19,11 +19,11 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from ..constants import MAX_HEALTH_BODY_BYTES
+from ..transport.link import LinkRequest, PeerLink
 from .health import parse_health_report
 from .model import HealthReport, Peer, PeerState
 from .peers import PeerTable
@@ -53,27 +53,7 @@ class _Known:
     fetching: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class _HealthRequest:
-    method: str
-    path: str
-    headers: Mapping[str, str] = field(default_factory=dict)
-    body: bytes = b""
-
-
-class _Response(Protocol):
-    status: int
-
-    async def read_chunk(self) -> bytes: ...
-    def release(self) -> None: ...
-    def cancel(self) -> None: ...
-
-
-class _Link(Protocol):
-    async def open(self, request: _HealthRequest, *, connect_timeout: float) -> _Response: ...
-
-
-async def fetch_health_over(link: _Link, sign: Callable[[str, str, bytes], dict[str, str]], *,
+async def fetch_health_over(link: PeerLink, sign: Callable[[str, str, bytes], dict[str, str]], *,
                             connect_timeout: float, within: float = 10.0) -> HealthReport | str:
     """A peer's validated ``GET /v1/dvai/health`` answer over ``link`` (signed, challenged),
     or why there is none."""
@@ -81,7 +61,7 @@ async def fetch_health_over(link: _Link, sign: Callable[[str, str, bytes], dict[
     path = f"/v1/dvai/health?challenge={challenge}"
     try:
         async with asyncio.timeout(connect_timeout + within):
-            response = await link.open(_HealthRequest("GET", path, sign("GET", path, b"")),
+            response = await link.open(LinkRequest("GET", path, sign("GET", path, b""), b""),
                                        connect_timeout=connect_timeout)
             body = bytearray()
             try:

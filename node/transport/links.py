@@ -23,12 +23,13 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config import IceServer
 from ..constants import LINK_MAX_SIGNAL_BYTES, LINK_MAX_STREAM_BUFFER_BYTES
+from .link import LinkRequest, PeerLinkError
 from .mux import ChannelResponse, InboundRequest, LinkClosedError, ResponseWriter, StreamMux
 from .signal_crypto import SignalRejectedError, SignalSealer
 from .webrtc import LinkState, RtcLink
@@ -36,7 +37,6 @@ from .webrtc import LinkState, RtcLink
 __all__ = [
     "DataChannelLink",
     "LinkManager",
-    "LinkRequestLike",
     "LinkUnavailableError",
     "PeerRequestHandler",
     "SignalSender",
@@ -54,25 +54,12 @@ LINK_IDLE_PING_S = 15.0
 _KEEPER_TICK_S = 0.25
 
 
-class LinkUnavailableError(ConnectionError):
+class LinkUnavailableError(PeerLinkError):
     """No link to the peer could be set up (not paired, rendezvous down, peer offline, ICE failed)."""
 
 
 class SignalSender(Protocol):
     async def send(self, to: str, data: str, *, message_id: str | None = None) -> None: ...
-
-
-class LinkRequestLike(Protocol):
-    """``node.offload.link.LinkRequest``, structurally (transport does not import offload)."""
-
-    @property
-    def method(self) -> str: ...
-    @property
-    def path(self) -> str: ...
-    @property
-    def headers(self) -> Mapping[str, str]: ...
-    @property
-    def body(self) -> bytes: ...
 
 
 PeerRequestHandler = Callable[[str, InboundRequest, ResponseWriter], Awaitable[None]]
@@ -372,13 +359,15 @@ def _parse_signal(plaintext: bytes) -> tuple[str, str, str]:
 
 
 class DataChannelLink:
-    """The ``PeerLink`` to one rendezvous peer: requests travel as frames on its data channel."""
+    """The :class:`~node.transport.link.PeerLink` to one rendezvous peer: requests travel as
+    frames on its data channel. Every failure is a ``PeerLinkError`` (``LinkUnavailableError``,
+    ``LinkClosedError``, ``StreamFailedError``)."""
 
     def __init__(self, manager: LinkManager, peer_id: str) -> None:
         self._manager = manager
         self.peer_id = peer_id
 
-    async def open(self, request: LinkRequestLike, *, connect_timeout: float) -> ChannelResponse:
+    async def open(self, request: LinkRequest, *, connect_timeout: float) -> ChannelResponse:
         """Send ``request`` and return once the response head arrived. ICE and DTLS take longer
         than a TCP connect, so the set-up may use up to ``offload.link_connect_timeout``."""
         timeout = max(connect_timeout, self._manager.connect_timeout)

@@ -52,6 +52,7 @@ from .frames import (
     parse_frame,
     serialize_frame,
 )
+from .link import PeerLinkError
 
 __all__ = [
     "ChannelResponse",
@@ -79,11 +80,11 @@ class FrameChannel(Protocol):
     def close(self) -> None: ...
 
 
-class LinkClosedError(ConnectionError):
+class LinkClosedError(PeerLinkError):
     """The link is gone (closed, failed, or closed by us after a protocol violation)."""
 
 
-class StreamFailedError(ConnectionError):
+class StreamFailedError(PeerLinkError):
     """The peer ended one stream with an error frame (the link itself is fine)."""
 
     def __init__(self, code: str, message: str) -> None:
