@@ -115,26 +115,12 @@ def _call_across(servers: PublicServers, ice: list[object], *extra: str) -> dict
         serving.wait(10)
 
 
-def test_link_across_two_nats_goes_direct_with_stun(servers: PublicServers) -> None:
-    result = _call_across(servers, [{"urls": [f"stun:{SERVER_IP}:3478"]}])
-    assert result["ok"] is True and result["bytes"] == 256 * 1024, result
-    assert result["state"] == "direct"
-
-
-def test_link_falls_back_to_turn_when_udp_between_the_nats_is_blocked(servers: PublicServers) -> None:
-    servers.homes.block_udp_between_nats()
-    # TURN credentials minted by the rendezvous (coturn's shared secret), not configured
-    result = _call_across(servers, [{"urls": [f"stun:{SERVER_IP}:3478"]}], "--rendezvous-turn")
-    assert result["ok"] is True and result["bytes"] == 256 * 1024, result
-    assert result["state"] == "relayed"
-
-
 # -- nodes in the homes ------------------------------------------------------------------------
 
 SIMULATED_NODE = (  # SIMULATED engine: the network is under test here, not the model
-    '[models.gemma3-270m]\nengine = "simulated"\nsimulated_tok_per_s = 200\n'
-    "[offload]\nenabled = true\ndiscover_lan = false\nprobe_on_start = false\n"
-    f'rendezvous_url = "{RENDEZVOUS_URL}"\npresence_interval = 0.5\nrendezvous_turn = true\n'
+    '[models.gemma3-270m]\nengine = "simulated"\nsimulated_tok_per_s = {rate}\n'
+    "[offload]\nenabled = true\ndiscover_lan = false\nprobe_on_start = false\ncircuit_break_s = 1.0\n"
+    f'rendezvous_url = "{RENDEZVOUS_URL}"\npresence_interval = 0.5\nrendezvous_turn = {{turn}}\n'
     f'[[offload.ice_servers]]\nurls = ["stun:{SERVER_IP}:3478"]\n'
 )
 
@@ -159,10 +145,20 @@ class HomeNodes:
 
 @pytest.fixture
 def home_nodes(servers: PublicServers, tmp_path: Path) -> Iterator[HomeNodes]:
+    with running_home_nodes(servers, tmp_path) as nodes:
+        yield nodes
+
+
+@contextlib.contextmanager
+def running_home_nodes(servers: PublicServers, tmp_path: Path, *, turn: bool = False) -> Iterator[HomeNodes]:
+    """A slow node (SIMULATED 2 tok/s) in home A QR-paired with a fast one (SIMULATED 200 tok/s) in B."""
     homes = servers.homes
-    a = start_node_process(tmp_path / "a", config_text=SIMULATED_NODE, prefix=homes.exec_prefix("a"))
+    flag = str(turn).lower()
+    a = start_node_process(tmp_path / "a", config_text=SIMULATED_NODE.format(rate=2, turn=flag),
+                           prefix=homes.exec_prefix("a"))
     try:
-        b = start_node_process(tmp_path / "b", config_text=SIMULATED_NODE, prefix=homes.exec_prefix("b"))
+        b = start_node_process(tmp_path / "b", config_text=SIMULATED_NODE.format(rate=200, turn=flag),
+                               prefix=homes.exec_prefix("b"))
     except BaseException:
         a.stop()
         raise
@@ -194,7 +190,63 @@ def wait_for_peer(nodes: HomeNodes, predicate: Callable[[dict[str, Any]], bool],
     raise AssertionError(f"no peer {nodes.b_id} as wanted: {peers}")
 
 
-def test_qr_paired_nodes_in_two_homes_see_each_other_through_the_rendezvous(home_nodes: HomeNodes) -> None:
-    peer = wait_for_peer(home_nodes, lambda p: p["state"] == "reachable")
+CHAT = {"model": "gemma3-270m", "messages": [{"role": "user", "content": "Count for me"}], "max_tokens": 32,
+        "stream": True}
+REQUIRE = {"X-DVAI-Offload": "require"}
+
+
+def sse_text(sse: str) -> tuple[str, bool, bool]:
+    """(content, saw [DONE], saw an error event)."""
+    text, done, error = [], False, False
+    for line in sse.splitlines():
+        if line == "data: [DONE]":
+            done = True
+        elif line.startswith("data: "):
+            event = json.loads(line[6:])
+            error = error or "error" in event
+            text.extend(c.get("delta", {}).get("content") or "" for c in event.get("choices", []))
+    return "".join(text), done, error
+
+
+def test_require_across_two_nats_is_served_over_a_direct_link_and_survives_the_link_dropping(
+        home_nodes: HomeNodes) -> None:
+    nodes, homes = home_nodes, home_nodes.homes
+    peer = wait_for_peer(nodes, lambda p: p["state"] == "reachable")
     assert peer["via"] == "rendezvous" and peer["identityVerified"] is True
     assert peer["link"]["state"] == "direct"  # STUN-discovered addresses through both NATs
+    status, headers, relayed = http_in(homes, "a", "POST", nodes.a.base_url + "/chat/completions", CHAT, REQUIRE)
+    assert status == 200 and headers["X-DVAI-Served-By"] == nodes.b_id, relayed[:500]
+    _, _, direct = http_in(homes, "b", "POST", nodes.b.base_url + "/chat/completions", CHAT)
+    text, done, error = sse_text(relayed)
+    assert done and not error and text and text == sse_text(direct)[0]  # intact, as asking B directly
+
+    # B's interface goes down: the link dies; once it is back, the next request sets up a new one
+    homes.sh("b", "ip", "link", "set", "eth0", "down")
+    status, _, _ = http_in(homes, "a", "POST", nodes.a.base_url + "/chat/completions",
+                           {**CHAT, "stream": False}, REQUIRE)
+    assert status == 503  # nobody else can serve it
+    homes.sh("b", "ip", "link", "set", "eth0", "up")
+    homes.sh("b", "ip", "route", "replace", "default", "via", "10.77.2.1")
+    time.sleep(1.5)  # B's circuit (circuit_break_s = 1) closes again
+    deadline = time.monotonic() + 30
+    while True:
+        status, headers, again = http_in(homes, "a", "POST", nodes.a.base_url + "/chat/completions", CHAT, REQUIRE)
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert status == 200 and headers["X-DVAI-Served-By"] == nodes.b_id, again[:500]
+    assert sse_text(again)[0] == text
+    assert wait_for_peer(nodes, lambda p: p["link"]["state"] == "direct")  # a new link
+
+
+def test_with_udp_between_the_nats_blocked_the_link_is_relayed_by_turn(servers: PublicServers,
+                                                                          tmp_path: Path) -> None:
+    servers.homes.block_udp_between_nats()
+    with running_home_nodes(servers, tmp_path, turn=True) as nodes:  # TURN credentials from the rendezvous
+        peer = wait_for_peer(nodes, lambda p: p["state"] == "reachable")
+        assert peer["link"]["state"] == "relayed"
+        status, headers, relayed = http_in(nodes.homes, "a", "POST", nodes.a.base_url + "/chat/completions",
+                                           CHAT, REQUIRE)
+        assert status == 200 and headers["X-DVAI-Served-By"] == nodes.b_id, relayed[:500]
+        text, done, error = sse_text(relayed)
+        assert text and done and not error
