@@ -491,3 +491,32 @@ async def test_no_capable_device_reports_the_internet_path_truthfully(
     finally:
         a.stop()
         b.stop()
+
+
+async def test_an_unpaired_device_can_neither_link_nor_be_served(
+        serving: tuple[NodeProcess, PairedDevice], rendezvous: str,  # noqa: F811
+        http: aiohttp.ClientSession) -> None:
+    node, _ = serving
+    node_id = await _node_id(node, http)
+    stranger = DeviceIdentity.generate()  # online at the same rendezvous, with a key the node never issued
+    key = os.urandom(32)
+    links = LinkManager(device_id=stranger.device_id, pairing_key_for={node_id: key}.get, connect_timeout=4)
+    presence = PresenceConnection(base_url=rendezvous, identity=stranger, session=http, links=links,
+                                  watched=lambda: [node_id], on_presence=lambda _o: None, interval=0.3)
+    await links.start()
+    await presence.start()
+    try:
+        await asyncio.wait_for(presence.connected.wait(), 10)
+        body = json.dumps(CHAT).encode()
+        headers = sign_request_headers(key, stranger.device_id, stranger.device_id, "POST",
+                                       "/v1/chat/completions", body)
+        with pytest.raises(LinkUnavailableError):
+            await links.link_for(node_id).open(Request("POST", "/v1/chat/completions", headers, body),
+                                               connect_timeout=4)
+    finally:
+        await presence.stop()
+        await links.stop()
+    rows = (await (await http.get(node.root + "/v1/dvai/audit")).json())["data"]
+    assert all(row["peerDeviceId"] != stranger.device_id for row in rows)
+    peers = (await (await http.get(node.root + "/v1/dvai/peers")).json())["data"]
+    assert all(peer["deviceId"] != stranger.device_id for peer in peers)
