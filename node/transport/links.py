@@ -51,6 +51,9 @@ LINK_DEAD_AFTER_S = 2.0
 a killed peer's streams end with a clean error within about this long."""
 LINK_IDLE_PING_S = 15.0
 """seconds between pings on an idle link (keeps its round-trip time and NAT binding fresh)."""
+LINK_SETUP_ABANDON_S = 60.0
+"""seconds after which a link still connecting is dropped even if nobody waits for it (a caller
+waiting gives up after its own connect timeout)."""
 _KEEPER_TICK_S = 0.25
 
 
@@ -307,8 +310,8 @@ class LinkManager:
             return
         mux = link.mux
         if mux is None:
-            if link.state is LinkState.CONNECTING and now - link.created_at > self.connect_timeout * 2:
-                link.fail("set-up never finished")
+            if link.state is LinkState.CONNECTING and now - link.created_at > LINK_SETUP_ABANDON_S:
+                link.fail("set-up never finished")  # e.g. an answer whose offerer vanished
             return
         busy = mux.open_streams > 0
         if busy and now - mux.last_received > LINK_DEAD_AFTER_S:
