@@ -328,8 +328,10 @@ async def test_a_rendezvous_that_replays_signaling_gets_no_link(tmp_path: Path, 
         node = start_node_process(tmp_path / "b", config_text=node_config(url))
         try:
             async with paired_device(node, url, http, connect_timeout=4) as me:
+                # the node links to us first (to fetch our health): the first set-up is genuine
+                await _wait_for_peer(node, http, me.identity.device_id, lambda p: p["state"] != "pending")
                 status, _, _ = await me.send(me.signed("/v1/chat/completions", json.dumps(CHAT).encode()))
-                assert status == 200  # the first set-up is genuine
+                assert status == 200
                 link = me.links._links[me.node_id]  # noqa: SLF001 - close it to force a second set-up
                 link.close("test")
                 await link.wait_closed()
