@@ -42,9 +42,9 @@ import aiohttp  # noqa: E402
 from node.constants import HOP_HEADER, OFFLOAD_HEADER  # noqa: E402
 from node.identity import DeviceIdentity  # noqa: E402
 from node.security import sign_request_headers  # noqa: E402
-from node.security.rendezvous_client import QrPairingScanner  # noqa: E402
 from node.transport.links import LinkManager  # noqa: E402
 from node.transport.presence import PresenceConnection  # noqa: E402
+from node.transport.rendezvous_client import QrPairingScanner  # noqa: E402
 from tests.conftest import free_port, start_node_process  # noqa: E402
 
 RATE = 200.0

@@ -449,3 +449,12 @@ LINK_SEND_LOW_WATER_BYTES = 256 * 1024
 LINK_MAX_SIGNAL_BYTES = 48 * 1024
 """bytes of one encrypted signaling message (an SDP with its candidates is 1-4 KiB);
 under the rendezvous' relay limit of 64 KiB."""
+
+REMOTE_HEALTH_MAX_AGE_S = 600.0
+"""seconds a rendezvous peer's health answer is used before one is fetched over a new link."""
+
+PRESENCE_BACKOFF_MAX_S = 60.0
+"""seconds between reconnection attempts to the rendezvous at most (a restart is found within a minute)."""
+
+MAX_PRESENCE_QUERY = 64
+"""rendezvous-paired peers a node watches (one presence query; the rendezvous' limit per query)."""

@@ -45,8 +45,8 @@ from .pairing import Pairing, PairingApprover, PairingHook, PairingResult, Pairi
 from .pairing.qr_service import QrPairingService
 from .security import NonceCache, exposure_warnings, is_loopback
 from .transport.http_link import HttpPeerLink
-from .transport.rendezvous_client import Approver as QrApprover
 from .transport.link import PeerLink
+from .transport.rendezvous_client import Approver as QrApprover
 
 if TYPE_CHECKING:
     from .discovery.rendezvous import RemotePeerBook

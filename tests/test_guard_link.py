@@ -12,7 +12,7 @@ from aiohttp import web
 
 from node.config import NodeConfig
 from node.constants import LINK_PEER_HEADER
-from node.security.pairing import Pairing, PairingStore
+from node.pairing.store import Pairing, PairingStore
 from node.security.signing import sign_request_headers
 
 from .conftest import free_port

@@ -25,9 +25,9 @@ import pytest
 
 from node.identity import DeviceIdentity
 from node.security import sign_request_headers
-from node.security.rendezvous_client import QrPairingScanner
 from node.transport.links import LinkManager, LinkUnavailableError
 from node.transport.presence import PresenceConnection
+from node.transport.rendezvous_client import QrPairingScanner
 
 from .conftest import REPO, NodeProcess, free_port, start_node_process
 from .test_qr_e2e import rendezvous  # noqa: F401 - the fixture: a real rendezvous process

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from node.errors import ConfigError
+from node.common.errors import ConfigError
 from node.identity import DeviceIdentity
 from node.transport.links import LinkManager
 from node.transport.presence import PresenceConnection

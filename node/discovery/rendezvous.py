@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from ..constants import MAX_HEALTH_BODY_BYTES
+from ..constants import MAX_HEALTH_BODY_BYTES, REMOTE_HEALTH_MAX_AGE_S
 from ..transport.link import LinkRequest, PeerLink
 from .health import parse_health_report
 from .model import HealthReport, Peer, PeerState
@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 
 REMOTE_HEALTH_REFRESH_S = 30.0
 """seconds between health answers of a rendezvous peer while a link to it is up."""
-REMOTE_HEALTH_MAX_AGE_S = 600.0
-"""seconds a rendezvous peer's health answer is used before one is fetched over a new link."""
 REMOTE_RETRY_S = 30.0
 """seconds before a rendezvous peer whose health could not be fetched is tried again."""
 

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from ..config import IceServer
+from ..constants import MAX_PRESENCE_QUERY, PRESENCE_BACKOFF_MAX_S
 from ..identity import DeviceIdentity
 from .links import LinkManager
 from .signaling import SignalingClient, SignalingError
@@ -29,12 +30,8 @@ __all__ = ["PresenceConnection"]
 log = logging.getLogger(__name__)
 
 PRESENCE_BACKOFF_FIRST_S = 1.0
-PRESENCE_BACKOFF_MAX_S = 60.0
-"""seconds between reconnection attempts at most (a rendezvous restart is found within a minute)."""
 PRESENCE_STABLE_S = 30.0
 """a connection that lasted this long resets the back-off."""
-MAX_PRESENCE_QUERY = 64
-"""rendezvous-paired peers watched (one query; the rendezvous' limit per query)."""
 
 OnPresence = Callable[[frozenset[str]], None]
 
