@@ -179,7 +179,7 @@ class Node:
         an internal Unix-socket site, so they pass every check an HTTP request passes."""
         from .discovery.model import HealthReport
         from .discovery.rendezvous import RemotePeerBook, fetch_health_over
-        from .security import sign_request_headers
+        from .security.signing import sign_with_pairing
         from .transport.inbound import LinkRequestReplayer
         from .transport.links import LinkManager
         from .transport.presence import PresenceConnection
@@ -215,12 +215,12 @@ class Node:
         own_id = context.identity.device_id
 
         async def fetch_health(device_id: str) -> HealthReport | str:
-            key = link_key(device_id)
-            if key is None:
+            pairing = pairings.get(device_id, direction="outbound")
+            if link_key(device_id) is None or pairing is None:
                 return "not paired"
 
             def sign(method: str, path: str, body: bytes) -> dict[str, str]:
-                return sign_request_headers(key, own_id, own_id, method, path, body)
+                return sign_with_pairing(pairing, own_id, method, path, body)
 
             return await fetch_health_over(links.link_for(device_id), sign,
                                            connect_timeout=offload.link_connect_timeout)

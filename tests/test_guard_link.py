@@ -26,7 +26,7 @@ async def sites(tmp_path: Path) -> AsyncIterator[tuple[aiohttp.ClientSession, ai
     """A loopback-bound node's guard (unsigned non-loopback callers would be allowed over TCP)
     served on TCP and on a Unix socket: (unix client, tcp client, tcp base URL)."""
     store = PairingStore(tmp_path / "pairings.json")
-    await store.add(Pairing(peer_device_id=PEER, peer_device_name="Peer", app_id=APP, key=KEY,
+    await store.add(Pairing(peer_device_id=PEER, peer_device_name="Peer", our_app_id=APP, peer_app_id=APP, key=KEY,
                             via="rendezvous", paired_at=NOW, role="mutual"))
     runner = web.AppRunner(build_app(NodeConfig(), store))
     await runner.setup()
