@@ -71,6 +71,17 @@ class KnownPeer:
 
 
 @dataclass(frozen=True, slots=True)
+class IceServer:
+    """A STUN or TURN server for the internet path (``[[offload.ice_servers]]``)."""
+
+    urls: tuple[str, ...]
+    """``stun:host:port``, ``turn:host:port?transport=udp|tcp`` or ``turns:host:port``."""
+    username: str | None = None
+    credential: str | None = None
+    """TURN password."""
+
+
+@dataclass(frozen=True, slots=True)
 class OffloadConfig:
     """The reference's ``OffloadConfig``; off by default."""
 
@@ -103,6 +114,20 @@ class OffloadConfig:
     """seconds to connect to a peer before it counts as failed (the next peer is tried)."""
     forward_read_timeout: float = 30.0
     """seconds without a byte from a peer in the middle of an answer before it counts as failed."""
+    ice_servers: tuple[IceServer, ...] = ()
+    """STUN/TURN servers for WebRTC links to rendezvous peers; empty: host candidates only
+    (no third-party server is ever contacted)."""
+    rendezvous_turn: bool = False
+    """ask the rendezvous for time-limited TURN credentials (its ``turn_secret``/``turn_urls``) and
+    add its TURN server to ``ice_servers``."""
+    ice_relay_only: bool = False
+    """use only TURN-relayed paths (hides both devices' addresses from each other)."""
+    link_connect_timeout: float = 15.0
+    """seconds to set up a WebRTC link (signaling, ICE, DTLS, channel) before it counts as failed."""
+    link_idle_timeout: float = 120.0
+    """seconds a WebRTC link with no request is kept open before it is closed."""
+    presence_interval: float = 10.0
+    """seconds between presence queries for rendezvous-paired peers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +355,10 @@ def _check(config: NodeConfig) -> None:
         raise ConfigError("max_blank_chunks: expected a positive integer")
     if config.offload.probe_tokens < 2:
         raise ConfigError("offload.probe_tokens: expected an integer of at least 2")
-    for key in ("verify_timeout", "forward_connect_timeout", "forward_read_timeout", "circuit_break_s"):
+    for server in config.offload.ice_servers:
+        if not server.urls or not all(u.startswith(("stun:", "turn:", "turns:")) for u in server.urls):
+            raise ConfigError("offload.ice_servers.urls: expected stun:, turn: or turns: URLs")
+    for key in ("verify_timeout", "forward_connect_timeout", "forward_read_timeout", "circuit_break_s",
+                "link_connect_timeout", "link_idle_timeout", "presence_interval"):
         if not getattr(config.offload, key) > 0:
             raise ConfigError(f"offload.{key}: expected a positive number of seconds")

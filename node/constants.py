@@ -68,6 +68,8 @@ SERVED_BY_HEADER = "X-DVAI-Served-By"
 SUBSTITUTED_HEADER = "X-DVAI-Substituted-From"
 """on an answer served by another model than the one asked for (hub substitution): the name asked for."""
 HOP_HEADER = "X-DVAI-Hop"
+LINK_PEER_HEADER = "X-DVAI-Link-Peer"
+"""set by the node itself on requests it replays from a WebRTC link (never trusted from the network)."""
 REQUEST_ID_HEADER = "X-Request-Id"
 NO_CAPABLE_DEVICE_RETRY_AFTER = 30
 """seconds, fixed by the reference's no_capable_device contract."""
@@ -421,3 +423,57 @@ QUOTA_MAX_TRACKED_SUBJECTS = 100_000
 
 USAGE_LABEL_MAX_CHARS = 200
 """characters of an app id, device id or model name kept in a usage row; longer values are cut."""
+
+# --- The internet path: data-channel frames and links (node/transport) ----------------
+LINK_MAX_FRAME_BYTES = 64 * 1024
+"""bytes of one serialized frame on a data channel: the message size every WebRTC stack
+accepts (aiortc advertises 256 KiB), and what bounds one frame's buffer at the reader."""
+
+LINK_MAX_CHUNK_BYTES = 60 * 1024
+"""bytes of body carried by one chunk frame (leaves room for the frame's map and tags)."""
+
+LINK_MAX_HEADERS = 64
+"""headers in one request or response head."""
+
+LINK_MAX_HEADER_BYTES = 16 * 1024
+"""characters of all header names and values of one head together."""
+
+LINK_MAX_PATH_CHARS = 8 * 1024
+"""characters of a request head's path with query."""
+
+LINK_MAX_ERROR_MESSAGE_CHARS = 1024
+"""characters of a stream error's message."""
+
+LINK_MAX_STREAM_ID = 2**31 - 1
+"""largest stream id; a link that would need more is closed and opened afresh."""
+
+LINK_MAX_STREAMS = 64
+"""streams open at once on one link per direction; a peer opening more is hostile (the
+link is closed): it bounds the tasks and buffers one peer can make us hold."""
+
+LINK_MAX_STREAM_BUFFER_BYTES = 4 * 1024 * 1024
+"""bytes received on one stream and not yet read by its consumer; past this the stream is
+refused (a request body larger than the body limit, or a peer ignoring cancellation)."""
+
+LINK_MAX_INBOUND_BODY_BYTES = 16 * 1024 * 1024
+"""bytes of request bodies one peer may have in flight to us on a link at once (all its streams);
+more closes the link: bounds what 64 streams of large bodies could pin in memory."""
+
+LINK_SEND_HIGH_WATER_BYTES = 1024 * 1024
+"""bytes queued in the channel (``bufferedAmount``) above which a sender waits."""
+
+LINK_SEND_LOW_WATER_BYTES = 256 * 1024
+"""bytes queued in the channel at which waiting senders resume (the low-water event)."""
+
+LINK_MAX_SIGNAL_BYTES = 48 * 1024
+"""bytes of one encrypted signaling message (an SDP with its candidates is 1-4 KiB);
+under the rendezvous' relay limit of 64 KiB."""
+
+REMOTE_HEALTH_MAX_AGE_S = 600.0
+"""seconds a rendezvous peer's health answer is used before one is fetched over a new link."""
+
+PRESENCE_BACKOFF_MAX_S = 60.0
+"""seconds between reconnection attempts to the rendezvous at most (a restart is found within a minute)."""
+
+MAX_PRESENCE_QUERY = 64
+"""rendezvous-paired peers a node watches (one presence query; the rendezvous' limit per query)."""

@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from .pairing import PairingApprover, PairingStore
     from .pairing.qr_service import QrPairingService
     from .security import NonceCache
+    from .transport.links import LinkManager
+    from .transport.presence import PresenceConnection
 
 
 @dataclass(slots=True)
@@ -76,6 +78,10 @@ class NodeContext:
     """models served by other OpenAI-compatible servers (node/hub/external.py)."""
     router: OffloadRouter | None = None
     """Decides per request: local, forwarded to a peer, or refused (offload enabled, HTTP only)."""
+    links: LinkManager | None = None
+    """WebRTC links to rendezvous-paired peers (offload enabled and ``rendezvous_url`` set)."""
+    presence: PresenceConnection | None = None
+    """The presence connection to the rendezvous that carries the links' signaling."""
 
     def peer_base_url(self, device_id: str) -> str | None:
         """A discovered peer's base URL, when discovery knows the device."""

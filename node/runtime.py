@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -26,7 +26,7 @@ from .audit import AUDIT_FILE, AuditLog
 from .capability import CapabilityScore, CapabilityService, CapabilityStore
 from .common.errors import ConfigError
 from .common.fsutil import atomic_write_json, read_json, remove_stale_temp_files
-from .config import NodeConfig, load_config, override_config
+from .config import IceServer, NodeConfig, load_config, override_config
 from .context import NodeContext
 from .discovery import AdvertisedInfo, DiscoveryService, Peer, PeerTable
 from .engine.registry import ModelRegistry
@@ -45,7 +45,12 @@ from .pairing import Pairing, PairingApprover, PairingHook, PairingResult, Pairi
 from .pairing.qr_service import QrPairingService
 from .security import NonceCache, exposure_warnings, is_loopback
 from .transport.http_link import HttpPeerLink
+from .transport.link import PeerLink
 from .transport.rendezvous_client import Approver as QrApprover
+
+if TYPE_CHECKING:
+    from .discovery.rendezvous import RemotePeerBook
+    from .transport.inbound import LinkRequestReplayer
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +90,8 @@ class Node:
         self._background: set[asyncio.Task[Any]] = set()
         self._runner: NodeRunner | None = None
         self._port: int | None = None
+        self._replayer: LinkRequestReplayer | None = None
+        self._remote_peers: RemotePeerBook | None = None
 
     # -- lifecycle -----------------------------------------------------------
     async def __aenter__(self) -> Node:
@@ -120,6 +127,8 @@ class Node:
                     await self._start_discovery(context)
                     context.router = self._build_router(context)
                     await context.router.start()
+                    if self.config.offload.rendezvous_url:
+                        await self._start_internet_path(context, self.config.offload.rendezvous_url)
             if wait_ready:
                 await context.registry.wait_preloaded()
         except BaseException:
@@ -162,6 +171,76 @@ class Node:
         preload = asyncio.create_task(self._readvertise_after_preload(context), name="readvertise")
         self._background.add(preload)
         preload.add_done_callback(self._background.discard)
+
+    async def _start_internet_path(self, context: NodeContext, rendezvous_url: str) -> None:
+        """Presence on the rendezvous and WebRTC links to QR-paired peers (docs/internet-path.md).
+
+        Requests arriving over a link are replayed into this node's own application through
+        an internal Unix-socket site, so they pass every check an HTTP request passes."""
+        from .discovery.model import HealthReport
+        from .discovery.rendezvous import RemotePeerBook, fetch_health_over
+        from .security.signing import sign_with_pairing
+        from .transport.inbound import LinkRequestReplayer
+        from .transport.links import LinkManager
+        from .transport.presence import PresenceConnection
+
+        assert self._runner is not None and context.pairings is not None and context.http is not None
+        offload = self.config.offload
+        self._replayer = replayer = LinkRequestReplayer(
+            read_timeout=self.config.generation_timeout + offload.forward_read_timeout)
+        await web.UnixSite(self._runner, replayer.socket_path).start()
+        pairings = context.pairings
+
+        def link_key(device_id: str) -> bytes | None:
+            pairing = pairings.get(device_id)
+            return pairing.key if pairing is not None and pairing.via == "rendezvous" \
+                and pairing.role == "mutual" else None
+
+        def watched() -> list[str]:
+            return sorted(p.peer_device_id for p in pairings.list() if link_key(p.peer_device_id) is not None)
+
+        presence: PresenceConnection | None = None
+
+        def ice_servers() -> tuple[IceServer, ...]:
+            minted = presence.turn_servers() if presence is not None else ()
+            return (*offload.ice_servers, *minted)
+
+        context.links = LinkManager(
+            device_id=context.identity.device_id, pairing_key_for=link_key, ice_servers=ice_servers,
+            relay_only=offload.ice_relay_only, connect_timeout=offload.link_connect_timeout,
+            idle_timeout=offload.link_idle_timeout, on_request=replayer.serve,
+            max_request_body=self.config.max_body_bytes)
+        await context.links.start()
+        links = context.links
+        own_id = context.identity.device_id
+
+        async def fetch_health(device_id: str) -> HealthReport | str:
+            pairing = pairings.get(device_id, direction="outbound")
+            if link_key(device_id) is None or pairing is None:
+                return "not paired"
+
+            def sign(method: str, path: str, body: bytes) -> dict[str, str]:
+                return sign_with_pairing(pairing, own_id, method, path, body)
+
+            return await fetch_health_over(links.link_for(device_id), sign,
+                                           connect_timeout=offload.link_connect_timeout)
+
+        def paired_name(device_id: str) -> str | None:
+            pairing = pairings.get(device_id)
+            return pairing.peer_device_name if link_key(device_id) is not None and pairing else None
+
+        def link_up(device_id: str) -> bool:
+            info = links.info(device_id)
+            return info is not None and info.state.up
+
+        assert context.peers is not None
+        self._remote_peers = book = RemotePeerBook(table=context.peers, fetch_health=fetch_health,
+                                                   paired_name=paired_name, link_up=link_up)
+        context.presence = presence = PresenceConnection(
+            base_url=rendezvous_url, identity=context.identity, session=context.http, links=links,
+            watched=watched, on_presence=book.on_presence, interval=offload.presence_interval,
+            want_turn=offload.rendezvous_turn)
+        await presence.start()
 
     async def _readvertise_after_preload(self, context: NodeContext) -> None:
         await context.registry.wait_preloaded()
@@ -230,7 +309,11 @@ class Node:
             raise RuntimeError("the offload router needs the peer table, the pairing store and the HTTP client")
         session = context.http
 
-        def link_for(peer: Peer) -> HttpPeerLink:
+        def link_for(peer: Peer) -> PeerLink:
+            # A rendezvous peer is reached over its WebRTC data channel (docs/internet-path.md);
+            # the peer table lists a device found on both paths as its LAN entry while that answers.
+            if peer.via == "rendezvous" and context.links is not None:
+                return context.links.link_for(peer.device_id)
             return HttpPeerLink(session, peer.base_url)
 
         return OffloadRouter(config=context.config, device_id=context.identity.device_id,
@@ -271,6 +354,15 @@ class Node:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.context is not None and self.context.router is not None:
             await self.context.router.stop()
+        if self.context is not None and self.context.presence is not None:
+            await self.context.presence.stop()
+            self.context.presence = None
+        book, self._remote_peers = self._remote_peers, None
+        if book is not None:
+            await book.close()
+        if self.context is not None and self.context.links is not None:
+            await self.context.links.stop()
+            self.context.links = None
         if self.context is not None and self.context.discovery is not None:
             # Say goodbye while the node still answers its health checks.
             await self.context.discovery.stop()
@@ -278,6 +370,9 @@ class Node:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        replayer, self._replayer = self._replayer, None
+        if replayer is not None:
+            await replayer.close()
         context, self.context = self.context, None
         if context is not None:
             if context.approver is not None:

@@ -74,6 +74,14 @@ class RendezvousConfig:
     """seconds a new WebSocket has to answer the challenge before it is closed."""
     max_connections: int = 10_000
     """authenticated WebSocket connections at once."""
+    turn_secret: str | None = None
+    """coturn's ``static-auth-secret``: when set, authenticated devices may ask for time-limited TURN
+    credentials (coturn's REST scheme) over the presence WebSocket. Keep it out of the TOML file:
+    prefer ``DVAI_RENDEZVOUS_TURN_SECRET``."""
+    turn_urls: tuple[str, ...] = ()
+    """TURN URLs handed out with the credentials, e.g. ``turn:turn.example.org:3478?transport=udp``."""
+    turn_ttl: float = 3600.0
+    """seconds minted TURN credentials stay valid."""
 
     @property
     def base_url(self) -> str:
@@ -150,5 +158,11 @@ def check_config(config: RendezvousConfig) -> None:
         raise ConfigError("max_body_bytes: expected at least 1024")
     if not 256 <= config.max_confirmation_bytes <= config.max_body_bytes:
         raise ConfigError("max_confirmation_bytes: expected between 256 and max_body_bytes")
+    if config.turn_secret is not None and (len(config.turn_secret) < 16 or not config.turn_urls):
+        raise ConfigError("turn_secret: expected at least 16 characters, with turn_urls set")
+    if not all(url.startswith(("turn:", "turns:")) for url in config.turn_urls):
+        raise ConfigError("turn_urls: expected turn: or turns: URLs")
+    if config.turn_ttl < 60:
+        raise ConfigError("turn_ttl: expected at least 60 seconds")
     if config.ws_max_message_bytes < 1024:
         raise ConfigError("ws_max_message_bytes: expected at least 1024")

@@ -29,6 +29,9 @@ class RendezvousMetrics:
             "dvai_rendezvous_ws_auth_failures", "WebSocket challenge answers refused", registry=r
         )
         self.relayed = Counter("dvai_rendezvous_relayed_messages", "messages relayed between devices", registry=r)
+        self.turn_minted = Counter(
+            "dvai_rendezvous_turn_credentials_minted", "TURN credentials handed to devices", registry=r
+        )
         self.relay_refused = Counter(
             "dvai_rendezvous_relay_refused", "relay messages refused, by reason", ["reason"], registry=r
         )

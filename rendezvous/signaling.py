@@ -29,6 +29,7 @@ from node.common.tokenbucket import TokenBucket
 from .constants import MAX_HELLO_FIELD_CHARS, MAX_MESSAGE_ID, MAX_PRESENCE_QUERY
 from .metrics import RendezvousMetrics
 from .store import RendezvousStore
+from .turn import mint_turn_credentials
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class RelayLimits:
     burst: float = 40.0
     auth_timeout: float = 10.0
     max_connections: int = 10_000
+    turn_secret: str | None = None
+    turn_urls: tuple[str, ...] = ()
+    turn_ttl: float = 3600.0
 
 
 class ProtocolError(ValueError):
@@ -199,6 +203,8 @@ class SignalingHub:
                 await self._presence(connection, frame)
             elif kind == "ping":
                 await connection.send({"type": "pong"})
+            elif kind == "turn":
+                await self._turn(connection)
             else:
                 raise ProtocolError("unknown_type", f"unknown frame type {kind[:40]!r}")
         except ProtocolError as exc:
@@ -222,6 +228,15 @@ class SignalingHub:
             await self._error(connection, "peer_offline", "that device is not connected", message_id=message_id)
             return
         self._metrics.relayed.inc()
+
+    async def _turn(self, connection: _Connection) -> None:
+        limits = self._limits
+        if limits.turn_secret is None:
+            raise ProtocolError("turn_unavailable", "this rendezvous has no TURN server configured")
+        credentials = mint_turn_credentials(limits.turn_secret, limits.turn_urls, connection.device_id,
+                                            self._clock(), limits.turn_ttl)
+        self._metrics.turn_minted.inc()
+        await connection.send(credentials.to_frame())
 
     async def _presence(self, connection: _Connection, frame: dict[str, Any]) -> None:
         ids = frame.get("device_ids")

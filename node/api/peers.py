@@ -15,11 +15,16 @@ routes = web.RouteTableDef()
 def peers_body(context: NodeContext) -> dict[str, Any]:
     if context.peers is None:
         raise OffloadDisabledError("peer discovery runs")
-    return {
-        "object": "list",
-        "deviceId": context.identity.device_id,
-        "data": [peer.to_json() for peer in context.peers.snapshot()],
-    }
+    links = context.links
+    data = []
+    for peer in context.peers.snapshot():
+        item = peer.to_json()
+        info = links.info(peer.device_id) if links is not None else None
+        if info is not None or peer.via == "rendezvous":
+            # the WebRTC link: connecting, direct, relayed (via TURN), closed or failed; RTT in ms
+            item["link"] = info.to_json() if info is not None else None
+        data.append(item)
+    return {"object": "list", "deviceId": context.identity.device_id, "data": data}
 
 
 @routes.get("/v1/dvai/peers")

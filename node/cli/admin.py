@@ -177,6 +177,15 @@ def configure_peers(parser: argparse.ArgumentParser) -> None:
     add_client_options(parser)
 
 
+def link_text(link: object) -> str:
+    """A WebRTC link as the peers table shows it: ``direct 23 ms``, ``relayed``, ``failed``, ``-``."""
+    if not isinstance(link, dict) or not isinstance(link.get("state"), str):
+        return "-"
+    rtt = link.get("rttMs")
+    return f"{link['state']} {rtt:.0f} ms" if isinstance(rtt, (int, float)) and link["state"] in (
+        "direct", "relayed") else str(link["state"])
+
+
 def run_peers(args: argparse.Namespace, config: NodeConfig) -> int:
     async def go() -> int:
         base = node_url(args, config)
@@ -190,12 +199,12 @@ def run_peers(args: argparse.Namespace, config: NodeConfig) -> int:
             speeds = ", ".join(f"{m} {v:g}" for m, v in sorted(peer.get("capability", {}).items())) or "-"
             seen = peer.get("lastSeenAt")
             ago = f"{max(0.0, (now_ms - seen) / 1000):.1f}s ago" if isinstance(seen, (int, float)) else "-"
-            rows.append([peer.get("deviceName", ""), peer["deviceId"], peer.get("address", ""),
+            rows.append([peer.get("deviceName", ""), peer["deviceId"], peer.get("address", "") or "-",
                          ",".join(peer.get("loadedModels", [])) or "-", speeds, peer.get("via", ""),
-                         peer.get("state", ""), ago])
+                         peer.get("state", ""), link_text(peer.get("link")), ago])
         if rows:
             print_table(rows, ["NAME", "DEVICE ID", "ADDRESS", "MODELS", "TOK/S (claimed)", "VIA", "STATE",
-                               "LAST SEEN"])
+                               "LINK", "LAST SEEN"])
         else:
             print("(no peers)")
         return 0

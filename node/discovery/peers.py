@@ -15,7 +15,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -90,6 +90,9 @@ class PeerTable:
         self._max_pending = min(max_pending, max_peers)
         self._max_alternates = max_alternates
         self._entries: dict[str, PeerEntry] = {}
+        self._remote: dict[str, Peer] = {}
+        """rendezvous peers (``via = "rendezvous"``), reached over WebRTC links: kept apart from the
+        address-based entries, whose merge rules are about LAN addresses."""
         self._listeners: list[PeerListener] = []
 
     @classmethod
@@ -107,13 +110,24 @@ class PeerTable:
     # -- readers -----------------------------------------------------------
 
     def get(self, device_id: str) -> Peer | None:
+        """The device's peer: its LAN entry, or its rendezvous entry when the LAN one is not
+        reachable and the rendezvous one is (a peer reachable both ways uses the LAN)."""
         entry = self._entries.get(device_id)
-        return to_peer(entry) if entry is not None else None
+        lan = to_peer(entry) if entry is not None else None
+        remote = self._remote.get(device_id)
+        if remote is not None and (lan is None or (not lan.reachable and remote.reachable)):
+            return remote
+        return lan
 
     def snapshot(self) -> tuple[Peer, ...]:
         """Every listed peer (all states), sorted by device name then id."""
-        peers = [to_peer(entry) for entry in self._entries.values()]
+        ids = set(self._entries) | set(self._remote)
+        peers = [peer for peer in (self.get(device_id) for device_id in ids) if peer is not None]
         return tuple(sorted(peers, key=lambda p: (p.device_name.lower(), p.device_id)))
+
+    def remote(self, device_id: str) -> Peer | None:
+        """The device's rendezvous entry, whether or not a LAN entry is preferred."""
+        return self._remote.get(device_id)
 
     def reachable(self) -> tuple[Peer, ...]:
         return tuple(p for p in self.snapshot() if p.state is PeerState.REACHABLE)
@@ -187,6 +201,21 @@ class PeerTable:
         updated = withdraw_source(entry, source)
         self._store(entry, updated)
         return updated is None
+
+    def set_remote(self, peers: Iterable[Peer]) -> None:
+        """Replace the rendezvous peers (``via = "rendezvous"``) with ``peers``; listeners hear
+        of every change as for LAN peers."""
+        new = {peer.device_id: peer for peer in peers if peer.device_id != self.self_device_id}
+        old = self._remote
+        self._remote = new
+        for device_id in old.keys() - new.keys():
+            self._notify(PeerChange(PeerChangeKind.REMOVED, old[device_id]))
+        for device_id, peer in new.items():
+            before = old.get(device_id)
+            if before is None:
+                self._notify(PeerChange(PeerChangeKind.ADDED, peer))
+            elif dataclasses.replace(before, last_seen_at=0) != dataclasses.replace(peer, last_seen_at=0):
+                self._notify(PeerChange(PeerChangeKind.UPDATED, peer))
 
     def sweep(self) -> None:
         """Apply the unreachable / remove timeouts to every entry."""

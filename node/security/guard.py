@@ -27,7 +27,7 @@ from aiohttp.typedefs import Middleware
 from ..common.clock import unix_ms
 from ..common.errors import AuthenticationError, DVAIError, PayloadTooLargeError, PermissionDeniedError
 from ..config import NodeConfig, SecurityConfig
-from ..constants import MESH_PATH
+from ..constants import LINK_PEER_HEADER, MESH_PATH
 from ..hub.keys import KEY_PREFIX, ApiKeyStore, bearer_token, check_scopes
 from .signing import (
     ANONYMOUS,
@@ -239,6 +239,14 @@ def make_security_middleware(
                                                 lookup_key=store.get, nonces=nonces, now_ms=now_ms())
         elif api_keys is not None and (token := bearer_token(request.headers.get("Authorization"))):
             attribution = authenticate_key(api_keys, token, request.path)
+        link_peer = arrived_over_link(request)
+        if link_peer is not None:
+            # Replayed from a WebRTC link (node/transport/inbound.py): never loopback, and only
+            # the device at the other end of the link may sign, whatever the path.
+            loopback = False
+            if not attribution.signed or attribution.peer_device_id != link_peer:
+                raise AuthenticationError("requests over a link must be signed by the linked device",
+                                          code="signature_required")
         pairing = store.get(attribution.peer_device_id) if attribution.signed else None
         decide_access(policy, paths=_route_paths(request), loopback=loopback, attribution=attribution,
                       admin_peer=pairing is not None and pairing.admin,
@@ -257,6 +265,18 @@ def make_security_middleware(
         return await handler(request)
 
     return security_middleware
+
+
+def arrived_over_link(request: web.Request) -> str | None:
+    """The linked peer's device id when ``request`` was replayed from a WebRTC link, else None.
+
+    Link requests arrive on the node's internal Unix-socket site only (its socket sits in a
+    0700 directory of the node's own user); there, and only there, ``X-DVAI-Link-Peer`` is
+    set by the replayer. On a TCP site the header means nothing."""
+    transport = request.transport
+    if transport is None or not isinstance(transport.get_extra_info("sockname"), str):
+        return None
+    return request.headers.get(LINK_PEER_HEADER, "")
 
 
 def attribution_of(request: web.Request) -> Attribution:

@@ -105,6 +105,16 @@ class SignalingClient:
             frame["id"] = message_id
         await self._require_ws().send_json(frame)
 
+    async def query_presence(self, device_ids: list[str]) -> None:
+        """Ask which of ``device_ids`` are online without waiting: the answer arrives through
+        ``receive`` as a ``presence`` frame (for a connection whose reader runs elsewhere)."""
+        await self._require_ws().send_json({"type": "presence", "device_ids": device_ids})
+
+    async def request_turn(self) -> None:
+        """Ask for time-limited TURN credentials; the answer (a ``turn`` frame, or an ``error``
+        with code ``turn_unavailable``) arrives through ``receive``."""
+        await self._require_ws().send_json({"type": "turn"})
+
     async def presence(self, device_ids: list[str]) -> set[str]:
         """Which of ``device_ids`` are connected now; other frames read meanwhile are kept for ``receive``."""
         await self._require_ws().send_json({"type": "presence", "device_ids": device_ids})
