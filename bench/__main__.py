@@ -11,6 +11,7 @@ BENCHMARKS = (
     "bench.mesh_sim",  # issue 5: SIMULATED mesh, router vs baselines on a virtual clock
     "bench.rendezvous_bench",  # issue 6: pairings per second, memory per idle session
     "bench.hub_bench",  # issue 13: what API keys, signatures and quotas add per request
+    "bench.grammar_bench",  # issue 12: grammar-constrained vs unconstrained decoding
 )
 
 for name in BENCHMARKS:

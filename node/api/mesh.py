@@ -35,6 +35,7 @@ def health_body(context: NodeContext) -> dict[str, Any]:
             "loaded": slot.state is SlotState.READY,
             "queueDepth": slot.queue_depth,
             "serves": list(slot.info.serves),
+            "features": list(slot.info.features),
             **({"error": slot.error} if slot.error else {}),
         }
         for slot in registry.slots()

@@ -13,12 +13,20 @@ from ..common.errors import InvalidRequestError, UnsupportedParameterError
 from ..constants import MAX_COMPLETION_PROMPTS, MAX_EMBEDDING_INPUTS, MAX_STOP_SEQUENCES, MAX_TOKENS_CAP
 from ..engine.base import ChatMessage, SamplingParams
 from ..engine.requests import ChatRequest, CompletionRequest, EmbeddingRequest
+from .tool_params import (
+    link_tool_results,
+    parse_response_format,
+    parse_tool_calls_field,
+    parse_tool_choice,
+    parse_tools,
+    tool_grammar,
+)
 
 # Parameters we recognise but do not implement: a clear 400 beats silently ignoring them.
-_UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "logit_bias", "top_logprobs",
+_UNSUPPORTED_CHAT = ("functions", "function_call", "logit_bias", "top_logprobs",
                      "audio", "modalities", "prediction", "web_search_options")
 _UNSUPPORTED_COMPLETION = ("suffix", "logit_bias", "best_of")
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -26,22 +34,27 @@ def parse_chat_request(body: Any) -> ChatRequest:
     _refuse(body, _UNSUPPORTED_CHAT)
     if body.get("logprobs") not in (None, False):
         raise UnsupportedParameterError("logprobs are not supported", param="logprobs")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise UnsupportedParameterError(
-            "only response_format {\"type\": \"text\"} is supported", param="response_format"
-        )
+    model = _model(body)
     messages = _messages(body.get("messages"))
+    tools = parse_tools(body.get("tools"))
+    choice = parse_tool_choice(body.get("tool_choice"), tools)
+    parallel = _optional_bool(body, "parallel_tool_calls")
+    parallel = True if parallel is None else parallel
+    format_grammar = parse_response_format(body.get("response_format"))
+    grammar = tool_grammar(tools, choice, parallel) or format_grammar
     max_tokens = _optional_int(body, "max_completion_tokens", 1, MAX_TOKENS_CAP)
     if max_tokens is None:
         max_tokens = _optional_int(body, "max_tokens", 1, MAX_TOKENS_CAP)
     stream, include_usage = _stream(body)
     return ChatRequest(
-        model=_model(body),
+        model=model,
         messages=messages,
-        params=_sampling(body, max_tokens),
+        params=_sampling(body, max_tokens, grammar),
         stream=stream,
         include_usage=include_usage,
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
     )
 
 
@@ -146,11 +159,22 @@ def _messages(value: Any) -> tuple[ChatMessage, ...]:
         role = _ROLES.get(given) if isinstance(given, str) else None
         if role is None:
             raise InvalidRequestError(
-                f"{where}.role must be one of system, developer, user, assistant (got {repr(given)[:40]})",
+                f"{where}.role must be one of system, developer, user, assistant, tool (got {repr(given)[:40]})",
                 param=f"{where}.role",
             )
-        out.append(ChatMessage(role=role, content=_content(item.get("content"), f"{where}.content")))  # type: ignore[arg-type]
-    return tuple(out)
+        content = _content(item.get("content"), f"{where}.content")
+        if role == "tool":
+            call_id = item.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise InvalidRequestError(f"{where}.tool_call_id is required for a tool message",
+                                          param=f"{where}.tool_call_id")
+            out.append(ChatMessage(role="tool", content=content, tool_call_id=call_id))
+        elif role == "assistant":
+            calls = parse_tool_calls_field(item.get("tool_calls"), f"{where}.tool_calls")
+            out.append(ChatMessage(role="assistant", content=content, tool_calls=calls))
+        else:
+            out.append(ChatMessage(role=role, content=content))  # type: ignore[arg-type]
+    return tuple(link_tool_results(out))
 
 
 def _content(value: Any, where: str) -> str:
@@ -186,7 +210,7 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
+def _sampling(body: dict[str, Any], max_tokens: int | None, grammar: str | None = None) -> SamplingParams:
     stop = body.get("stop")
     if stop is None:
         stops: tuple[str, ...] = ()
@@ -214,6 +238,7 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
         frequency_penalty=_optional_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
         stop=stops,
         seed=None if seed is None else int(seed) & 0x7FFFFFFF,
+        grammar=grammar,
     )
 
 

@@ -14,6 +14,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from ..common.errors import EngineError, InvalidRequestError, embeddings_not_ena
 from ..config import env_model_name
 from .base import ChatMessage, EmbeddingResult, GenerationOutcome, ModelInfo, SamplingParams, TokenSink
 from .chat_format import known_chat_formats, render_gemma, render_named_format, render_template
+from .grammar_sampler import GrammarCheckedSampler
 from .textstream import ReasoningBudget, StopMatcher
+from .tools import FunctionTool, fallback_messages
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +105,18 @@ class LlamaEngine:
             self._chat_mode = "gemma"
 
     # -- text ------------------------------------------------------------------
-    def render_chat(self, messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
-        if self._chat_mode == "gemma":
-            return render_gemma(messages)
+    def render_chat(
+        self, messages: list[ChatMessage], tools: Sequence[FunctionTool] = ()
+    ) -> tuple[str, tuple[str, ...]]:
         if self._chat_mode == "template" and self._template is not None:
             llm = self._llm
             bos = llm.detokenize([llm.token_bos()], special=True).decode("utf-8", "ignore")
             eos = llm.detokenize([llm.token_eos()], special=True).decode("utf-8", "ignore")
-            return render_template(self._template, messages, bos_token=bos, eos_token=eos)
+            return render_template(self._template, messages, bos_token=bos, eos_token=eos, tools=tools)
+        if tools or any(m.role == "tool" or m.tool_calls for m in messages):
+            messages = fallback_messages(messages, tools)
+        if self._chat_mode == "gemma":
+            return render_gemma(messages)
         return render_named_format(self._chat_mode, messages)
 
     def _tokenize(self, text: str) -> list[int]:
@@ -156,6 +163,8 @@ class LlamaEngine:
         stops = StopMatcher(params.stop)
         reasoning = ReasoningBudget(self._reasoning_budget) if self._reasoning_budget is not None else None
         processors = self._eog_processor() if params.ignore_eos else None
+        if params.grammar is not None:
+            self._use_grammar(params.grammar)
         generator = llm.generate(
             tokens,
             top_k=params.top_k,
@@ -198,6 +207,7 @@ class LlamaEngine:
             pass
         finally:
             generator.close()
+            llm.__dict__.pop("_init_sampler", None)
         tail = decoder.decode(b"", final=True)
         if reasoning is not None:
             tail = reasoning.feed(tail) + reasoning.flush()
@@ -211,6 +221,22 @@ class LlamaEngine:
             text = ReasoningBudget.CLOSE_TEXT.encode()
             self._close_tokens = list(self._llm.tokenize(text, add_bos=False, special=True))
         return self._close_tokens
+
+    def _use_grammar(self, text: str) -> None:
+        """Make the next ``Llama.generate`` sample under GBNF ``text``, checking each sampled token
+        against the grammar before applying it to the whole vocabulary (see ``grammar_sampler``)."""
+        llm = self._llm
+        try:
+            sampler = GrammarCheckedSampler(llm._model.vocab, llm.n_vocab(), text)
+        except ValueError as exc:
+            log.error("llama.cpp rejected a generated grammar:\n%s", text)
+            raise EngineError("the output grammar could not be compiled; see the node log") from exc
+        base = type(llm)._init_sampler
+
+        def init_sampler(**kwargs: Any) -> GrammarCheckedSampler:
+            return sampler.with_chain(base(llm, **{**kwargs, "grammar": None}))
+
+        llm._init_sampler = init_sampler  # read once by the generate() call that follows
 
     def _eog_processor(self) -> Any:
         if self._eog_ban is None:

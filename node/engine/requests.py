@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import ChatMessage, SamplingParams
+from .tools import FunctionTool, ToolChoice
 
 __all__ = ["ChatRequest", "CompletionRequest", "EmbeddingRequest", "GenerationRequest"]
 
@@ -20,6 +21,14 @@ class ChatRequest:
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
+    tools: tuple[FunctionTool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice("none")
+    parallel_tool_calls: bool = True
+
+    @property
+    def reads_calls(self) -> bool:
+        """Whether the output is read for tool calls (tools given, ``tool_choice`` not ``none``)."""
+        return bool(self.tools) and self.tool_choice.mode != "none"
 
 
 @dataclass(frozen=True, slots=True)

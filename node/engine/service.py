@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import struct
 import time
 import uuid
@@ -19,13 +20,15 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..common.errors import embeddings_not_enabled
+from ..common.errors import InvalidRequestError, embeddings_not_enabled
 from ..config import env_model_name
-from .base import FinishReason, GenerationOutcome
+from .base import GenerationOutcome
 from .record import SERVED_LOCAL, RequestRecord
 from .registry import ModelRegistry
 from .requests import ChatRequest, EmbeddingRequest, GenerationRequest
 from .slot import GenerationJob, ModelSlot
+from .tool_output import stream_delta
+from .tools import StreamEvent, TextDelta, ToolCallStream
 
 __all__ = ["InferenceLimits", "InferenceService", "new_id"]
 
@@ -54,22 +57,35 @@ class InferenceService:
     async def _chunks(self, request: GenerationRequest, record: RequestRecord | None, *, with_usage: bool,
                       ) -> AsyncGenerator[dict[str, Any], None]:
         slot = self.registry.resolve(request.model)
+        check_constrainable(slot, request)
         shape = _Shape.of(request, slot.info.id)
         total = GenerationOutcome()
         started = time.perf_counter()
         for index, job, echo in _jobs(request):
             first = True
+            calls = _CallReader(request) if isinstance(request, ChatRequest) and request.reads_calls else None
             async with slot.generate(job, timeout=self.limits.generation_timeout,
                                      max_blank=self.limits.max_blank_chunks) as generation:
                 async for text in generation:
-                    yield shape.chunk(index, (echo + text) if first else text, first=first)
-                    first = False
+                    if calls is None:
+                        yield shape.chunk(index, (echo + text) if first else text, first=first)
+                        first = False
+                        continue
+                    for delta in calls.feed(text):
+                        yield shape.delta_chunk(index, delta, first=first)
+                        first = False
                 outcome = generation.outcome
             assert outcome is not None
             _add(total, outcome)
+            finish: str = outcome.finish_reason
+            if calls is not None:
+                for delta in calls.finish():
+                    yield shape.delta_chunk(index, delta, first=first)
+                    first = False
+                finish = calls.finish_reason(outcome.finish_reason)
             if first and (shape.chat or echo):  # nothing generated: still answer the role / echo
                 yield shape.chunk(index, echo, first=True)
-            yield shape.chunk(index, None, finish=outcome.finish_reason)
+            yield shape.chunk(index, None, finish=finish)
         _fill(record, slot, total, started)
         if with_usage:
             yield shape.usage_chunk(total)
@@ -77,7 +93,8 @@ class InferenceService:
     async def complete(self, request: GenerationRequest, record: RequestRecord | None = None) -> dict[str, Any]:
         """The whole answer (``chat.completion`` or ``text_completion``): the stream, gathered."""
         texts: dict[int, list[str]] = {}
-        finishes: dict[int, FinishReason] = {}
+        calls: dict[int, dict[int, dict[str, Any]]] = {}
+        finishes: dict[int, str] = {}
         shape: _Shape | None = None
         usage: dict[str, int] | None = None
         async with contextlib.aclosing(self._chunks(request, record, with_usage=True)) as chunks:
@@ -87,10 +104,13 @@ class InferenceService:
                     usage = chunk["usage"]
                 for choice in chunk["choices"]:
                     texts.setdefault(choice["index"], []).append(_choice_text(choice) or "")
+                    _gather_calls(calls.setdefault(choice["index"], {}), choice)
                     if choice["finish_reason"] is not None:
                         finishes[choice["index"]] = choice["finish_reason"]
         assert shape is not None and usage is not None
-        return shape.whole({i: "".join(parts) for i, parts in texts.items()}, finishes, usage)
+        whole_calls = {i: [c for c in found.values() if _complete(c) or finishes.get(i) != "length"]
+                       for i, found in calls.items()}
+        return shape.whole({i: "".join(parts) for i, parts in texts.items()}, finishes, usage, whole_calls)
 
     # -- embeddings ----------------------------------------------------------
     async def embeddings(self, request: EmbeddingRequest, record: RequestRecord | None = None) -> dict[str, Any]:
@@ -124,6 +144,7 @@ class InferenceService:
                     "owned_by": info.owned_by,
                     "context_length": info.ctx_size,
                     "serves": list(info.serves),
+                    "features": list(info.features),
                     "aliases": list(info.aliases),
                     "loaded": slot.state == "ready",
                 }
@@ -160,8 +181,14 @@ class _Shape:
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
+    def delta_chunk(self, index: int, delta: dict[str, Any], *, first: bool = False) -> dict[str, Any]:
+        """A chat chunk with any ``delta`` (text or tool calls); the first also names the role."""
+        delta = {"role": "assistant", **delta} if first else delta
+        choice = {"index": index, "delta": delta, "finish_reason": None, "logprobs": None}
+        return {**self._head(False), "choices": [choice]}
+
     def chunk(self, index: int, text: str | None, *, first: bool = False,
-              finish: FinishReason | None = None) -> dict[str, Any]:
+              finish: str | None = None) -> dict[str, Any]:
         """One streamed chunk: a text delta, or (``text`` None) the finish of choice ``index``."""
         if self.chat:
             delta: dict[str, Any] = {} if text is None else (
@@ -174,12 +201,15 @@ class _Shape:
     def usage_chunk(self, outcome: GenerationOutcome) -> dict[str, Any]:
         return {**self._head(False), "choices": [], "usage": _usage(outcome)}
 
-    def whole(self, texts: dict[int, str], finishes: dict[int, FinishReason], usage: dict[str, int],
-              ) -> dict[str, Any]:
+    def whole(self, texts: dict[int, str], finishes: dict[int, str], usage: dict[str, int],
+              calls: dict[int, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
         choices = []
         for index in sorted(texts):
             if self.chat:
-                choices.append({"index": index, "message": {"role": "assistant", "content": texts[index]},
+                message: dict[str, Any] = {"role": "assistant", "content": texts[index]}
+                if calls and calls.get(index):
+                    message = {"role": "assistant", "content": texts[index] or None, "tool_calls": calls[index]}
+                choices.append({"index": index, "message": message,
                                 "finish_reason": finishes.get(index, "stop"), "logprobs": None})
             else:
                 choices.append({"text": texts[index], "index": index, "logprobs": None,
@@ -187,10 +217,76 @@ class _Shape:
         return {**self._head(True), "choices": choices, "usage": usage}
 
 
+def check_constrainable(slot: ModelSlot, request: GenerationRequest) -> None:
+    """A grammar on a model whose engine cannot honour it (SIMULATED) is a 400, never ignored."""
+    if request.params.grammar is None or slot.info.grammar:
+        return
+    param = "tool_choice" if isinstance(request, ChatRequest) and request.tool_choice.forced else "response_format"
+    raise InvalidRequestError(
+        f"model '{slot.info.id}' cannot constrain its output (a SIMULATED engine): {param} needs a model "
+        "whose /v1/models entry lists 'tools' and 'structured_outputs'", param=param)
+
+
+class _CallReader:
+    """A chat's output read for tool calls: text and call deltas in OpenAI's chat shapes."""
+
+    def __init__(self, request: ChatRequest) -> None:
+        self._request = request
+        self._stream = ToolCallStream(request.tools)
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        return self._deltas(self._stream.feed(text))
+
+    def finish(self) -> list[dict[str, Any]]:
+        return self._deltas(self._stream.finish())
+
+    def finish_reason(self, engine_reason: str) -> str:
+        """``tool_calls`` when it made calls, unless ``max_tokens`` cut the last one short."""
+        stream = self._stream
+        if stream.calls and (engine_reason != "length" or stream.last_complete):
+            return "tool_calls"
+        return engine_reason
+
+    def _deltas(self, events: list[StreamEvent] | Any) -> list[dict[str, Any]]:
+        out = []
+        for event in events:
+            if self._request.tool_choice.forced and isinstance(event, TextDelta):
+                continue  # a forced output is calls only: text is a call cut short by max_tokens
+            delta = stream_delta(event, self._request.parallel_tool_calls)
+            if delta is not None:
+                out.append(delta)
+        return out
+
+
+def _gather_calls(calls: dict[int, dict[str, Any]], choice: dict[str, Any]) -> None:
+    """Reassemble ``delta.tool_calls`` pieces into whole calls (``message.tool_calls``)."""
+    for piece in (choice.get("delta") or {}).get("tool_calls") or []:
+        function = piece.get("function") or {}
+        call = calls.get(piece["index"])
+        if call is None:
+            calls[piece["index"]] = call_json_from(piece.get("id", ""), function.get("name", ""),
+                                                   function.get("arguments", ""))
+        else:
+            call["function"]["arguments"] += function.get("arguments") or ""
+
+
+def call_json_from(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _complete(call: dict[str, Any]) -> bool:
+    """Whether a call's arguments are a whole JSON object (``max_tokens`` may cut the last one)."""
+    try:
+        return isinstance(json.loads(call["function"]["arguments"]), dict)
+    except ValueError:
+        return False
+
+
 def _jobs(request: GenerationRequest) -> list[tuple[int, GenerationJob, str]]:
     """(choice index, what to generate, text echoed before the first delta) per choice."""
     if isinstance(request, ChatRequest):
-        return [(0, GenerationJob(params=request.params, messages=request.messages), "")]
+        tools = request.tools if request.reads_calls else ()
+        return [(0, GenerationJob(params=request.params, messages=request.messages, tools=tools), "")]
     return [(index, GenerationJob(params=request.params, prompt=prompt), prompt if request.echo else "")
             for index, prompt in enumerate(request.prompts)]
 

@@ -29,6 +29,7 @@ from ..common.errors import (
 )
 from .base import ChatMessage, EmbeddingResult, Engine, GenerationOutcome, ModelInfo, SamplingParams
 from .queue import ModelQueue
+from .tools import FunctionTool
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class GenerationJob:
     params: SamplingParams
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
+    tools: tuple[FunctionTool, ...] = ()
+    """function tools the chat's prompt presents to the model."""
 
 
 class Generation:
@@ -102,7 +105,7 @@ class Generation:
             def work() -> GenerationOutcome:
                 engine = slot.engine
                 if job.messages is not None:
-                    prompt, stops = engine.render_chat(list(job.messages))
+                    prompt, stops = engine.render_chat(list(job.messages), job.tools)
                     params = job.params
                     if stops:
                         from dataclasses import replace
