@@ -3,11 +3,13 @@
 llama-cpp-python puts the grammar sampler at the head of its chain, so the grammar is applied to
 every token of the vocabulary at every step (262 144 for Gemma 3): slow. llama.cpp's own
 ``common_sampler`` instead samples from the unconstrained chain, asks the grammar about that one
-token, and only when it is rejected applies the grammar to all candidates and samples again. The
-output distribution is the constrained one either way (a token the grammar accepts is kept with
-the same chain state), at a fraction of the cost. :class:`GrammarCheckedSampler` does that, with
-the same ``sample(ctx, idx)`` method as llama-cpp-python's ``LlamaSampler`` so ``Llama.generate``
-can drive it.
+token, and only when it is rejected applies the grammar to the candidates and samples again.
+:class:`GrammarCheckedSampler` does that, with the same ``sample(ctx, idx)`` method as
+llama-cpp-python's ``LlamaSampler`` so ``Llama.generate`` can drive it. After a rejection it
+first tries the ``SHORTLIST`` most likely tokens (greedy decoding picks exactly what a full pass
+would; sampling differs only in the far tail, which top-k and min-p cut anyway), and the whole
+vocabulary only when none of them is allowed. The chain's penalty history also records the
+refused token (no effect at the default penalties).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import math
 from typing import Any
 
 __all__ = ["GrammarCheckedSampler"]
+
+SHORTLIST = 64
+"""most likely tokens tried first after a rejection (the chain's top-k, 40, keeps no more)."""
 
 
 class GrammarCheckedSampler:
@@ -46,18 +51,32 @@ class GrammarCheckedSampler:
 
     def sample(self, ctx: Any, idx: int = -1) -> int:
         lib = self._lib
-        candidates = self._candidates(ctx, idx)
-        lib.llama_sampler_apply(self._chain.sampler, ctypes.byref(candidates))
-        token = int(candidates.data[candidates.selected].id)
+        # The unconstrained chain samples (and records) a token, as without a grammar.
+        token = int(lib.llama_sampler_sample(self._chain.sampler, ctx.ctx, idx))
         if not self._allowed(token):
             self.rejections += 1
-            candidates = self._candidates(ctx, idx)
-            lib.llama_sampler_apply(self._grammar, ctypes.byref(candidates))
-            lib.llama_sampler_apply(self._chain.sampler, ctypes.byref(candidates))
-            token = int(candidates.data[candidates.selected].id)
+            token = self._constrained(ctx, idx)
+            lib.llama_sampler_accept(self._chain.sampler, token)
         lib.llama_sampler_accept(self._grammar, token)
-        lib.llama_sampler_accept(self._chain.sampler, token)
         return token
+
+    def _constrained(self, ctx: Any, idx: int) -> int:
+        """Sample under the grammar: among the most likely tokens when one of them is allowed
+        (the chain's own top-k would keep no others), else over the whole vocabulary."""
+        import numpy as np
+
+        lib = self._lib
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx.ctx, idx), shape=(self._n_vocab,))
+        top = np.argpartition(logits, -SHORTLIST)[-SHORTLIST:]
+        for ids in (top, None):
+            candidates = self._candidates(logits, ids)
+            lib.llama_sampler_apply(self._grammar, ctypes.byref(candidates))
+            size = candidates.size
+            if ids is not None and all(math.isinf(candidates.data[i].logit) for i in range(size)):
+                continue  # nothing allowed among the shortlist
+            lib.llama_sampler_apply(self._chain.sampler, ctypes.byref(candidates))
+            return int(candidates.data[candidates.selected].id)
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         grammar, self._grammar = self._grammar, None
@@ -71,17 +90,21 @@ class GrammarCheckedSampler:
         self.close()
 
     # -- helpers ---------------------------------------------------------------------
-    def _candidates(self, ctx: Any, idx: int) -> Any:
-        import numpy as np
-
+    def _candidates(self, logits: Any, ids: Any) -> Any:
+        """A token data array over ``ids`` (all tokens when None), in a reused buffer."""
         lib = self._lib
-        logits = lib.llama_get_logits_ith(ctx.ctx, idx)
         buffer = self._buffer
-        buffer["id"] = self._ids
-        buffer["logit"] = np.ctypeslib.as_array(logits, shape=(self._n_vocab,))
-        buffer["p"] = 0.0
+        if ids is None:
+            size = self._n_vocab
+            buffer["id"] = self._ids
+            buffer["logit"] = logits
+        else:
+            size = len(ids)
+            buffer["id"][:size] = ids
+            buffer["logit"][:size] = logits[ids]
+        buffer["p"][:size] = 0.0
         data = buffer.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
-        return lib.llama_token_data_array(data, self._n_vocab, -1, False)
+        return lib.llama_token_data_array(data, size, -1, False)
 
     def _allowed(self, token: int) -> bool:
         one: Any = self._one
