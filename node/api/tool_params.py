@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..common.errors import InvalidRequestError
+from ..constants import MAX_TOOLS
 from ..engine.base import ChatMessage, ToolCall
 from ..engine.grammar import JSON_OBJECT_GRAMMAR, SchemaError, compact_json, schema_to_grammar
 from ..engine.tools import FunctionTool, ToolChoice, call_grammar
 
-MAX_TOOLS = 128
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 EMPTY_PARAMETERS: Mapping[str, Any] = {"type": "object", "properties": {}}
 

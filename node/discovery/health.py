@@ -32,6 +32,7 @@ from ..constants import (
     MAX_DEVICE_NAME_CHARS,
     MAX_HEALTH_BODY_BYTES,
     MAX_INSTANCE_ID_CHARS,
+    MAX_MODEL_FEATURES,
     MAX_PEER_MODELS,
     MAX_VERSION_CHARS,
 )
@@ -91,14 +92,13 @@ def parse_health_report(body: object, challenge: str | None = None) -> HealthRep
 
 
 _FEATURE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-MAX_FEATURES = 16
 
 
 def _features(value: object) -> tuple[str, ...]:
-    """A model's feature names from a peer: well-formed names only, at most ``MAX_FEATURES``."""
+    """A model's feature names from a peer: well-formed names only, at most ``MAX_MODEL_FEATURES``."""
     if not isinstance(value, list):
         return ()
-    return tuple(dict.fromkeys(v for v in value[:MAX_FEATURES] if isinstance(v, str) and _FEATURE.match(v)))
+    return tuple(dict.fromkeys(v for v in value[:MAX_MODEL_FEATURES] if isinstance(v, str) and _FEATURE.match(v)))
 
 
 class HealthChecker:

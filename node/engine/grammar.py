@@ -24,15 +24,14 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from ..constants import GRAMMAR_MAX_DIGITS as MAX_DIGITS
+from ..constants import GRAMMAR_MAX_FRACTION_DIGITS as MAX_FRACTION_DIGITS
+from ..constants import GRAMMAR_MAX_ITEMS_EXPANDED as MAX_ITEMS_EXPANDED
+from ..constants import GRAMMAR_MAX_RULES as MAX_RULES
+from ..constants import GRAMMAR_MAX_SCHEMA_DEPTH as MAX_SCHEMA_DEPTH
+
 __all__ = ["GrammarBuilder", "SchemaError", "JSON_OBJECT_GRAMMAR", "schema_to_grammar", "gbnf_literal"]
 
-MAX_DIGITS = 16
-"""integral digits a generated number may have: bounds a tiny model's runaway digit loop."""
-MAX_FRACTION_DIGITS = 15
-MAX_ITEMS_EXPANDED = 64
-"""``minItems``/``maxItems`` above this are refused: GBNF expands each bounded repetition."""
-MAX_SCHEMA_DEPTH = 32
-MAX_RULES = 2000
 
 _ANNOTATIONS = frozenset({
     "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..constants import MAX_PARALLEL_CALLS
 from .base import ChatMessage, ToolCall
 from .grammar import GrammarBuilder, compact_json, gbnf_literal
 
@@ -51,9 +52,6 @@ __all__ = [
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
 MISTRAL_OPEN = "[TOOL_CALLS]"
-MAX_PARALLEL_CALLS = 4
-"""calls a forced (``required``) output may hold with ``parallel_tool_calls``: a small model
-could otherwise repeat calls until ``max_tokens``."""
 
 
 @dataclass(frozen=True, slots=True)
