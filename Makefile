@@ -7,6 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.dvai-installed
+JS_STAMP := tests/js/node_modules/.package-lock.json
 
 .PHONY: setup serve test lint typecheck bench clean
 
@@ -23,8 +24,12 @@ $(STAMP): pyproject.toml
 serve: setup
 	$(BIN)/dvai-node serve $(ARGS)
 
-test: setup
+test: setup $(JS_STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+# The JavaScript client tests (Vercel AI SDK) run with node from tests/js.
+$(JS_STAMP): tests/js/package-lock.json
+	npm ci --prefix tests/js --no-audit --no-fund
 
 lint: setup
 	$(BIN)/ruff check node rendezvous tests bench
@@ -36,4 +41,4 @@ bench: setup
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache tests/js/node_modules

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .api import keys, mesh, metrics, offload, openai, peers, trust
+from .api import keys, mesh, metrics, offload, openai, peers, responses, trust
 from .api.middlewares import error_middleware, origin_middleware
 from .api.record import RecordReader, audit_reader, log_request, make_record_middleware
 from .context import CONTEXT, NodeContext
@@ -42,6 +42,7 @@ def build_app(
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=stack)
     app[CONTEXT] = context
     app.add_routes(openai.routes)
+    app.add_routes(responses.routes)
     app.add_routes(mesh.routes)
     app.add_routes(trust.routes)
     app.add_routes(peers.routes)

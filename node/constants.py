@@ -477,3 +477,28 @@ PRESENCE_BACKOFF_MAX_S = 60.0
 
 MAX_PRESENCE_QUERY = 64
 """rendezvous-paired peers a node watches (one presence query; the rendezvous' limit per query)."""
+# Tools and structured outputs (node/engine/grammar.py, node/engine/tools.py, node/api/tool_params.py)
+MAX_TOOLS = 128
+"""function tools per request (OpenAI's own limit): bounds the prompt and the call grammar."""
+
+MAX_PARALLEL_CALLS = 4
+"""calls a forced (``required``) output may hold with ``parallel_tool_calls``: a small model could
+otherwise repeat calls until ``max_tokens``."""
+
+GRAMMAR_MAX_DIGITS = 16
+"""integral digits a grammar-generated number may have: bounds a small model's runaway digit loop."""
+
+GRAMMAR_MAX_FRACTION_DIGITS = 15
+"""fraction digits a grammar-generated number may have, for the same reason."""
+
+GRAMMAR_MAX_ITEMS_EXPANDED = 64
+"""``minItems``/``maxItems`` accepted in a schema: GBNF expands each bounded repetition."""
+
+GRAMMAR_MAX_SCHEMA_DEPTH = 32
+"""nesting levels of a JSON schema turned into a grammar: bounds recursion on hostile input."""
+
+GRAMMAR_MAX_RULES = 2000
+"""rules one grammar may have: bounds the work a hostile schema can ask of llama.cpp's parser."""
+
+MAX_MODEL_FEATURES = 16
+"""feature names per model read from a peer's health report; more are dropped."""

@@ -113,9 +113,14 @@ def _drain(process: subprocess.Popen[str], output: list[str]) -> None:
 def real_node(tmp_path_factory: pytest.TempPathFactory, default_model: Path) -> Iterator[NodeProcess]:
     """One real node (real engine, default model, plus an embedding-mode alias) per test module."""
     state = tmp_path_factory.mktemp("node")
+    # A shared 2-core machine under load: one thread avoids llama.cpp's spinning threads fighting
+    # other processes (10x faster there), and generation_timeout leaves room for slow moments.
     config = f"""
+generation_timeout = 170
+
 [models.gemma3-270m]
 queue_depth = 16
+threads = 1
 
 [models.gemma-embed]
 path = "{default_model}"

@@ -232,3 +232,11 @@ async def test_custom_discovery_failures_are_logged_not_fatal(caplog: pytest.Log
         assert await custom.run_once() is expected
     assert len(received) == 1 and received[0][0].base_url == "http://10.0.0.9:1/v1"  # type: ignore[attr-defined]
     assert "registry down" in caplog.text and "TimeoutError" in caplog.text
+
+
+def test_health_report_features_per_loaded_model() -> None:
+    models = [{"id": "m1", "loaded": True, "features": ["chat", "tools", "Bad Name", 7, "tools"]},
+              {"id": "m2", "loaded": False, "features": ["tools"]}, {"id": "m3", "loaded": True}]
+    report = parse_health_report(health_body(models=models))
+    assert report.features == {"m1": ("chat", "tools")}  # m3: an older node, no list; m2 not loaded
+    assert parse_health_report(health_body()).features == {}

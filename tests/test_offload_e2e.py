@@ -83,7 +83,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, default_model: Path) -> Itera
         "fast": (base / "fast", node_config(sim({"sim": 40}), offload=False, allow=allow)),
         "liar": (base / "liar", node_config(sim({"sim": 2.5}), offload=False, allow=allow)),
         "unpaired": (base / "unpaired", node_config(sim({"sim": 80}), offload=False)),
-        "real": (base / "real", node_config("[models.gemma3-270m]\nqueue_depth = 4\n", offload=False, allow=allow)),
+        "real": (base / "real", node_config("[models.gemma3-270m]\nqueue_depth = 4\nthreads = 1\n", offload=False,
+                                            allow=allow)),
         "victim-a": (base / "victim-a", node_config(sim({"victim": 40}), offload=False, allow=allow)),
         "victim-b": (base / "victim-b", node_config(sim({"victim": 40}), offload=False, allow=allow)),
         "victim-c": (base / "victim-c", node_config(sim({"victim": 40}), offload=False, allow=allow)),
@@ -284,6 +285,84 @@ async def test_a_slow_simulated_node_offloads_to_the_real_engine(mesh: Mesh) -> 
     pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
     assert "".join(pieces).strip()
     await client.close()
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                          "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+
+
+@pytest.mark.engine
+async def test_tools_structured_outputs_and_responses_through_the_mesh(mesh: Mesh) -> None:
+    """The slow node forwards agent requests untouched; the real peer does the work."""
+    import jsonschema
+    import openai
+
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    client = openai.AsyncOpenAI(base_url=mesh.slow.base_url, api_key="unused", max_retries=0, timeout=120)
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="gemma3-270m", messages=ask, tools=TOOLS, tool_choice="required",  # type: ignore[arg-type]
+            temperature=0, max_tokens=100)
+        assert raw.headers["X-DVAI-Served-By"] == mesh.ids["real"]
+        first = raw.parse().choices[0]
+        assert first.finish_reason == "tool_calls" and first.message.tool_calls
+        call = first.message.tool_calls[0]
+        assert call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+        history = [*ask, first.message.model_dump(exclude_none=True),
+                   {"role": "tool", "tool_call_id": call.id, "content": "18 C"}]
+        final = await client.chat.completions.with_raw_response.create(
+            model="gemma3-270m", messages=history, tools=TOOLS, tool_choice="none",  # type: ignore[arg-type]
+            temperature=0, max_tokens=12)
+        assert final.headers["X-DVAI-Served-By"] == mesh.ids["real"]
+        assert final.parse().choices[0].message.content
+
+        async with client.chat.completions.stream(
+                model="gemma3-270m", messages=ask, tools=TOOLS, tool_choice="required",  # type: ignore[arg-type]
+                parallel_tool_calls=False, temperature=0, max_tokens=100) as stream:
+            streamed = await stream.get_final_completion()
+        assert streamed.choices[0].message.tool_calls is not None
+        jsonschema.validate(json.loads(streamed.choices[0].message.tool_calls[0].function.arguments), WEATHER)
+
+        structured = await client.chat.completions.create(
+            model="gemma3-270m", messages=ask, temperature=0, max_tokens=100,
+            response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}})
+        jsonschema.validate(json.loads(structured.choices[0].message.content or ""), WEATHER)
+
+        response = await client.responses.with_raw_response.create(
+            model="gemma3-270m", input="Weather in Rome?", tool_choice="required", max_output_tokens=100,
+            tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER, "strict": True}])
+        assert response.headers["X-DVAI-Served-By"] == mesh.ids["real"]
+        items = [i for i in response.parse().output if i.type == "function_call"]
+        assert items and json.loads(items[0].arguments)["unit"] in ("celsius", "fahrenheit")
+    finally:
+        await client.close()
+
+
+async def test_a_peer_without_tool_support_is_not_chosen(mesh: Mesh) -> None:
+    """``fast`` serves ``sim`` on a SIMULATED engine, which cannot constrain its output: its health
+    report does not list ``tools``, so a tool request never goes there (a plain one does)."""
+    tool_chat = {**chat("sim", max_tokens=8), "tools": TOOLS, "tool_choice": "required"}
+    async with aiohttp.ClientSession() as session:
+        plain = await post_stream(session, mesh.slow.base_url + "/chat/completions", chat("sim", max_tokens=3),
+                                  {"X-DVAI-Offload": "require"})
+        assert plain.status == 200 and plain.served_by == mesh.ids["fast"]
+        async with session.post(mesh.slow.base_url + "/chat/completions", json=tool_chat,
+                                headers={"X-DVAI-Offload": "require"}) as response:
+            body = await response.json()
+            assert response.status == 503, body
+        reasons = {c["deviceId"]: c["reason"] for c in body["error"]["checked"][1:]}
+        assert reasons[mesh.ids["fast"]] == "model not served"
+        # Under prefer it stays here, and this SIMULATED model refuses rather than ignore the grammar.
+        async with session.post(mesh.slow.base_url + "/chat/completions", json=tool_chat) as response:
+            refused = await response.json()
+            assert response.status == 400 and refused["error"]["param"] == "tool_choice"
+        peers = await (await session.get(mesh.slow.root + "/v1/dvai/peers")).json()
+    listed = {p["deviceId"]: p for p in peers["data"]}
+    assert "tools" in listed[mesh.ids["real"]]["features"]["gemma3-270m"]
+    assert "tools" not in listed[mesh.ids["fast"]]["features"]["sim"]
 
 
 async def test_require_with_no_qualified_device_returns_the_exact_503(mesh: Mesh) -> None:

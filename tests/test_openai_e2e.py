@@ -207,7 +207,7 @@ async def test_queue_overflow_gives_503_with_retry_after(tmp_path, default_model
          400, "temperature"),
         ("/chat/completions", json.dumps({"model": "gemma3-270m", "messages": CHAT, "n": 17}).encode(), 400, "n"),
         ("/chat/completions", json.dumps({"model": "gemma3-270m", "messages": CHAT,
-                                          "tools": [{"type": "function"}]}).encode(), 400, "tools"),
+                                          "tools": [{"type": "function"}]}).encode(), 400, "tools[0].function"),
         ("/chat/completions", json.dumps({"model": "gemma3-270m", "messages": [{"role": "robot",
                                                                                  "content": "x"}]}).encode(),
          400, "messages[0].role"),

@@ -44,6 +44,7 @@ def health_body(context: NodeContext) -> dict[str, Any]:
             "activeSequences": slot.active_sequences,
             "serves": list(slot.info.serves),
             "keepAliveLeftS": _rounded(slot.keep_alive_left(now)),
+            "features": list(slot.info.features),
             **({"error": slot.error} if slot.error else {}),
         }
         for slot in registry.slots()

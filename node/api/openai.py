@@ -16,7 +16,7 @@ from aiohttp import web
 from ..common.errors import ModelNotFoundError
 from ..constants import HOP_HEADER, OFFLOAD_HEADER, SERVED_BY_HEADER, SUBSTITUTED_HEADER
 from ..context import CONTEXT, NodeContext
-from ..engine.requests import GenerationRequest
+from ..engine.requests import ChatRequest, GenerationRequest
 from ..hub.interceptor import InterceptContext, InterceptedResponse, run_interceptor
 from ..hub.keys import check_scopes
 from ..hub.quotas import QuotaLease, QuotaSubject
@@ -119,7 +119,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def routed(request: web.Request, payload: dict[str, Any], parsed: GenerationRequest, *,
-                 may_offload: bool = True) -> RoutedRequest:
+                 may_offload: bool = True, needs: frozenset[str] = frozenset()) -> RoutedRequest:
     """What the router needs to know of this request, as plain values."""
     marked = HOP_HEADER in request.headers
     mode = parse_offload_header(request.headers.get(OFFLOAD_HEADER))
@@ -127,8 +127,20 @@ async def routed(request: web.Request, payload: dict[str, Any], parsed: Generati
         path=request.raw_path, model=parsed.model, stream=parsed.stream, body=await request.read(),
         payload=payload, mode=mode if may_offload else OffloadMode.NEVER, marked=marked,
         hop=marked and attribution_of(request).signed, request_id=request.get(REQUEST_ID, ""),
-        record=request[RECORD],
+        record=request[RECORD], needs=needs or required_features(parsed),
     )
+
+
+def required_features(parsed: GenerationRequest) -> frozenset[str]:
+    """What a peer's model must list in its health report to serve this request (``ModelInfo.features``)."""
+    if not isinstance(parsed, ChatRequest):
+        return frozenset()
+    needs = set()
+    if parsed.reads_calls:
+        needs.add("tools")
+    if parsed.params.grammar is not None and not parsed.tool_choice.forced:
+        needs.add("structured_outputs")
+    return frozenset(needs)
 
 
 def key_allows(request: web.Request, context: NodeContext, model: str) -> bool:

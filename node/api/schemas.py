@@ -24,36 +24,46 @@ from ..constants import (
 )
 from ..engine.base import ChatMessage, SamplingParams
 from ..engine.requests import ChatRequest, CompletionRequest, EmbeddingRequest
+from .tool_params import (
+    link_tool_results,
+    parse_response_format,
+    parse_tool_calls_field,
+    parse_tool_choice,
+    parse_tools,
+    tool_grammar,
+)
 
 # Parameters we recognise but do not implement: a clear 400 beats silently ignoring them.
-_UNSUPPORTED_CHAT = ("tools", "tool_choice", "functions", "function_call", "logit_bias",
+_UNSUPPORTED_CHAT = ("functions", "function_call", "logit_bias",
                      "audio", "modalities", "prediction", "web_search_options")
 _UNSUPPORTED_COMPLETION = ("suffix", "logit_bias", "best_of")
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
     body = _object(body)
     _refuse(body, _UNSUPPORTED_CHAT)
+    model = _model(body)
     logprobs = _optional_bool(body, "logprobs") or False
     top_logprobs = _optional_int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top_logprobs is not None and not logprobs:
         raise InvalidRequestError("'top_logprobs' requires 'logprobs': true", param="top_logprobs")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise UnsupportedParameterError(
-            "only response_format {\"type\": \"text\"} is supported", param="response_format"
-        )
     messages = _messages(body.get("messages"))
+    tools = parse_tools(body.get("tools"))
+    choice = parse_tool_choice(body.get("tool_choice"), tools)
+    parallel = _optional_bool(body, "parallel_tool_calls")
+    parallel = True if parallel is None else parallel
+    format_grammar = parse_response_format(body.get("response_format"))
+    grammar = tool_grammar(tools, choice, parallel) or format_grammar
     max_tokens = _optional_int(body, "max_completion_tokens", 1, MAX_TOKENS_CAP)
     if max_tokens is None:
         max_tokens = _optional_int(body, "max_tokens", 1, MAX_TOKENS_CAP)
     stream, include_usage = _stream(body)
-    params = _sampling(body, max_tokens)
+    params = _sampling(body, max_tokens, grammar)
     if logprobs:
         params = replace(params, logprobs=top_logprobs or 0)
     return ChatRequest(
-        model=_model(body),
+        model=model,
         messages=messages,
         params=params,
         stream=stream,
@@ -61,6 +71,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
         n=_choices(body),
         logprobs=logprobs,
         keep_alive=parse_keep_alive(body.get("keep_alive")),
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
     )
 
 
@@ -208,11 +221,22 @@ def _messages(value: Any) -> tuple[ChatMessage, ...]:
         role = _ROLES.get(given) if isinstance(given, str) else None
         if role is None:
             raise InvalidRequestError(
-                f"{where}.role must be one of system, developer, user, assistant (got {repr(given)[:40]})",
+                f"{where}.role must be one of system, developer, user, assistant, tool (got {repr(given)[:40]})",
                 param=f"{where}.role",
             )
-        out.append(ChatMessage(role=role, content=_content(item.get("content"), f"{where}.content")))  # type: ignore[arg-type]
-    return tuple(out)
+        content = _content(item.get("content"), f"{where}.content")
+        if role == "tool":
+            call_id = item.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise InvalidRequestError(f"{where}.tool_call_id is required for a tool message",
+                                          param=f"{where}.tool_call_id")
+            out.append(ChatMessage(role="tool", content=content, tool_call_id=call_id))
+        elif role == "assistant":
+            calls = parse_tool_calls_field(item.get("tool_calls"), f"{where}.tool_calls")
+            out.append(ChatMessage(role="assistant", content=content, tool_calls=calls))
+        else:
+            out.append(ChatMessage(role=role, content=content))  # type: ignore[arg-type]
+    return tuple(link_tool_results(out))
 
 
 def _content(value: Any, where: str) -> str:
@@ -248,7 +272,7 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
+def _sampling(body: dict[str, Any], max_tokens: int | None, grammar: str | None = None) -> SamplingParams:
     stop = body.get("stop")
     if stop is None:
         stops: tuple[str, ...] = ()
@@ -275,6 +299,7 @@ def _sampling(body: dict[str, Any], max_tokens: int | None) -> SamplingParams:
         frequency_penalty=_optional_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
         stop=stops,
         seed=None if seed is None else int(seed) & 0x7FFFFFFF,
+        grammar=grammar,
     )
 
 

@@ -22,6 +22,22 @@ from .middlewares import REQUEST_ID
 
 log = logging.getLogger(__name__)
 
+def encode_frame(payload: dict[str, Any], *, named: bool = False) -> bytes:
+    """One SSE frame; ``named`` adds the ``event:`` line the Responses API sends (its ``type``)."""
+    data = encode_event(payload)
+    kind = payload.get("type")
+    if named and isinstance(kind, str):
+        return b"event: " + kind.encode() + b"\n" + data
+    return data
+
+
+def error_frame(error: dict[str, Any], *, named: bool) -> bytes:
+    """The error frame: chat's ``{"error": {…}}``, or the Responses API's ``{"type": "error", …}``."""
+    if named:
+        return encode_frame({"type": "error", "code": error.get("code"), "message": error.get("message"),
+                             "param": error.get("param")}, named=True)
+    return encode_event({"error": error})
+
 
 async def stream_events(
     request: web.Request,
@@ -29,8 +45,9 @@ async def stream_events(
     *,
     headers: dict[str, str] | None = None,
     record: RequestRecord | None = None,
+    named_events: bool = False,
 ) -> web.StreamResponse:
-    """Relay ``events`` as SSE.
+    """Relay ``events`` as SSE (``named_events``: with ``event:`` lines and no ``[DONE]``).
 
     The first event is awaited before the response starts, so errors raised
     while queueing or loading still become a normal JSON error with the right
@@ -50,9 +67,9 @@ async def stream_events(
         await response.prepare(request)
         try:
             if first is not None:
-                await response.write(encode_event(first))
+                await response.write(encode_frame(first, named=named_events))
             async for event in iterator:
-                await response.write(encode_event(event))
+                await response.write(encode_frame(event, named=named_events))
         except (ConnectionResetError, ClientConnectionResetError):
             # The client left: nothing more can be written; the finally below stops the source.
             if record is not None:
@@ -62,13 +79,15 @@ async def stream_events(
             log.warning("stream ended with an error: %s", exc.message)
             if record is not None:
                 record.failed(str(exc.code))
-            await response.write(encode_event(exc.to_body()))
+            await response.write(error_frame(exc.to_body()["error"], named=named_events))
         except Exception:  # noqa: BLE001 - the client gets a clean error event, the log the trace
             log.exception("stream failed")
             if record is not None:
                 record.failed("internal_error")
-            await response.write(encode_event(error_body("internal error while streaming")))
-        await response.write(DONE_EVENT)
+            await response.write(error_frame(error_body("internal error while streaming")["error"],
+                                             named=named_events))
+        if not named_events:
+            await response.write(DONE_EVENT)
         await response.write_eof()
         return response
     finally:

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from ..constants import (
     MAX_DEVICE_NAME_CHARS,
     MAX_HEALTH_BODY_BYTES,
     MAX_INSTANCE_ID_CHARS,
+    MAX_MODEL_FEATURES,
     MAX_PEER_MODELS,
     MAX_VERSION_CHARS,
 )
@@ -69,6 +71,8 @@ def parse_health_report(body: object, challenge: str | None = None) -> HealthRep
             depth = clean_queue_depth_value(str(model_id), model["queueDepth"], problems)
             if depth is not None:
                 queue_depth[str(model_id)] = depth
+    features = {str(m["id"]): _features(m.get("features")) for m in entries
+                if m.get("id") in loaded and "features" in m}
     instance_id = clean_text(body.get("instanceId"), MAX_INSTANCE_ID_CHARS) or None
     proof = body.get("identityProof")
     proven = challenge is not None and proof is not None and check_health_proof(
@@ -83,7 +87,18 @@ def parse_health_report(body: object, challenge: str | None = None) -> HealthRep
         queue_depth=queue_depth,
         instance_id=instance_id,
         proven=proven,
+        features=features,
     )
+
+
+_FEATURE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def _features(value: object) -> tuple[str, ...]:
+    """A model's feature names from a peer: well-formed names only, at most ``MAX_MODEL_FEATURES``."""
+    if not isinstance(value, list):
+        return ()
+    return tuple(dict.fromkeys(v for v in value[:MAX_MODEL_FEATURES] if isinstance(v, str) and _FEATURE.match(v)))
 
 
 class HealthChecker:

@@ -227,6 +227,7 @@ def to_peer(entry: PeerEntry) -> Peer:
         sources=tuple(v for v in VIA_VALUES if v in entry.claims),
         identity_verified=bool(health and health.proven and entry.state is PeerState.REACHABLE),
         flag=entry.flag,
+        features=dict(health.features) if health else {},
     )
 
 

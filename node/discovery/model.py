@@ -56,6 +56,9 @@ class HealthReport:
     instance_id: str | None = None
     proven: bool = False
     """the answer carried a valid signature of our challenge by the device id's key."""
+    features: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """loaded model id → what requests for it may ask for (``tools``, ``structured_outputs``…);
+    absent for nodes older than the field."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +87,8 @@ class Peer:
     """the last health answer proved possession of the device id's key."""
     flag: str | None = None
     """why the peer is ignored, when ``state`` is ``flagged``."""
+    features: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """model id → features from its last health answer (empty: an older node, plain chat only)."""
 
     @property
     def reachable(self) -> bool:
@@ -108,6 +113,7 @@ class Peer:
             "sources": list(self.sources),
             "identityVerified": self.identity_verified,
             "flag": self.flag,
+            "features": {model: list(values) for model, values in self.features.items()},
         }
 
 

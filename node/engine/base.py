@@ -7,18 +7,36 @@ world talks to it only through :class:`node.engine.slot.ModelSlot`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .tools import FunctionTool
 
 FinishReason = Literal["stop", "length"]
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the assistant made: ``arguments`` is JSON text (an object)."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    """assistant messages: the calls it made."""
+    tool_call_id: str | None = None
+    """tool messages: the call this is the result of."""
+    name: str | None = None
+    """tool messages: the function's name (filled from the matching call)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +67,7 @@ class SamplingParams:
     ignore_eos: bool = False
     """keep generating past end-of-sequence (the capability probe needs a fixed count)."""
     grammar: str | None = None
-    """GBNF text (root rule ``root``) that every generated token must follow."""
+    """GBNF text (root rule ``root``): only output the grammar accepts is sampled."""
     logprobs: int | None = None
     """None: no log-probabilities; k ≥ 0: the chosen token's and the k most likely ones'."""
 
@@ -64,10 +82,20 @@ class ModelInfo:
     aliases: tuple[str, ...] = ()
     chat_format: str | None = None
     size_bytes: int = 0
+    grammar: bool = True
+    """the engine honours ``SamplingParams.grammar`` (the SIMULATED engine does not)."""
 
     @property
     def serves(self) -> tuple[str, ...]:
         return ("embedding",) if self.embedding else ("chat", "completion")
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """What requests for this model may ask for (``/v1/models`` and the health report)."""
+        if self.embedding:
+            return ("embeddings",)
+        constrained = ("tools", "structured_outputs") if self.grammar else ()
+        return ("chat", "completions", "responses", *constrained)
 
 
 @dataclass(slots=True)
@@ -145,6 +173,8 @@ class SequenceRequest:
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
     n: int = 1
+    tools: tuple[FunctionTool, ...] = ()
+    """function tools the chat's prompt presents to the model."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +196,10 @@ class Engine(Protocol):
 
     def close(self) -> None: ...
 
-    def render_chat(self, messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
-        """The prompt text for a chat and the stop strings its format implies."""
+    def render_chat(
+        self, messages: list[ChatMessage], tools: Sequence[FunctionTool] = ()
+    ) -> tuple[str, tuple[str, ...]]:
+        """The prompt text for a chat (presenting ``tools``) and the stop strings its format implies."""
         ...
 
     def generate(

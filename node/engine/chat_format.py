@@ -7,9 +7,11 @@ template (the built-in default model).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .base import ChatMessage
+from .tools import FunctionTool, fallback_messages, template_knows_tools, template_messages
 
 GEMMA_START_OF_TURN = "<start_of_turn>"
 GEMMA_END_OF_TURN = "<end_of_turn>"
@@ -50,11 +52,30 @@ def render_gemma(messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
 
 
 def render_template(
-    template: str, messages: list[ChatMessage], *, bos_token: str, eos_token: str
+    template: str,
+    messages: list[ChatMessage],
+    *,
+    bos_token: str,
+    eos_token: str,
+    tools: Sequence[FunctionTool] = (),
 ) -> tuple[str, tuple[str, ...]]:
+    """Render with the GGUF's Jinja template. ``tools`` (and the messages' calls and results)
+    go to the template natively when it knows tools, else in the fallback format of
+    :mod:`node.engine.tools`; a template that refuses the native form gets the fallback too."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     formatter = Jinja2ChatFormatter(template=template, eos_token=eos_token, bos_token=bos_token)
+    uses_tools = bool(tools) or any(m.role == "tool" or m.tool_calls for m in messages)
+    if uses_tools and template_knows_tools(template):
+        try:
+            native: Any = template_messages(messages)
+            listed: Any = [t.to_openai() for t in tools] or None
+            result = formatter(messages=native, tools=listed)
+            return result.prompt, _stops(result.stop, eos_token)
+        except ValueError:  # raise_exception() in the template: it wants another shape
+            pass
+    if uses_tools:
+        messages = fallback_messages(messages, tools)
     result = formatter(messages=_as_dicts(messages))
     return result.prompt, _stops(result.stop, eos_token, *turn_stops(result.prompt))
 

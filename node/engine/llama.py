@@ -37,6 +37,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ from .base import (
 )
 from .chat_format import known_chat_formats, render_gemma, render_named_format, render_template
 from .textstream import ReasoningBudget, StopMatcher
+from .tools import FunctionTool, fallback_messages
 
 log = logging.getLogger(__name__)
 native_log = logging.getLogger("llama.cpp")
@@ -246,14 +248,18 @@ class LlamaEngine:
             self._chat_mode = "gemma"
 
     # -- text ------------------------------------------------------------------
-    def render_chat(self, messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
-        if self._chat_mode == "gemma":
-            return render_gemma(messages)
+    def render_chat(
+        self, messages: list[ChatMessage], tools: Sequence[FunctionTool] = ()
+    ) -> tuple[str, tuple[str, ...]]:
         if self._chat_mode == "template" and self._template is not None:
             model = self._model
             bos = model.detokenize([model.token_bos()], special=True).decode("utf-8", "ignore")
             eos = model.detokenize([model.token_eos()], special=True).decode("utf-8", "ignore")
-            return render_template(self._template, messages, bos_token=bos, eos_token=eos)
+            return render_template(self._template, messages, bos_token=bos, eos_token=eos, tools=tools)
+        if tools or any(m.role == "tool" or m.tool_calls for m in messages):
+            messages = fallback_messages(messages, tools)
+        if self._chat_mode == "gemma":
+            return render_gemma(messages)
         return render_named_format(self._chat_mode, messages)
 
     # -- generation ------------------------------------------------------------
@@ -324,7 +330,7 @@ class LlamaEngine:
         """The prompt's tokens, the effective sampling parameters (chat stops and the model's
         defaults added) and the stop strings that are single special tokens."""
         if request.messages is not None:
-            prompt, stops = self.render_chat(list(request.messages))
+            prompt, stops = self.render_chat(list(request.messages), request.tools)
             params = request.params
             if stops:
                 params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *stops))))

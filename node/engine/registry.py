@@ -26,7 +26,7 @@ def build_engine(model: ModelConfig, *, cache_dir: Path | None = None) -> Engine
 
         info = ModelInfo(
             id=model.id, path="simulated", ctx_size=model.ctx_size, embedding=model.embedding,
-            aliases=model.aliases, owned_by="dvai-mesh-simulated",
+            aliases=model.aliases, owned_by="dvai-mesh-simulated", grammar=False,
         )
         return SimulatedEngine(info, tok_per_s=model.simulated_tok_per_s)
     from .default_model import builtin_model_for

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import ChatMessage, SamplingParams
+from .tools import FunctionTool, ToolChoice
 
 __all__ = ["ChatRequest", "CompletionRequest", "EmbeddingRequest", "GenerationRequest"]
 
@@ -26,6 +27,14 @@ class ChatRequest:
     """``choices[].logprobs.content[]``; ``params.logprobs`` holds ``top_logprobs``."""
     keep_alive: float | None = None
     """seconds the model stays loaded after this request (negative: for ever; 0: unload when done)."""
+    tools: tuple[FunctionTool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice("none")
+    parallel_tool_calls: bool = True
+
+    @property
+    def reads_calls(self) -> bool:
+        """Whether the output is read for tool calls (tools given, ``tool_choice`` not ``none``)."""
+        return bool(self.tools) and self.tool_choice.mode != "none"
 
 
 @dataclass(frozen=True, slots=True)

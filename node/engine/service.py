@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import struct
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from ..common.errors import embeddings_not_enabled
+from ..common.errors import InvalidRequestError, embeddings_not_enabled
 from ..config import env_model_name
 from .base import FinishReason, GenerationOutcome, TokenLogprob
 from .record import SERVED_LOCAL, RequestRecord
 from .registry import ModelRegistry
 from .requests import ChatRequest, EmbeddingRequest, GenerationRequest
 from .slot import GenerationJob, ModelSlot
+from .tool_output import stream_delta
+from .tools import StreamEvent, TextDelta, ToolCallStream
 
 __all__ = ["InferenceLimits", "InferenceService", "new_id"]
 
@@ -54,28 +57,50 @@ class InferenceService:
     async def _chunks(self, request: GenerationRequest, record: RequestRecord | None, *, with_usage: bool,
                       ) -> AsyncGenerator[dict[str, Any], None]:
         slot = self.registry.resolve(request.model)
+        check_constrainable(slot, request)
         shape = _Shape.of(request, slot.info.id)
         total = GenerationOutcome()
         single: GenerationOutcome | None = None
         started = time.perf_counter()
         want_logprobs = request.params.logprobs is not None
+        reads_calls = isinstance(request, ChatRequest) and request.reads_calls
         for base, job, echo in _jobs(request):
             fresh = [True] * job.n
+            readers = [_CallReader(request) for _ in range(job.n)] if isinstance(request, ChatRequest) \
+                and reads_calls else None
+            pending: list[list[TokenLogprob]] = [[] for _ in range(job.n)]
             async with slot.generate(job, timeout=self.limits.generation_timeout,
                                      max_blank=self.limits.max_blank_chunks,
                                      keep_alive=request.keep_alive) as generation:
                 async for delta in generation.deltas():
-                    first = fresh[delta.index]
-                    fresh[delta.index] = False
-                    yield shape.chunk(base + delta.index, (echo + delta.text) if first else delta.text,
-                                      first=first, logprobs=list(delta.logprobs) if want_logprobs else None)
+                    at = delta.index
+                    if readers is None:
+                        first = fresh[at]
+                        fresh[at] = False
+                        yield shape.chunk(base + at, (echo + delta.text) if first else delta.text,
+                                          first=first, logprobs=list(delta.logprobs) if want_logprobs else None)
+                        continue
+                    pending[at] += delta.logprobs  # carried by the next chunk the call reader lets out
+                    for piece in readers[at].feed(delta.text):
+                        yield shape.delta_chunk(base + at, piece, first=fresh[at],
+                                                logprobs=pending[at] if want_logprobs else None)
+                        fresh[at] = False
+                        pending[at] = []
                 outcomes = generation.outcomes
             _add(total, outcomes)
             single = single or outcomes[0]
-            for index, outcome in enumerate(outcomes):
-                if fresh[index] and (shape.chat or echo):  # nothing generated: still answer the role / echo
-                    yield shape.chunk(base + index, echo, first=True)
-                yield shape.chunk(base + index, None, finish=outcome.finish_reason)
+            for at, outcome in enumerate(outcomes):
+                finish: FinishReason | Literal["tool_calls"] = outcome.finish_reason
+                if readers is not None:
+                    for piece in readers[at].finish():
+                        yield shape.delta_chunk(base + at, piece, first=fresh[at],
+                                                logprobs=pending[at] if want_logprobs else None)
+                        fresh[at] = False
+                        pending[at] = []
+                    finish = readers[at].finish_reason(outcome.finish_reason)
+                if fresh[at] and (shape.chat or echo):  # nothing generated: still answer the role / echo
+                    yield shape.chunk(base + at, echo, first=True)
+                yield shape.chunk(base + at, None, finish=finish)
         # one sequence's decode rate (n choices together would read as n times faster)
         _fill(record, slot, total, started, single)
         if with_usage:
@@ -84,8 +109,9 @@ class InferenceService:
     async def complete(self, request: GenerationRequest, record: RequestRecord | None = None) -> dict[str, Any]:
         """The whole answer (``chat.completion`` or ``text_completion``): the stream, gathered."""
         texts: dict[int, list[str]] = {}
-        finishes: dict[int, FinishReason] = {}
+        finishes: dict[int, str] = {}
         logprobs: dict[int, list[Any]] = {}
+        calls: dict[int, dict[int, dict[str, Any]]] = {}
         shape: _Shape | None = None
         usage: dict[str, Any] | None = None
         async with contextlib.aclosing(self._chunks(request, record, with_usage=True)) as chunks:
@@ -95,6 +121,7 @@ class InferenceService:
                     usage = chunk["usage"]
                 for choice in chunk["choices"]:
                     texts.setdefault(choice["index"], []).append(_choice_text(choice) or "")
+                    _gather_calls(calls.setdefault(choice["index"], {}), choice)
                     if choice["finish_reason"] is not None:
                         finishes[choice["index"]] = choice["finish_reason"]
                     if choice["logprobs"] is not None:
@@ -102,7 +129,10 @@ class InferenceService:
         assert shape is not None and usage is not None
         wanted = request.params.logprobs is not None
         merged = {i: _merge_logprobs(logprobs.get(i, []), chat=shape.chat) for i in texts} if wanted else {}
-        return shape.whole({i: "".join(parts) for i, parts in texts.items()}, finishes, usage, merged)
+        whole_calls = {i: [c for c in found.values() if _complete(c) or finishes.get(i) != "length"]
+                       for i, found in calls.items()}
+        return shape.whole({i: "".join(parts) for i, parts in texts.items()}, finishes, usage, merged,
+                           whole_calls)
 
     # -- embeddings ----------------------------------------------------------
     async def embeddings(self, request: EmbeddingRequest, record: RequestRecord | None = None) -> dict[str, Any]:
@@ -136,6 +166,7 @@ class InferenceService:
                     "owned_by": info.owned_by,
                     "context_length": info.ctx_size,
                     "serves": list(info.serves),
+                    "features": list(info.features),
                     "aliases": list(info.aliases),
                     "loaded": slot.state == "ready",
                 }
@@ -172,8 +203,16 @@ class _Shape:
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
+    def delta_chunk(self, index: int, delta: dict[str, Any], *, first: bool = False,
+                    logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+        """A chat chunk with any ``delta`` (text or tool calls); the first also names the role."""
+        delta = {"role": "assistant", **delta} if first else delta
+        choice = {"index": index, "delta": delta, "finish_reason": None,
+                  "logprobs": None if logprobs is None else _chat_logprobs(logprobs)}
+        return {**self._head(False), "choices": [choice]}
+
     def chunk(self, index: int, text: str | None, *, first: bool = False,
-              finish: FinishReason | None = None, logprobs: list[TokenLogprob] | None = None,
+              finish: str | None = None, logprobs: list[TokenLogprob] | None = None,
               ) -> dict[str, Any]:
         """One streamed chunk: a text delta, or (``text`` None) the finish of choice ``index``.
 
@@ -192,17 +231,86 @@ class _Shape:
     def usage_chunk(self, outcome: GenerationOutcome) -> dict[str, Any]:
         return {**self._head(False), "choices": [], "usage": _usage(outcome)}
 
-    def whole(self, texts: dict[int, str], finishes: dict[int, FinishReason], usage: dict[str, Any],
-              logprobs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    def whole(self, texts: dict[int, str], finishes: dict[int, str], usage: dict[str, Any],
+              logprobs: dict[int, dict[str, Any]], calls: dict[int, list[dict[str, Any]]] | None = None,
+              ) -> dict[str, Any]:
         choices = []
         for index in sorted(texts):
             if self.chat:
-                choices.append({"index": index, "message": {"role": "assistant", "content": texts[index]},
+                message: dict[str, Any] = {"role": "assistant", "content": texts[index]}
+                if calls and calls.get(index):
+                    message = {"role": "assistant", "content": texts[index] or None, "tool_calls": calls[index]}
+                choices.append({"index": index, "message": message,
                                 "finish_reason": finishes.get(index, "stop"), "logprobs": logprobs.get(index)})
             else:
                 choices.append({"text": texts[index], "index": index, "logprobs": logprobs.get(index),
                                 "finish_reason": finishes.get(index, "stop")})
         return {**self._head(True), "choices": choices, "usage": usage}
+
+
+def check_constrainable(slot: ModelSlot, request: GenerationRequest) -> None:
+    """A grammar on a model whose engine cannot honour it (SIMULATED) is a 400, never ignored."""
+    if request.params.grammar is None or slot.info.grammar:
+        return
+    param = "tool_choice" if isinstance(request, ChatRequest) and request.tool_choice.forced else "response_format"
+    raise InvalidRequestError(
+        f"model '{slot.info.id}' cannot constrain its output (a SIMULATED engine): {param} needs a model "
+        "whose /v1/models entry lists 'tools' and 'structured_outputs'", param=param)
+
+
+class _CallReader:
+    """A chat's output read for tool calls: text and call deltas in OpenAI's chat shapes."""
+
+    def __init__(self, request: ChatRequest) -> None:
+        self._request = request
+        self._stream = ToolCallStream(request.tools)
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        return self._deltas(self._stream.feed(text))
+
+    def finish(self) -> list[dict[str, Any]]:
+        return self._deltas(self._stream.finish())
+
+    def finish_reason(self, engine_reason: str) -> str:
+        """``tool_calls`` when it made calls, unless ``max_tokens`` cut the last one short."""
+        stream = self._stream
+        if stream.calls and (engine_reason != "length" or stream.last_complete):
+            return "tool_calls"
+        return engine_reason
+
+    def _deltas(self, events: list[StreamEvent] | Any) -> list[dict[str, Any]]:
+        out = []
+        for event in events:
+            if self._request.tool_choice.forced and isinstance(event, TextDelta):
+                continue  # a forced output is calls only: text is a call cut short by max_tokens
+            delta = stream_delta(event, self._request.parallel_tool_calls)
+            if delta is not None:
+                out.append(delta)
+        return out
+
+
+def _gather_calls(calls: dict[int, dict[str, Any]], choice: dict[str, Any]) -> None:
+    """Reassemble ``delta.tool_calls`` pieces into whole calls (``message.tool_calls``)."""
+    for piece in (choice.get("delta") or {}).get("tool_calls") or []:
+        function = piece.get("function") or {}
+        call = calls.get(piece["index"])
+        if call is None:
+            calls[piece["index"]] = call_json_from(piece.get("id", ""), function.get("name", ""),
+                                                   function.get("arguments", ""))
+        else:
+            call["function"]["arguments"] += function.get("arguments") or ""
+
+
+def call_json_from(call_id: str, name: str, arguments: str) -> dict[str, Any]:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _complete(call: dict[str, Any]) -> bool:
+    """Whether a call's arguments are a whole JSON object (``max_tokens`` may cut the last one)."""
+    try:
+        return isinstance(json.loads(call["function"]["arguments"]), dict)
+    except ValueError:
+        return False
 
 
 def _jobs(request: GenerationRequest) -> list[tuple[int, GenerationJob, str]]:
@@ -212,7 +320,8 @@ def _jobs(request: GenerationRequest) -> list[tuple[int, GenerationJob, str]]:
     ``index`` is prompt number × ``n`` + choice (as OpenAI numbers them)."""
     n = request.n
     if isinstance(request, ChatRequest):
-        return [(0, GenerationJob(params=request.params, messages=request.messages, n=n), "")]
+        tools = request.tools if request.reads_calls else ()
+        return [(0, GenerationJob(params=request.params, messages=request.messages, n=n, tools=tools), "")]
     return [(number * n, GenerationJob(params=request.params, prompt=prompt, n=n),
              prompt if request.echo else "")
             for number, prompt in enumerate(request.prompts)]

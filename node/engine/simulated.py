@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Sequence
 
 from ..common.errors import InvalidRequestError
 from .base import ChatMessage, EmbeddingResult, GenerationOutcome, ModelInfo, SamplingParams, TokenSink
+from .tools import FunctionTool, fallback_messages
 
 _WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
 DEFAULT_SIMULATED_MAX_TOKENS = 64
@@ -33,8 +35,11 @@ class SimulatedEngine:
     def close(self) -> None:
         return None
 
-    def render_chat(self, messages: list[ChatMessage]) -> tuple[str, tuple[str, ...]]:
-        return "\n".join(f"{m.role}: {m.content}" for m in messages) + "\nassistant:", ()
+    def render_chat(
+        self, messages: list[ChatMessage], tools: Sequence[FunctionTool] = ()
+    ) -> tuple[str, tuple[str, ...]]:
+        plain = fallback_messages(messages, tools)
+        return "\n".join(f"{m.role}: {m.content}" for m in plain) + "\nassistant:", ()
 
     @staticmethod
     def count_tokens(text: str) -> int:

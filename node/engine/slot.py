@@ -41,6 +41,7 @@ from .base import (
     SequenceRequest,
 )
 from .queue import ModelQueue
+from .tools import FunctionTool
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class GenerationJob:
     messages: tuple[ChatMessage, ...] | None = None
     n: int = 1
     """choices sampled from one evaluation of the prompt (at most the model's ``parallel``)."""
+    tools: tuple[FunctionTool, ...] = ()
+    """function tools the chat's prompt presents to the model."""
 
 
 class Generation:
@@ -328,7 +331,7 @@ class ModelSlot:
 
             request = SequenceRequest(
                 params=job.params, on_delta=on_delta, on_done=on_done, cancel=cancel,
-                prompt=job.prompt, messages=job.messages, n=job.n,
+                prompt=job.prompt, messages=job.messages, n=job.n, tools=job.tools,
             )
             if engine.submit(request):
                 runner = loop.run_in_executor(self.executor, engine.run)
@@ -350,7 +353,7 @@ class ModelSlot:
 
         def work() -> list[GenerationOutcome]:
             if job.messages is not None:
-                prompt, stops = engine.render_chat(list(job.messages))
+                prompt, stops = engine.render_chat(list(job.messages), job.tools)
                 params = job.params
                 if stops:
                     params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *stops))))

@@ -111,6 +111,9 @@ class RoutedRequest:
     """… and a paired device signed it: it is served here whatever the mode (rule 1)."""
     request_id: str = ""
     record: RequestRecord | None = None
+    needs: frozenset[str] = frozenset()
+    """features the request uses (``tools``, ``structured_outputs``, ``responses``): a peer whose
+    health report does not list them for the model is not a candidate ("model not served")."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,26 +205,30 @@ class OffloadRouter:
     async def route(self, request: RoutedRequest) -> RouteOutcome:
         """Where ``request`` is served (see the module docs)."""
         mode, model, forwardable = request.mode, request.model, not request.marked
-        decision = self.decide(mode, model, hop=request.hop, forwardable=forwardable)
-        decision = await self._verify_if_useful(decision, mode, model, hop=request.hop, forwardable=forwardable)
+        needs = request.needs
+        decision = self.decide(mode, model, hop=request.hop, forwardable=forwardable, needs=needs)
+        decision = await self._verify_if_useful(decision, mode, model, hop=request.hop, forwardable=forwardable,
+                                                needs=needs)
         attempts = 0
         while decision.action is OffloadAction.FORWARD and attempts < self.settings.max_forward_attempts:
             attempts += 1
             answer = await self._forward(request, decision.peers[0])
             if answer is not None:
                 return Forwarded(answer)
-            decision = self.decide(mode, model, hop=request.hop, forwardable=forwardable)  # the failed peer is now skipped
+            decision = self.decide(mode, model, hop=request.hop, forwardable=forwardable,
+                                   needs=needs)  # the failed peer is now skipped
         if decision.action is OffloadAction.REFUSE or (
                 decision.action is OffloadAction.FORWARD and mode is OffloadMode.REQUIRE):
             return Refused(self._refusal(decision, model, request.request_id))
         return SERVE_HERE
 
     def decide(self, mode: OffloadMode, model: str, *, hop: bool = False, forwardable: bool = True,
-               ) -> OffloadDecision:
+               needs: frozenset[str] = frozenset()) -> OffloadDecision:
         """The policy's decision for ``model`` right now (pure apart from reading current state)."""
         now = self._clock()
         local = self._local_state(model)
-        candidates = [self._candidate(peer, model, now) for peer in self._peers.snapshot()] if forwardable else []
+        candidates = ([self._candidate(peer, model, now, needs) for peer in self._peers.snapshot()]
+                      if forwardable else [])
         return decide(mode, local, candidates, model, self.settings, now, hop=hop)
 
     # -- state for the policy ----------------------------------------------------------
@@ -236,8 +243,10 @@ class OffloadRouter:
         return LocalState(self._device_id, slot.info.id, score.tok_per_s, score.source,
                           queue_depth=slot.queue_depth)
 
-    def _candidate(self, peer: Peer, model: str, now: float) -> PeerCandidate:
+    def _candidate(self, peer: Peer, model: str, now: float, needs: frozenset[str] = frozenset()) -> PeerCandidate:
         wire = self._wire_model(model, peer)
+        if wire is not None and not needs <= set(peer.features.get(wire, ())):
+            wire = None  # an older peer, or an engine that cannot honour tools/grammars: "model not served"
         verification = self.verifier.get(peer.device_id, wire or model)
         claimed = peer.capability.get(wire or model)
         candidate = PeerCandidate(
@@ -272,7 +281,8 @@ class OffloadRouter:
 
     # -- verification ------------------------------------------------------------------
     async def _verify_if_useful(self, decision: OffloadDecision, mode: OffloadMode, model: str, *,
-                                hop: bool, forwardable: bool) -> OffloadDecision:
+                                hop: bool, forwardable: bool, needs: frozenset[str] = frozenset(),
+                                ) -> OffloadDecision:
         """Probe the peers the decision could use once verified: in the background when the
         request goes to a peer anyway, else waiting (at most ``verify_timeout``) and deciding again."""
         if decision.action is OffloadAction.FORWARD:
@@ -285,10 +295,11 @@ class OffloadRouter:
                 self.verifier.start(target)
             return decision
         def forwardable_now() -> bool:
-            return self.decide(mode, model, hop=hop, forwardable=forwardable).action is OffloadAction.FORWARD
+            return self.decide(mode, model, hop=hop, forwardable=forwardable,
+                               needs=needs).action is OffloadAction.FORWARD
 
         await self.verifier.verify(targets, wait=self._config.offload.verify_timeout, enough=forwardable_now)
-        return self.decide(mode, model, hop=hop, forwardable=forwardable)
+        return self.decide(mode, model, hop=hop, forwardable=forwardable, needs=needs)
 
     def _probe_targets(self, device_ids: tuple[str, ...], model: str) -> list[ProbeTarget]:
         now = self._clock()
