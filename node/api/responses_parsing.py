@@ -28,7 +28,6 @@ from .tool_params import (
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _TEXT_PARTS = ("input_text", "output_text", "text")
 _STATEFUL = ("previous_response_id", "conversation")
-_DEFAULTS = SamplingParams()
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +89,8 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         messages=tuple(messages),
         params=SamplingParams(
             max_tokens=max_tokens,
-            temperature=_number(body, "temperature", 0.0, 2.0, _DEFAULTS.temperature),
-            top_p=_number(body, "top_p", 0.0, 1.0, _DEFAULTS.top_p),
+            temperature=_number(body, "temperature", 0.0, 2.0),
+            top_p=_number(body, "top_p", 0.0, 1.0),
             grammar=tool_grammar(tools, choice, parallel) or format_grammar,
         ),
         stream=stream,
@@ -208,10 +207,11 @@ def _int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
     return value
 
 
-def _number(body: dict[str, Any], name: str, low: float, high: float, default: float) -> float:
+def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
+    """The field's value; None (absent or null): the model's default."""
     value = body.get(name)
     if value is None:
-        return default
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise InvalidRequestError(f"'{name}' must be a number from {low:g} to {high:g}", param=name)
     return float(value)

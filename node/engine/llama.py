@@ -8,9 +8,10 @@ step loop built on llama-cpp-python's low-level API (see docs/engine.md):
   prompt still being evaluated, into one ``llama_batch`` and calls
   ``llama_decode`` once, so the weights are read once for all of them;
 * every sequence samples with its own native sampler chain
-  (``llama_sampler_*``: penalties, grammar, top-k/top-p/min-p, temperature,
-  seeded distribution) straight from the context's logits, without copying the
-  vocabulary's logits into Python (only when log-probabilities are asked for);
+  (``llama_sampler_*``: penalties, top-k/top-p/min-p, temperature, seeded
+  distribution) straight from the context's logits, without copying the
+  vocabulary's logits into Python (only when log-probabilities are asked for,
+  or a grammar refuses the sampled token: ``grammar_sampler.py``);
 * ``n`` choices evaluate their prompt once and copy its KV with ``seq_cp``;
 * a finished or cancelled sequence gives its seat back at once; its KV stays as
   a prompt cache that the next request with the same prefix (a chat's next
@@ -60,6 +61,7 @@ from .base import (
     TopLogprob,
 )
 from .chat_format import known_chat_formats, render_gemma, render_named_format, render_template
+from .grammar_sampler import GrammarCheckedSampler
 from .textstream import ReasoningBudget, StopMatcher
 from .tools import FunctionTool, fallback_messages
 
@@ -439,6 +441,8 @@ class _Choice:
     seat: _Seat
     sampler: Any
     limit: int
+    grammar: GrammarCheckedSampler | None = None
+    """the request's grammar, checked after the chain samples (None: unconstrained)."""
     pending: list[int] = field(default_factory=list)
     pos: int = 0
     decoding: bool = False
@@ -531,8 +535,15 @@ class _StepLoop:
             limit = min(limit, params.max_tokens)
         try:
             for index, seat in enumerate(seats):
-                sampler = self._sampler(params, (seed + index) & 0x7FFFFFFF)
-                choice = _Choice(group=group, index=index, seat=seat, sampler=sampler, limit=limit)
+                grammar = self._grammar(params.grammar) if params.grammar is not None else None
+                try:
+                    sampler = self._sampler(params, (seed + index) & 0x7FFFFFFF)
+                except BaseException:
+                    if grammar is not None:
+                        grammar.close()
+                    raise
+                choice = _Choice(group=group, index=index, seat=seat, sampler=sampler, limit=limit,
+                                 grammar=grammar)
                 choice.stops = StopMatcher(params.stop)
                 choice.reasoning = engine.new_reasoning()
                 choice.outcome = GenerationOutcome(prompt_tokens=len(prompt), finish_reason="length")
@@ -540,6 +551,8 @@ class _StepLoop:
         except Exception as exc:  # noqa: BLE001
             for choice in group.choices:
                 self._llama.llama_sampler_free(choice.sampler)
+                if choice.grammar is not None:
+                    choice.grammar.close()
             self.free.extend(seats)
             request.on_done(exc)
             return
@@ -605,12 +618,6 @@ class _StepLoop:
         try:
             if params.ignore_eos:
                 llama.llama_sampler_chain_add(chain, self._eog_ban())
-            if params.grammar is not None:
-                grammar = llama.llama_sampler_init_grammar(self.vocab, params.grammar.encode("utf-8"), b"root")
-                if not grammar:
-                    raise InvalidRequestError("the grammar could not be parsed (GBNF, root rule 'root')",
-                                              param="grammar")
-                llama.llama_sampler_chain_add(chain, grammar)
             # prepare() filled the model's defaults in; the fallbacks only satisfy the type checker
             defaults = SamplingDefaults()
             repeat = defaults.repeat_penalty if params.repeat_penalty is None else params.repeat_penalty
@@ -634,6 +641,15 @@ class _StepLoop:
         except BaseException:
             llama.llama_sampler_free(chain)
             raise
+
+    def _grammar(self, text: str) -> GrammarCheckedSampler:
+        """The grammar a seat checks its chain's tokens against (not in the chain: applying it
+        to the whole vocabulary every step would halve the decode rate)."""
+        try:
+            return GrammarCheckedSampler(self._llama, self.vocab, self.n_vocab, text)
+        except ValueError:
+            raise InvalidRequestError("the grammar could not be parsed (GBNF, root rule 'root')",
+                                      param="grammar") from None
 
     def _eog_ban(self) -> Any:
         """A logit-bias sampler that makes every end-of-generation token impossible."""
@@ -766,7 +782,10 @@ class _StepLoop:
     def _sample(self, choice: _Choice, index: int) -> None:
         llama = self._llama
         params = choice.group.params
-        token = int(llama.llama_sampler_sample(choice.sampler, self.ctx, index))
+        if choice.grammar is not None:
+            token = choice.grammar.sample(choice.sampler, self.ctx, index)
+        else:
+            token = int(llama.llama_sampler_sample(choice.sampler, self.ctx, index))
         logprob = None
         if params.logprobs is not None:
             logprob = self._logprobs(index, token, min(params.logprobs, MAX_TOP_LOGPROBS))
@@ -824,6 +843,8 @@ class _StepLoop:
         choice.done = True
         choice.pending = []
         self._llama.llama_sampler_free(choice.sampler)
+        if choice.grammar is not None:
+            choice.grammar.close()
         seat = choice.seat
         if choice.waiting_for_prompt:
             self._clear(seat)

@@ -271,7 +271,7 @@ class _CallReader:
     def finish(self) -> list[dict[str, Any]]:
         return self._deltas(self._stream.finish())
 
-    def finish_reason(self, engine_reason: str) -> str:
+    def finish_reason(self, engine_reason: FinishReason) -> FinishReason | Literal["tool_calls"]:
         """``tool_calls`` when it made calls, unless ``max_tokens`` cut the last one short."""
         stream = self._stream
         if stream.calls and (engine_reason != "length" or stream.last_complete):
