@@ -14,6 +14,7 @@ BENCHMARKS = (
     "bench.engine_bench",  # issue 11: continuous batching vs llama-server at concurrency 1-8
     "bench.default_model_bench",  # issue 15: first chat, default model replies, decode vs Gemma
     "bench.link_bench",  # issue 10: data channel vs LAN HTTP hop, bulk MB/s, link set-up times
+    "bench.managed_bench",  # issue 14: managed serve cold start vs warm attach
 )
 
 for name in BENCHMARKS:

@@ -64,6 +64,8 @@ class ModelInfo:
     aliases: tuple[str, ...] = ()
     chat_format: str | None = None
     size_bytes: int = 0
+    catalog: str | None = None
+    """the model catalogue entry it was obtained from (node/catalog.py), if any."""
 
     @property
     def serves(self) -> tuple[str, ...]:
