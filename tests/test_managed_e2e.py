@@ -185,7 +185,7 @@ def test_sweep_terminates_a_serve_whose_supervisor_died(registry_dir: Path, cons
         assert [r["id"] for r in records(registry_dir)] != [record["id"]]
 
 
-async def test_async_form_and_registry_listing(registry_dir: Path) -> None:
+async def test_async_form_listing_and_respawn(registry_dir: Path) -> None:
     async with managed_node([simulated_model_spec()], registry_dir=registry_dir) as node:
         client = node.async_openai()
         reply = await client.chat.completions.create(model=node.default_model,
@@ -195,6 +195,12 @@ async def test_async_form_and_registry_listing(registry_dir: Path) -> None:
         assert models.data[0].id == "gemma3-270m"
         listed = Registry(registry_dir).records()
         assert [r.serve.pid for r in listed] == [node.pid]
+        first_pid = node.pid
+        os.kill(first_pid, signal.SIGKILL)  # the async client re-resolves on connection refused too
+        assert wait_until(lambda: not pid_alive(first_pid), timeout=10)
+        again = await client.chat.completions.create(model="gemma3-270m", messages=[{"role": "user", "content": "x"}],
+                                                     max_tokens=2)
+        assert again.choices[0].message.content and node.pid != first_pid and node.generation == 1
         await client.close()
 
 

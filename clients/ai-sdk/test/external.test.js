@@ -40,7 +40,7 @@ describe('a real node (real engine, the built-in model)', () => {
   })
 })
 
-describe('a SIMULATED node with offload on and no peers', () => {
+describe('a SIMULATED node below the offload threshold, with no peers', () => {
   let node
   before(async () => {
     node = await startNode(`
@@ -54,6 +54,7 @@ embedding = true
 enabled = true
 discover_lan = false
 probe_on_start = false
+min_local_capability = 1000000.0  # this device never qualifies: require must refuse
 `)
   })
   after(async () => { await node?.stop() })
