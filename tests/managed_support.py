@@ -89,6 +89,25 @@ def pid_alive(pid: int) -> bool:
     return ProcessRef(pid, None).alive()
 
 
+def port_refuses(port: int, host: str = "127.0.0.1") -> bool:
+    """Nothing accepts connections on ``port`` any more. A killed serve's pid can look dead (its
+    main thread a zombie) a moment before its other threads are gone and its socket is closed."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
+def killed(pid: int, port: int, timeout: float = 10.0) -> bool:
+    """Wait until the serve ``pid`` on ``port`` is gone: no process, no listening socket."""
+    return wait_until(lambda: not pid_alive(pid) and port_refuses(port), timeout)
+
+
 def clean_registry(registry_dir: Path) -> None:
     """Terminate every serve and supervisor a test left in its registry."""
     from node.managed.registry import Registry, terminate

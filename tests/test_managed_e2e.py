@@ -24,7 +24,15 @@ from node.managed import ManagedModel, managed_node
 from node.managed.registry import Registry
 from node.managed.transport import http_module
 
-from .managed_support import SIMULATED, Consumer, clean_registry, pid_alive, simulated_model, wait_until
+from .managed_support import (
+    SIMULATED,
+    Consumer,
+    clean_registry,
+    killed,
+    pid_alive,
+    simulated_model,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -122,7 +130,7 @@ def test_killed_node_is_respawned_and_the_refused_request_retried_once(registry_
         assert client.chat.completions.create(model="gemma3-270m", messages=[{"role": "user", "content": "a"}],
                                               max_tokens=3).choices[0].message.content
         os.kill(first_pid, signal.SIGKILL)
-        assert wait_until(lambda: not pid_alive(first_pid), timeout=10)
+        assert killed(first_pid, node.port)
 
         reply = client.chat.completions.create(model="GEMMA3_270M", messages=[{"role": "user", "content": "b"}],
                                                max_tokens=3)
@@ -197,7 +205,7 @@ async def test_async_form_listing_and_respawn(registry_dir: Path) -> None:
         assert [r.serve.pid for r in listed] == [node.pid]
         first_pid = node.pid
         os.kill(first_pid, signal.SIGKILL)  # the async client re-resolves on connection refused too
-        assert wait_until(lambda: not pid_alive(first_pid), timeout=10)
+        assert killed(first_pid, node.port)
         again = await client.chat.completions.create(model="gemma3-270m", messages=[{"role": "user", "content": "x"}],
                                                      max_tokens=2)
         assert again.choices[0].message.content and node.pid != first_pid and node.generation == 1

@@ -41,6 +41,8 @@ HEALTH_REQUEST_TIMEOUT_S = 2.0
 HANDSHAKE_TIMEOUT_S = 30.0
 """seconds for the supervisor to start and name the serve's pid (a Python start-up)."""
 LOG_TAIL_BYTES = 4000
+REGISTRY_LOCK_WAIT_S = 60.0
+"""the registry lock is held for moments (sweeps may stop orphans: seconds), never a cold start."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,16 +97,19 @@ def attach(plan: Plan, *, consumer: ProcessRef | None = None, registry: Registry
     consumer = consumer or ProcessRef.of(os.getpid())
     handle = secrets.token_hex(8)
     entry = {**consumer.to_json(), "handle": handle}
-    lock_wait = options.start_timeout + 30.0  # another start may hold it through a cold start
+    lock_wait = options.start_timeout + 30.0  # another start of this key may be mid cold start
     try:
-        with registry.locked(timeout=lock_wait):
-            live = registry.sweep()
-            if options.shared:
-                for record in live:
-                    if record.key == plan.key and record.shared and _healthy(record) == "ok":
-                        record.consumers.append(entry)
-                        registry.write(record)
-                        return Attachment(record, handle, consumer, spawned=False)
+        with registry.start_locked(plan.key, timeout=lock_wait):
+            with registry.locked(timeout=REGISTRY_LOCK_WAIT_S):
+                live = registry.sweep()
+                if options.shared:
+                    for record in live:
+                        # any answer will do: a model unloaded after keep_alive reads "loading",
+                        # and a second serve with the same key is what sharing must never produce
+                        if record.key == plan.key and record.shared and _healthy(record) is not None:
+                            record.consumers.append(entry)
+                            registry.write(record)
+                            return Attachment(record, handle, consumer, spawned=False)
             record = _spawn(plan, registry, entry)
             return Attachment(record, handle, consumer, spawned=True)
     except TimeoutError as exc:
@@ -118,7 +123,7 @@ def detach(attachment: Attachment, *, registry_dir: Path | None = None) -> None:
     """Drop this handle from its serve's consumers. Never stops a serve: its supervisor reaps it
     once no consumer is left (after the idle timeout; at once for a dedicated serve)."""
     registry = Registry(registry_dir)
-    with registry.locked(timeout=60.0):
+    with registry.locked(timeout=REGISTRY_LOCK_WAIT_S):
         record = registry.read(attachment.record.id)
         if record is None:
             return
@@ -133,7 +138,7 @@ def detach(attachment: Attachment, *, registry_dir: Path | None = None) -> None:
 
 def list_serves(registry_dir: Path | None = None) -> list[ServeRecord]:
     registry = Registry(registry_dir)
-    with registry.locked(timeout=60.0):
+    with registry.locked(timeout=REGISTRY_LOCK_WAIT_S):
         return registry.sweep()
 
 
@@ -142,6 +147,7 @@ def list_serves(registry_dir: Path | None = None) -> list[ServeRecord]:
 
 
 def _spawn(plan: Plan, registry: Registry, consumer: dict[str, Any]) -> ServeRecord:
+    """Start a serve (the caller holds the key's start lock, not the registry lock)."""
     options = plan.options
     port = _allocate_port(options.host, options.port)
     serve_id = secrets.token_hex(6)
@@ -163,18 +169,26 @@ def _spawn(plan: Plan, registry: Registry, consumer: dict[str, Any]) -> ServeRec
         id=serve_id, key=plan.key, shared=options.shared, host=options.host, port=port,
         binary=plan.binary, models=[m.alias for m in plan.models], serve=serve, supervisor=supervisor,
         consumers=[consumer], idle_timeout_s=options.idle_timeout, created_ms=now_ms(),
+        starter=ProcessRef.of(os.getpid()),
     )
-    registry.write(record)
     try:
+        with registry.locked(timeout=REGISTRY_LOCK_WAIT_S):
+            registry.write(record)
         _wait_healthy(record, log, options.start_timeout)
+        with registry.locked(timeout=REGISTRY_LOCK_WAIT_S):
+            current = registry.read(serve_id)
+            if current is None or not current.serve.alive():
+                raise ServeExitedError(f"dvai-node serve exited as it became healthy:\n{_tail(log)}",
+                                       output=_tail(log))
+            current.status, current.starter = "ready", None
+            registry.write(current)
+            return current
     except BaseException:
         terminate(supervisor)  # it terminates the serve on SIGTERM
         terminate(serve)
-        registry.remove(serve_id)
+        with registry.locked(timeout=REGISTRY_LOCK_WAIT_S):
+            registry.remove(serve_id)
         raise
-    record.status = "ready"
-    registry.write(record)
-    return record
 
 
 def _allocate_port(host: str, pinned: int | None) -> int:

@@ -3,7 +3,8 @@
 Layout (docs/managed.md is the contract; the JavaScript provider goes through the same files)::
 
     <user state dir>/managed-serves/
-      registry.lock        flock(2)-ed exclusively around every read-modify-write
+      registry.lock        flock(2)-ed exclusively around every read-modify-write (briefly)
+      start-locks/<key>.lock   flock(2)-ed across a cold start of that reuse key
       <serve id>.json      one record per serve (written atomically)
       <serve id>/          node.toml, serve.log, state/ (the serve's state dir)
 
@@ -28,6 +29,7 @@ from ..fsutil import atomic_write_json, ensure_private_dir, read_json
 
 RECORD_FORMAT = 1
 LOCK_FILE = "registry.lock"
+START_LOCKS = "start-locks"
 LOCK_POLL_S = 0.05
 TERMINATE_GRACE_S = 5.0
 """seconds a serve gets to exit after SIGTERM before SIGKILL."""
@@ -126,6 +128,8 @@ class ServeRecord:
     created_ms: int
     status: str = "starting"
     """``starting`` until the first consumer saw it healthy, then ``ready``."""
+    starter: ProcessRef | None = None
+    """the process waiting for it to become healthy (while ``starting``)."""
 
     @property
     def base_url(self) -> str:
@@ -138,6 +142,7 @@ class ServeRecord:
             "models": self.models, "serve": self.serve.to_json(), "supervisor": self.supervisor.to_json(),
             "consumers": self.consumers, "idle_timeout_s": self.idle_timeout_s,
             "created_ms": self.created_ms, "status": self.status,
+            "starter": self.starter.to_json() if self.starter is not None else None,
         }
 
     @classmethod
@@ -157,6 +162,7 @@ class ServeRecord:
                 consumers=[c for c in data["consumers"] if ProcessRef.from_json(c) is not None],
                 idle_timeout_s=float(data["idle_timeout_s"]), created_ms=int(data["created_ms"]),
                 status=str(data.get("status", "starting")),
+                starter=ProcessRef.from_json(data.get("starter")),
             )
         except (KeyError, TypeError, ValueError):
             return None
@@ -186,11 +192,20 @@ class Registry:
     def __init__(self, directory: Path | None = None) -> None:
         self.dir = Path(directory) if directory is not None else default_registry_dir()
 
+    def locked(self, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
+        """Hold the registry lock (blocking up to ``timeout`` seconds; TimeoutError after).
+        Held only for short read-modify-writes (and sweeps), never across a cold start."""
+        return self._flock(self.dir / LOCK_FILE, timeout)
+
+    def start_locked(self, key: str, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
+        """Hold the start lock of one reuse key: taken across a whole cold start, so concurrent
+        starts of the same key queue and then find the first one's serve."""
+        return self._flock(ensure_private_dir(self.dir / START_LOCKS) / f"{key}.lock", timeout)
+
     @contextlib.contextmanager
-    def locked(self, timeout: float | None = None) -> Iterator[None]:
-        """Hold the registry lock (blocking up to ``timeout`` seconds; TimeoutError after)."""
+    def _flock(self, path: Path, timeout: float | None) -> Iterator[None]:
         ensure_private_dir(self.dir)
-        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
@@ -232,7 +247,7 @@ class Registry:
 
     def records(self) -> list[ServeRecord]:
         out = []
-        for path in sorted(self.dir.glob("*.json")):
+        for path in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
             record = ServeRecord.from_json(read_json(path, tolerate_corrupt=True))
             if record is not None and path.stem == record.id:
                 out.append(record)
@@ -253,7 +268,7 @@ class Registry:
         """Drop dead records, terminate serves whose supervisor died (or whose starter died
         mid-start), prune dead consumers; return the records still alive. Call under the lock."""
         alive = []
-        for path in sorted(self.dir.glob("*.json")):
+        for path in sorted(self.dir.glob("*.json")) if self.dir.is_dir() else []:
             record = ServeRecord.from_json(read_json(path, tolerate_corrupt=True))
             if record is None or path.stem != record.id:
                 path.unlink(missing_ok=True)  # malformed, or of a format this code does not know
@@ -261,7 +276,8 @@ class Registry:
             if not record.serve.alive():
                 self.remove(record.id)
                 continue
-            if not record.supervisor.alive() or record.status == "starting":
+            starter_died = record.status == "starting" and (record.starter is None or not record.starter.alive())
+            if not record.supervisor.alive() or starter_died:
                 terminate(record.serve)
                 terminate(record.supervisor)
                 self.remove(record.id)

@@ -23,6 +23,9 @@ from typing import Any, TextIO
 from .registry import ProcessRef, Registry, terminate
 
 LOCK_WAIT_ON_EXIT_S = 10.0
+LOCK_WAIT_ON_SIGNAL_S = 2.0
+RECORD_WAIT_S = 60.0
+"""how long a new serve may run before its starter has written its record."""
 
 
 def poll_interval(idle_timeout: float) -> float:
@@ -44,6 +47,7 @@ class Supervisor:
     def run(self) -> int:
         idle_since: float | None = None
         interval = poll_interval(self.idle_timeout)
+        started, seen_record = time.monotonic(), False
         while not self.stop.wait(interval):
             code = self.serve.poll()
             if code is not None:
@@ -55,9 +59,12 @@ class Supervisor:
                 continue  # a start holds the lock (maybe waiting for this serve): next round
             with held:
                 record = self.registry.read(self.serve_id)
+                if record is None and not seen_record and time.monotonic() - started < RECORD_WAIT_S:
+                    continue  # the starter writes the record once it knows the serve's pid
                 if record is None or record.serve.pid != self.serve.pid:
                     self.note("record gone: stopping the serve")
                     break
+                seen_record = True
                 live = record.live_consumers()
                 if live != record.consumers:
                     record.consumers = live
@@ -73,7 +80,8 @@ class Supervisor:
                     break
         terminate(self.serve_ref)
         self.serve.poll()
-        self._drop_record(wait=0.0 if self.stop.is_set() else LOCK_WAIT_ON_EXIT_S)
+        # Stopped by a signal, the sender may hold the lock while it waits for us: do not wait long.
+        self._drop_record(wait=LOCK_WAIT_ON_SIGNAL_S if self.stop.is_set() else LOCK_WAIT_ON_EXIT_S)
         return 0
 
     def _drop_record(self, *, wait: float) -> None:
@@ -82,7 +90,8 @@ class Supervisor:
             with self.registry.locked(timeout=wait):
                 record = self.registry.read(self.serve_id)
                 if record is None or record.serve.pid == self.serve.pid:
-                    self.registry.remove(self.serve_id)
+                    # a starter still waiting reads serve.log for its error: it removes the directory
+                    self.registry.remove(self.serve_id, keep_dir=record is not None and record.status == "starting")
         except TimeoutError:
             pass  # whoever holds the lock (a start that gave up on us, a sweep) drops it
 

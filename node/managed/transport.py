@@ -49,13 +49,21 @@ def connection_refused(exc: BaseException) -> bool:
     return False
 
 
+def _fresh_connections(http: ModuleType) -> Any:
+    """One connection per request, none kept alive: a request to a dead serve then always meets
+    *connection refused*, never a pooled socket the dead serve left half-open (whose reset could
+    not be told apart from a serve dying mid-request, so it could not be retried). On loopback a
+    connection costs well under a millisecond."""
+    return http.Limits(max_keepalive_connections=0)
+
+
 def sync_client(node: ManagedNode) -> Any:
     """A ``Client`` whose requests go to ``node``'s current serve, retried once when refused."""
     http = http_module()
 
     class RetryRefusedTransport(http.BaseTransport):  # type: ignore[name-defined,misc]
         def __init__(self) -> None:
-            self._inner = http.HTTPTransport()
+            self._inner = http.HTTPTransport(limits=_fresh_connections(http))
 
         def handle_request(self, request: Any) -> Any:
             generation = node.retarget(request)
@@ -80,7 +88,7 @@ def async_client(node: ManagedNode) -> Any:
 
     class AsyncRetryRefusedTransport(http.AsyncBaseTransport):  # type: ignore[name-defined,misc]
         def __init__(self) -> None:
-            self._inner = http.AsyncHTTPTransport()
+            self._inner = http.AsyncHTTPTransport(limits=_fresh_connections(http))
 
         async def handle_async_request(self, request: Any) -> Any:
             generation = node.retarget(request)

@@ -18,7 +18,7 @@ import {
   ServeExitedError,
   UnknownManagedModelError
 } from '../src/index.js'
-import { DVAI_NODE, SIMULATED, pidAlive, startPythonConsumer, tempDir, waitUntil } from './support.js'
+import { DVAI_NODE, SIMULATED, pidAlive, portRefuses, startPythonConsumer, tempDir, waitUntil } from './support.js'
 
 const registry = tempDir('dvai-registry-')
 const opened = []
@@ -81,6 +81,7 @@ test('close() detaches: the node lives while another consumer uses it, then is r
   const { text } = await generateText({ model: second('gemma3-270m'), prompt: 'x', maxOutputTokens: 2 })
   assert.ok(text.length > 0 && pidAlive(second.pid))
   const pid = second.pid
+  assert.equal(typeof Symbol.asyncDispose, 'symbol')
   await second[Symbol.asyncDispose]() // what `await using` calls at the end of its scope
   assert.ok(await waitUntil(() => !pidAlive(pid), 15_000), 'reaped after the idle timeout')
 })
@@ -89,7 +90,7 @@ test('a node killed under a consumer is respawned and the refused request retrie
   const dvai = await managed({ ctx_size: 1024 })
   const before = dvai.pid
   process.kill(before, 'SIGKILL')
-  assert.ok(await waitUntil(() => !pidAlive(before), 10_000))
+  assert.ok(await waitUntil(async () => !pidAlive(before) && await portRefuses(dvai.port), 10_000))
   const { text } = await generateText({ model: dvai('gemma3-270m'), prompt: 'x', maxOutputTokens: 2, maxRetries: 0 })
   assert.ok(text.length > 0)
   assert.notEqual(dvai.pid, before)

@@ -1,6 +1,7 @@
 // Test helpers: real `dvai-node serve` processes from the repository's virtualenv.
 
 import { spawn } from 'node:child_process'
+import net from 'node:net'
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import path from 'node:path'
@@ -85,6 +86,18 @@ export function pidAlive (pid) {
 function readProcStat (pid) {
   const text = readFileSync(`/proc/${pid}/stat`, 'utf8')
   return text.slice(text.lastIndexOf(')') + 2).split(' ')[0]
+}
+
+/**
+ * Nothing accepts connections on `port` any more. A killed serve's pid can look dead (its main
+ * thread a zombie) a moment before its other threads are gone and its socket is closed.
+ */
+export function portRefuses (port, host = '127.0.0.1') {
+  return new Promise((resolve) => {
+    const socket = net.connect({ port, host })
+    socket.once('connect', () => { socket.destroy(); resolve(false) })
+    socket.once('error', (error) => resolve(error.code === 'ECONNREFUSED'))
+  })
 }
 
 /** Poll `predicate` until it is true or `timeoutMs` passes. */
