@@ -24,8 +24,8 @@ from node.catalog import (
     materialize,
     measure_source,
 )
+from node.common.errors import ConfigError
 from node.config import config_from_mapping
-from node.errors import ConfigError
 
 from .conftest import REPO, start_node_process
 

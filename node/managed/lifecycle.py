@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..fsutil import atomic_write_bytes, atomic_write_json, ensure_private_dir
+from ..common.fsutil import atomic_write_bytes, atomic_write_json, ensure_private_dir
 from .errors import (
     BinaryNotFoundError,
     PortAllocationFailedError,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..fsutil import atomic_write_json, ensure_private_dir, read_json
+from ..common.fsutil import atomic_write_json, ensure_private_dir, read_json
 
 RECORD_FORMAT = 1
 LOCK_FILE = "registry.lock"
