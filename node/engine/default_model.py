@@ -15,10 +15,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
