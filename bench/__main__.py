@@ -15,6 +15,7 @@ BENCHMARKS = (
     "bench.default_model_bench",  # issue 15: first chat, default model replies, decode vs Gemma
     "bench.link_bench",  # issue 10: data channel vs LAN HTTP hop, bulk MB/s, link set-up times
     "bench.grammar_bench",  # issue 12: grammar-constrained vs unconstrained decoding
+    "bench.managed_bench",  # issue 14: managed serve cold start vs warm attach
 )
 
 for name in BENCHMARKS:

@@ -14,6 +14,7 @@ from .version import __version__
 if TYPE_CHECKING:
     from .common.errors import DVAIError
     from .config import KnownPeer, ModelConfig, NodeConfig, OffloadConfig, load_config
+    from .managed import ManagedModel, managed_node
     from .runtime import Node
     from .security.signing import (
         compose_signed_message,
@@ -32,6 +33,8 @@ _LAZY = {
     "OffloadConfig": ".config",
     "load_config": ".config",
     "Node": ".runtime",
+    "ManagedModel": ".managed",
+    "managed_node": ".managed",
     "compose_signed_message": ".security.signing",
     "new_nonce": ".security.signing",
     "path_with_query_of": ".security.signing",
@@ -43,6 +46,7 @@ _LAZY = {
 __all__ = [
     "DVAIError",
     "KnownPeer",
+    "ManagedModel",
     "ModelConfig",
     "Node",
     "NodeConfig",
@@ -50,6 +54,7 @@ __all__ = [
     "__version__",
     "compose_signed_message",
     "load_config",
+    "managed_node",
     "new_nonce",
     "path_with_query_of",
     "sign_hmac",

@@ -41,6 +41,8 @@ class ModelConfig:
     path: str | None = None
     """GGUF file; unset: the built-in model of the same id (``smollm2-135m``, ``gemma3-270m``),
     else the built-in chat model."""
+    catalog: str | None = None
+    """a model catalogue name (``SMOLLM2_135M``, see ``dvai-node models --catalog``) to serve."""
     engine: Literal["llama", "simulated"] = "llama"
     """``simulated`` produces filler tokens at ``simulated_tok_per_s``: for routing tests only."""
     simulated_tok_per_s: float = 20.0
@@ -338,6 +340,12 @@ def _check(config: NodeConfig) -> None:
             if name in ids:
                 raise ConfigError(f"models.{model.id}: duplicate model id or alias '{name}'")
             ids.add(name)
+        if model.catalog is not None:
+            from .catalog import lookup
+
+            if lookup(model.catalog) is None:
+                raise ConfigError(f"models.{model.id}.catalog: '{model.catalog}' is not in the model "
+                                  "catalogue (dvai-node models --catalog lists it)")
         for key in ("ctx_size", "queue_depth", "parallel"):
             if getattr(model, key) < 1:
                 raise ConfigError(f"models.{model.id}.{key}: expected a positive integer")

@@ -9,7 +9,8 @@ from the table. One module per group of commands:
 - ``admin``: ``models`` and the admin-API clients ``pair``, ``pairing``, ``audit``, ``peers``
   (``client`` finds the running node and calls it; ``qr`` runs ``pair --qr`` / ``--scan``);
 - ``status``: ``status`` / ``ps``, what the running node has loaded and queued;
-- ``probe``: ``probe``, an in-process speed measurement.
+- ``probe``: ``probe``, an in-process speed measurement;
+- ``managed``: ``managed list|attach|detach``, the registry of managed serves (node/managed/).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from ..common.errors import ConfigError
 from ..config import load_config
 from ..version import __version__
-from . import admin, probe, serve, status
+from . import admin, managed, probe, serve, status
 from .base import Command, overrides_from_args
 
 COMMANDS: tuple[Command, ...] = (
@@ -37,6 +38,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("audit", "show the audit log of served requests", admin.configure_audit, admin.run_audit),
     Command("probe", "measure this device's decode speed (tok/s) for a model and save it", probe.configure,
             probe.run, description=probe.DESCRIPTION),
+    Command("managed", managed.HELP, managed.configure, managed.run, description=managed.DESCRIPTION),
 )
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]

@@ -25,10 +25,15 @@ def configure_models(parser: argparse.ArgumentParser) -> None:
     add_config_option(parser)
     parser.add_argument("--model", metavar="PATH", help="list this GGUF file as `serve --model PATH` would "
                         "serve it (checked: it must exist and be a GGUF file)")
+    parser.add_argument("--catalog", action="store_true",
+                        help="list the model catalogue instead: every model the node can obtain")
+    parser.add_argument("--json", action="store_true", help="with --catalog: print it as JSON")
 
 
 def run_models(args: argparse.Namespace, config: NodeConfig) -> int:
     """List the configured models; exit 1 naming each model file that is missing or not GGUF."""
+    if args.catalog:
+        return print_catalog(as_json=args.json)
     problems = []
     print(f"{'ID':<24} {'SERVES':<18} {'CTX':>6}  SOURCE")
     for model in config.models:
@@ -42,6 +47,23 @@ def run_models(args: argparse.Namespace, config: NodeConfig) -> int:
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0
+
+
+def print_catalog(*, as_json: bool = False) -> int:
+    """``dvai-node models --catalog``: the model catalogue (node/catalog.py)."""
+    from ..catalog import all_models
+
+    entries = list(all_models())
+    if as_json:
+        print(json.dumps([m.metadata() for m in entries], indent=2))
+        return 0
+    print(f"{'NAME':<22} {'ID':<22} {'CATEGORY':<10} {'SIZE':>9} {'CTX':>6}  {'CHAT':<4} {'TOOLS':<5} SOURCE")
+    for m in entries:
+        size = f"{m.expected_size / 1e6:.0f} MB"
+        print(f"{m.name:<22} {m.id:<22} {m.category:<10} {size:>9} {m.ctx_size:>6}  "
+              f"{'yes' if m.supports_chat else 'no':<4} {'yes' if m.supports_tools else 'no':<5} "
+              f"{m.source.describe()}")
+    return 0
 
 
 # -- pair / pairing ----------------------------------------------------------------------

@@ -84,6 +84,8 @@ class ModelInfo:
     size_bytes: int = 0
     grammar: bool = True
     """the engine honours ``SamplingParams.grammar`` (the SIMULATED engine does not)."""
+    catalog: str | None = None
+    """the model catalogue entry it was obtained from (node/catalog.py), if any."""
 
     @property
     def serves(self) -> tuple[str, ...]:

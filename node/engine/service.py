@@ -169,9 +169,19 @@ class InferenceService:
                     "features": list(info.features),
                     "aliases": list(info.aliases),
                     "loaded": slot.state == "ready",
+                    "state": slot.state,
+                    "catalog": catalog_metadata(info.catalog),
                 }
             )
         return {"object": "list", "data": data}
+
+
+def catalog_metadata(name: str | None) -> dict[str, Any] | None:
+    """The catalogue entry's metadata (category, size, sha256, source, …) for ``/v1/models``."""
+    from ..catalog import lookup
+
+    entry = lookup(name) if name is not None else None
+    return entry.metadata() if entry is not None else None
 
 
 # --------------------------------------------------------------------------
