@@ -13,6 +13,7 @@ into a file on disk (assembled once into the cache dir, sha256-checked).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -211,8 +212,11 @@ def materialize(entry: CatalogModel, cache_dir: Path | None = None, *, progress:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     show = sys.stderr.isatty() if progress is None else progress
+    if not show:  # a terminal gets tqdm's bar; a log file or pipe one plain line
+        logging.getLogger("node.engine.default_model").info(
+            "assembling the built-in model %s into %s", entry.id, target)
     try:
-        digest = _copy_hashing(parts, tmp, desc=f"assembling {entry.name}", show=show)
+        digest = _copy_hashing(parts, tmp, desc=f"assembling {entry.id}", show=show)
         if digest != entry.sha256:
             raise ValueError(f"the assembled {entry.name} does not match its published sha256")
         os.replace(tmp, target)
