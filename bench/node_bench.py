@@ -90,7 +90,9 @@ async def main() -> None:
     threads = os.cpu_count() or 1
     llm = Llama(model_path=str(path), n_ctx=4096, n_threads=threads, n_threads_batch=threads,
                 n_gpu_layers=99, verbose=False)
-    node = start_node_process(Path(tempfile.mkdtemp()) / "bench-node")
+    # the same model and thread count on both sides (built-in models default to one thread)
+    node = start_node_process(Path(tempfile.mkdtemp()) / "bench-node", config_text=(
+        f'[models.gemma3-270m]\npath = "{path}"\nthreads = {threads}\nctx_size = 4096\n'))
     ttft_a, ttft_b, rate_a, rate_b, one, two = [], [], [], [], [], []
     ttft_raw, rate_raw = [], []
     try:
