@@ -1,7 +1,7 @@
-"""Decoding a JSON request body with bounds, before any handler sees it.
+"""Reading and decoding a JSON request body with bounds, before any handler sees it.
 
 ``decode_json_body`` is the one JSON reader of every route (through
-``node.api.middlewares.read_json``). Besides syntax it refuses, as a 400 naming the problem:
+``read_json`` below). Besides syntax it refuses, as a 400 naming the problem:
 
 - nesting deeper than ``JSON_MAX_DEPTH`` (a deep body would otherwise exhaust the
   interpreter's recursion limit in the decoder, or later in whatever walks it);
@@ -22,7 +22,9 @@ import json
 import math
 from typing import Any
 
-from ..common.errors import InvalidRequestError
+from aiohttp import web
+
+from ..common.errors import InvalidRequestError, PayloadTooLargeError
 from ..constants import JSON_MAX_DEPTH, JSON_MAX_NUMBER_CHARS
 
 
@@ -129,3 +131,17 @@ def _number_too_long() -> InvalidRequestError:
 def _too_deep() -> InvalidRequestError:
     return InvalidRequestError(f"the request body nests arrays/objects deeper than {JSON_MAX_DEPTH} levels",
                                code="json_too_deep")
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, with a clear 400/413 when it is not."""
+    limit = request.app._client_max_size  # noqa: SLF001 - aiohttp's own configured cap
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLargeError(f"request body is {request.content_length} bytes; the limit is {limit}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes") from exc
+    if not raw:
+        raise InvalidRequestError("the request body is empty; expected a JSON object")
+    return decode_json_body(raw)  # bounded depth and number size, valid Unicode text

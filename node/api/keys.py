@@ -10,7 +10,7 @@ from aiohttp import web
 from ..common.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from ..context import CONTEXT
 from ..hub.keys import ApiKeyStore, parse_scopes
-from .middlewares import read_json
+from .jsonbody import read_json
 
 routes = web.RouteTableDef()
 

@@ -14,7 +14,7 @@ from ..context import CONTEXT, NodeContext
 from ..engine.slot import ModelSlot, SlotState
 from ..identity import make_health_proof
 from ..version import __version__
-from .middlewares import read_json
+from .jsonbody import read_json
 
 routes = web.RouteTableDef()
 

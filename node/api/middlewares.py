@@ -12,8 +12,6 @@ from aiohttp import web
 
 from ..common.errors import (
     DVAIError,
-    InvalidRequestError,
-    PayloadTooLargeError,
     PermissionDeniedError,
     error_body,
     http_error_body,
@@ -23,7 +21,6 @@ from ..constants import (
     REQUEST_ID_HEADER,
     REQUEST_ID_MAX_CHARS,
 )
-from .jsonbody import decode_json_body
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +105,3 @@ def origin_middleware(origins: tuple[str, ...]) -> Callable[..., Any]:
         return response
 
     return middleware
-
-
-async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, with a clear 400/413 when it is not."""
-    limit = request.app._client_max_size  # noqa: SLF001 - aiohttp's own configured cap
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLargeError(f"request body is {request.content_length} bytes; the limit is {limit}")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise PayloadTooLargeError(f"request body is larger than the limit of {limit} bytes") from exc
-    if not raw:
-        raise InvalidRequestError("the request body is empty; expected a JSON object")
-    return decode_json_body(raw)  # bounded depth and number size, valid Unicode text

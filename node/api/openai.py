@@ -25,7 +25,8 @@ from ..offload.forward import ForwardCall
 from ..offload.policy import OffloadMode, parse_offload_header
 from ..offload.router import Forwarded, Refused, RoutedRequest
 from ..security.guard import attribution_of, audit_peer_of
-from .middlewares import REQUEST_ID, read_json
+from .jsonbody import read_json
+from .middlewares import REQUEST_ID
 from .record import RECORD
 from .schemas import parse_chat_request, parse_completion_request, parse_embedding_request
 from .sse import stream_events, write_peer_answer

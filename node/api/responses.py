@@ -21,7 +21,7 @@ from ..context import CONTEXT
 from ..engine.record import RequestRecord
 from ..engine.service import InferenceService
 from ..offload.router import Forwarded, Refused
-from .middlewares import read_json
+from .jsonbody import read_json
 from .openai import key_allows, required_features, routed, served_here
 from .record import RECORD
 from .responses_parsing import ResponsesRequest, parse_responses_request

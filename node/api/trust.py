@@ -24,8 +24,7 @@ from ..context import CONTEXT, NodeContext
 from ..pairing import PairingFailedError, handle_handshake, pair_with
 from ..pairing.qr_service import QrPairingService, offer_to_json, result_to_json
 from ..transport.rendezvous_client import PairingExpiredError, RendezvousError
-from .jsonbody import is_encodable
-from .middlewares import read_json
+from .jsonbody import is_encodable, read_json
 
 routes = web.RouteTableDef()
 
