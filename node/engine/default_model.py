@@ -15,16 +15,11 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .base import SamplingDefaults
-
-log = logging.getLogger(__name__)
-
-_CHUNK = 1 << 20
 
 SMOLLM2_ID = "smollm2-135m"
 GEMMA3_ID = "gemma3-270m"
@@ -46,12 +41,6 @@ class BuiltinModel:
     """sampling for requests that set none (a request's own values win)."""
     threads: int | None = None
     """llama.cpp threads when the model's ``threads`` is unset (None: one per core)."""
-
-
-def default_cache_dir() -> Path:
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("dvai-mesh"))
 
 
 def smollm2_path(cache_dir: Path | None = None, progress: bool | None = None) -> Path:
@@ -106,12 +95,3 @@ def default_model_path(cache_dir: Path | None = None, *, progress: bool | None =
     """The Gemma 3 270M GGUF: the model the tests, completions and embeddings examples use."""
     return gemma3_path(cache_dir, progress)
 
-
-def _marker_matches(target: Path, marker: Path, expected: str) -> bool:
-    """A cheap re-check: the recorded hash, size and mtime still describe the file."""
-    try:
-        recorded_hash, size, mtime = marker.read_text().split()
-        stat = target.stat()
-    except (OSError, ValueError):
-        return False
-    return recorded_hash == expected and int(size) == stat.st_size and int(mtime) == stat.st_mtime_ns
