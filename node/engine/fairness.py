@@ -23,6 +23,9 @@ least two, takes that app's newest place (``victim``), whose request is then ref
 (503 + ``Retry-After``) as if it had found the queue full; otherwise the arrival is
 refused. One app alone can use every place; a flooding app cannot keep the places
 another app needs.
+
+Memory stays bounded: past ``_REMEMBERED_IDLE_APPS`` apps with nothing waiting, their
+finish tags are forgotten (each such app loses at most its last request's cost).
 """
 
 from __future__ import annotations
