@@ -6,10 +6,11 @@ place it (when offload is on), and write the answer — the local engine's, or a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -49,22 +50,46 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def serve(request: web.Request, payload: dict[str, Any], parsed: GenerationRequest, *,
                 intercept: bool = False) -> web.StreamResponse:
     """Admit the caller (key scopes, quotas), let the interceptor see it, then generate."""
-    context = request.app[CONTEXT]
-    request[RECORD].requested(parsed.model)
-    may_offload = key_allows(request, context, parsed.model)
-    lease = admit(request, context, parsed.model)
-    try:
-        if intercept and context.interceptor is not None:
-            attribution = attribution_of(request)
-            intercepted = await run_interceptor(context.interceptor, payload, InterceptContext(
-                app_id=attribution.app_id, peer_device_id=audit_peer_of(request), api_key_id=attribution.api_key,
-                request_id=request.get(REQUEST_ID, ""), model=parsed.model), request.headers)
-            if intercepted is not None:
-                return await write_intercepted(request, intercepted)
+    async with admitted(request, parsed.model) as may_offload:
+        if intercept and (answer := await intercepted(request, payload, parsed.model)) is not None:
+            return answer
         return await generate(request, payload, parsed, may_offload=may_offload)
+
+
+@contextlib.asynccontextmanager
+async def admitted(request: web.Request, model: str) -> AsyncIterator[bool]:
+    """The hub's admission of a request for ``model``, shared by every generating endpoint: the
+    record learns who asks (its app id is the request's class in the model's fair queue), the
+    API key's model scope is checked (403), the request is counted against the caller's quotas
+    (429 + ``Retry-After``) and holds its concurrency lease until the answer is complete.
+    Yields whether the request may be offloaded."""
+    context = request.app[CONTEXT]
+    record = request[RECORD]
+    record.requested(model)
+    record.app_id, record.peer_device_id = attribution_of(request).app_id, audit_peer_of(request)
+    may_offload = key_allows(request, context, model)
+    lease = admit(request, context, model)
+    try:
+        yield may_offload
     finally:
         if lease is not None:
             lease.release()
+
+
+async def intercepted(request: web.Request, payload: dict[str, Any], model: str, *,
+                      named_events: bool = False) -> web.StreamResponse | None:
+    """The interceptor's answer to this request (written), or None when it falls through or
+    none is installed. ``named_events``: a stream it returns is sent as Responses events."""
+    context = request.app[CONTEXT]
+    if context.interceptor is None:
+        return None
+    attribution = attribution_of(request)
+    answer = await run_interceptor(context.interceptor, payload, InterceptContext(
+        app_id=attribution.app_id, peer_device_id=audit_peer_of(request), api_key_id=attribution.api_key,
+        request_id=request.get(REQUEST_ID, ""), model=model, endpoint=request.path), request.headers)
+    if answer is None:
+        return None
+    return await write_intercepted(request, answer, named_events=named_events)
 
 
 async def generate(request: web.Request, payload: dict[str, Any], parsed: GenerationRequest, *,
@@ -86,9 +111,7 @@ async def generate(request: web.Request, payload: dict[str, Any], parsed: Genera
             return await write_peer_answer(request, outcome.answer)
         if isinstance(outcome, Refused):
             raise outcome.error
-    headers = served_here(context)
-    if parsed.model != requested:
-        headers[SUBSTITUTED_HEADER] = requested[:200]
+    headers = served_here(context, requested=requested, served=parsed.model)
     if parsed.stream:
         return await stream_events(request, context.inference.stream(parsed, record), headers=headers,
                                    record=record)
@@ -99,15 +122,9 @@ async def generate(request: web.Request, payload: dict[str, Any], parsed: Genera
 async def embeddings(request: web.Request) -> web.Response:
     parsed = parse_embedding_request(await read_json(request))
     context = request.app[CONTEXT]
-    request[RECORD].requested(parsed.model)
-    key_allows(request, context, parsed.model)
-    lease = admit(request, context, parsed.model)
-    try:  # always local: embeddings are not offloaded (docs/offload.md)
+    async with admitted(request, parsed.model):  # always local: embeddings are not offloaded (docs/offload.md)
         return web.json_response(await context.inference.embeddings(parsed, request[RECORD]),
                                  headers=served_here(context))
-    finally:
-        if lease is not None:
-            lease.release()
 
 
 @routes.get("/v1/models")
@@ -161,7 +178,10 @@ def admit(request: web.Request, context: NodeContext, model: str) -> QuotaLease 
     return context.quotas.admit(QuotaSubject(attribution_of(request).app_id, audit_peer_of(request), model))
 
 
-def substituted(context: NodeContext, parsed: GenerationRequest) -> GenerationRequest:
+Generating = TypeVar("Generating", bound=GenerationRequest)
+
+
+def substituted(context: NodeContext, parsed: Generating) -> Generating:
     """The request, for the model the substitution policy picks when neither this node nor a
     peer serves the one asked for (unchanged otherwise)."""
     policy = context.substitution
@@ -185,10 +205,11 @@ def _a_peer_serves(context: NodeContext, model: str) -> bool:
     return any(model in peer.loaded_models for peer in context.peers.snapshot())
 
 
-async def write_intercepted(request: web.Request, answer: InterceptedResponse) -> web.StreamResponse:
+async def write_intercepted(request: web.Request, answer: InterceptedResponse, *,
+                            named_events: bool = False) -> web.StreamResponse:
     if answer.stream is not None:
         return await stream_events(request, _as_dicts(answer.stream), headers=dict(answer.headers),
-                                   record=request[RECORD])
+                                   record=request[RECORD], named_events=named_events)
     return web.json_response(dict(answer.body or {}), status=answer.status, headers=dict(answer.headers))
 
 
@@ -197,6 +218,10 @@ async def _as_dicts(chunks: AsyncIterator[Mapping[str, Any]]) -> AsyncIterator[d
         yield dict(chunk)
 
 
-def served_here(context: NodeContext) -> dict[str, str]:
-    """``X-DVAI-Served-By``: this device's id on answers served here."""
-    return {SERVED_BY_HEADER: context.identity.device_id}
+def served_here(context: NodeContext, *, requested: str | None = None, served: str | None = None) -> dict[str, str]:
+    """``X-DVAI-Served-By``: this device's id on answers served here (and ``X-DVAI-Substituted``,
+    the model asked for, when ``served`` is a substitute for ``requested``)."""
+    headers = {SERVED_BY_HEADER: context.identity.device_id}
+    if requested is not None and served is not None and served != requested:
+        headers[SUBSTITUTED_HEADER] = requested[:200]
+    return headers

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from ..common.errors import InvalidRequestError, embeddings_not_enabled
 from ..config import env_model_name
 from .base import FinishReason, GenerationOutcome, TokenLogprob
+from .queue import NO_APP
 from .record import SERVED_LOCAL, RequestRecord
 from .registry import ModelRegistry
 from .requests import ChatRequest, EmbeddingRequest, GenerationRequest
@@ -37,6 +38,12 @@ __all__ = ["InferenceLimits", "InferenceService", "new_id"]
 class InferenceLimits:
     generation_timeout: float
     max_blank_chunks: int
+
+
+def _app_of(record: RequestRecord | None) -> str:
+    """The scheduling class of a request in its model's queue: the caller's app id, set on the
+    record by the HTTP edge once the caller is authenticated (``NO_APP`` without a record)."""
+    return record.app_id if record is not None and record.app_id else NO_APP
 
 
 def new_id(prefix: str) -> str:
@@ -71,7 +78,7 @@ class InferenceService:
             pending: list[list[TokenLogprob]] = [[] for _ in range(job.n)]
             async with slot.generate(job, timeout=self.limits.generation_timeout,
                                      max_blank=self.limits.max_blank_chunks,
-                                     keep_alive=request.keep_alive) as generation:
+                                     keep_alive=request.keep_alive, app=_app_of(record)) as generation:
                 async for delta in generation.deltas():
                     at = delta.index
                     if readers is None:
@@ -139,7 +146,7 @@ class InferenceService:
         slot = self.registry.resolve(request.model)
         if not slot.info.embedding:  # checked before queueing: a wrong model fails fast
             raise embeddings_not_enabled(slot.info.id, env_model_name(slot.info.id))
-        result = await slot.embed(list(request.inputs), keep_alive=request.keep_alive)
+        result = await slot.embed(list(request.inputs), keep_alive=request.keep_alive, app=_app_of(record))
         if record is not None:
             record.served(SERVED_LOCAL, model=slot.info.id, prompt_tokens=result.prompt_tokens, completion_tokens=0)
         data = [

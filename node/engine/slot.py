@@ -2,8 +2,8 @@
 
 A batching engine serves ``parallel`` sequences at once (one step loop on the
 worker thread decodes a token for each of them per step); requests beyond the
-free seats wait their turn in arrival order in the model's ``ModelQueue``
-(``queue.py``: bounded, FIFO). Tokens travel from the worker thread to the
+free seats wait their turn in the model's ``ModelQueue`` (``queue.py``: bounded,
+fair across apps, each app's requests in arrival order). Tokens travel from the worker thread to the
 event loop with ``call_soon_threadsafe`` as they are produced; cancelling the
 consuming task stops that sequence at the next step. The
 slot's ``SlotState`` changes only through ``ModelSlot._set_state``, which logs
@@ -40,7 +40,7 @@ from .base import (
     SamplingParams,
     SequenceRequest,
 )
-from .queue import ModelQueue
+from .queue import NO_APP, ModelQueue
 from .tools import FunctionTool
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,11 @@ class Generation:
     """
 
     def __init__(self, slot: ModelSlot, job: GenerationJob, timeout: float, max_blank: int,
-                 keep_alive: float | None = None) -> None:
+                 keep_alive: float | None = None, app: str = NO_APP) -> None:
         self._slot = slot
         self._job = job
         self._keep_alive = keep_alive
+        self._app = app
         self._timeout = timeout
         self._max_blank = max_blank
         self.outcome: GenerationOutcome | None = None
@@ -121,7 +122,7 @@ class Generation:
     async def _run(self) -> AsyncIterator[Delta]:
         slot = self._slot
         job = self._job
-        async with slot.turn(seats=job.n, keep_alive=self._keep_alive):
+        async with slot.turn(seats=job.n, keep_alive=self._keep_alive, app=self._app):
             await slot.ensure_loaded()
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Delta | None] = asyncio.Queue()
@@ -258,9 +259,11 @@ class ModelSlot:
         return self.queue.busy
 
     @contextlib.asynccontextmanager
-    async def turn(self, seats: int = 1, *, keep_alive: float | None = None) -> AsyncIterator[None]:
+    async def turn(self, seats: int = 1, *, keep_alive: float | None = None,
+                   app: str = NO_APP) -> AsyncIterator[None]:
         """This request's ``seats`` (all of them: ``seats=slot.parallel``, an exclusive turn) in the
-        model's queue; the slot counts as used when it ends.
+        model's queue, scheduled fairly among the waiting requests of other apps (``app``: the
+        caller's app id; ``NO_APP`` for a caller without one); the slot counts as used when it ends.
 
         ``keep_alive`` (seconds; negative: for ever) is how long the model stays loaded once the
         request is done (Ollama's per-request ``keep_alive``); unset: the configured one.
@@ -272,7 +275,7 @@ class ModelSlot:
                 param="n",
             )
         try:
-            async with self.queue.turn(seats):
+            async with self.queue.turn(seats, app=app):
                 try:
                     yield
                 finally:
@@ -298,8 +301,8 @@ class ModelSlot:
 
     # -- work --------------------------------------------------------------
     def generate(self, job: GenerationJob, *, timeout: float, max_blank: int,
-                 keep_alive: float | None = None) -> Generation:
-        return Generation(self, job, timeout, max_blank, keep_alive)
+                 keep_alive: float | None = None, app: str = NO_APP) -> Generation:
+        return Generation(self, job, timeout, max_blank, keep_alive, app)
 
     def start(
         self, job: GenerationJob, queue: asyncio.Queue[Delta | None], cancel: threading.Event
@@ -368,8 +371,9 @@ class ModelSlot:
         future.add_done_callback(lambda _f: queue.put_nowait(None))
         return future
 
-    async def embed(self, inputs: list[str], *, keep_alive: float | None = None) -> EmbeddingResult:
-        async with self.turn(seats=self.parallel, keep_alive=keep_alive):
+    async def embed(self, inputs: list[str], *, keep_alive: float | None = None,
+                    app: str = NO_APP) -> EmbeddingResult:
+        async with self.turn(seats=self.parallel, keep_alive=keep_alive, app=app):
             await self.ensure_loaded()
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(self.executor, self.engine.embed, inputs)

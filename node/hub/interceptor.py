@@ -1,8 +1,10 @@
 """The chat-completion interceptor: a first-chance hook the host application installs.
 
-``Node(chat_completion_interceptor=hook)``; for every ``POST /v1/chat/completions`` that
-passed authentication, the node calls ``hook(body, context, headers)`` (a plain or an
-async function) before anything else serves it:
+``Node(chat_completion_interceptor=hook)``; for every ``POST /v1/chat/completions`` and
+``POST /v1/responses`` that passed authentication, key scopes and quotas, the node calls
+``hook(body, context, headers)`` (a plain or an async function) before anything else serves
+it (``context.endpoint`` says which; answer in that endpoint's shape — Responses stream
+events carry their ``type``, sent as the SSE event name):
 
 - return ``None`` to fall through to the node's own handling (offload, local engine);
 - return a ``dict`` to answer with it as JSON (200);
@@ -38,6 +40,8 @@ class InterceptContext:
     api_key_id: str | None
     request_id: str
     model: str
+    endpoint: str = "/v1/chat/completions"
+    """the path asked (``/v1/chat/completions`` or ``/v1/responses``): the shape to answer in."""
 
 
 @dataclass(frozen=True, slots=True)
