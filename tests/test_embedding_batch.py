@@ -27,7 +27,7 @@ import openai
 import pytest
 
 from node.common.errors import InvalidRequestError
-from node.engine.base import ModelInfo
+from node.engine.base import EmbeddingResult, ModelInfo
 from node.engine.embedding import plan_batch
 from node.engine.llama import LlamaEngine
 from node.engine.slot import ModelSlot, SlotState
@@ -158,7 +158,7 @@ def test_inputs_beyond_the_batch_size_take_more_decodes_in_order(engine: LlamaEn
     assert cosine(result.vectors[3], solo["tax law"]) >= MIN_COSINE
 
 
-async def _concurrent(slot: ModelSlot, requests: list[list[str]]) -> list[object]:
+async def _concurrent(slot: ModelSlot, requests: list[list[str]]) -> list[EmbeddingResult | BaseException]:
     """Start every request while the worker thread is held, so they all reach the collector
     before its first batch; then let it go."""
     hold = threading.Event()
@@ -167,7 +167,7 @@ async def _concurrent(slot: ModelSlot, requests: list[list[str]]) -> list[object
     await asyncio.sleep(0.05)  # every task took its seat and submitted its job
     hold.set()
     await blocker
-    return list(await asyncio.gather(*tasks, return_exceptions=True))
+    return await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @pytest.mark.engine
@@ -179,11 +179,11 @@ async def test_concurrent_requests_share_one_decode_with_their_own_vectors_and_u
     results = await _concurrent(slot, requests)
     assert decodes(engine) - before == 1  # 8 requests, 16 inputs, one llama_decode
     for inputs, result in zip(requests, results, strict=True):
-        assert not isinstance(result, BaseException), result
-        vectors = result.vectors  # type: ignore[attr-defined]
+        assert isinstance(result, EmbeddingResult), result
+        vectors = result.vectors
         assert len(vectors) == len(inputs)
         assert_matches_solo(vectors, tuple(inputs), solo)
-        assert result.prompt_tokens == sum(count_tokens(engine, t) for t in inputs)  # type: ignore[attr-defined]
+        assert result.prompt_tokens == sum(count_tokens(engine, t) for t in inputs)
 
 
 @pytest.mark.engine
@@ -196,8 +196,10 @@ async def test_a_too_long_input_fails_only_its_own_request(
     assert isinstance(results[1], InvalidRequestError)
     assert results[1].code == "context_length_exceeded" and results[1].param == "input"
     assert "input[1] is" in results[1].message and "the limit for 'embed' is 256" in results[1].message
-    assert_matches_solo(results[0].vectors, ("a cat", "tax law"), solo)  # type: ignore[union-attr]
-    assert_matches_solo(results[2].vectors, ("mountain",), solo)  # type: ignore[union-attr]
+    first, last = results[0], results[2]
+    assert isinstance(first, EmbeddingResult) and isinstance(last, EmbeddingResult)
+    assert_matches_solo(first.vectors, ("a cat", "tax law"), solo)
+    assert_matches_solo(last.vectors, ("mountain",), solo)
 
 
 @pytest.mark.engine
