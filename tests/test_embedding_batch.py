@@ -187,6 +187,31 @@ async def test_concurrent_requests_share_one_decode_with_their_own_vectors_and_u
 
 
 @pytest.mark.engine
+async def test_a_short_request_is_not_starved_by_a_long_one(
+    slot: ModelSlot, engine: LlamaEngine, solo: dict[str, list[float]]
+) -> None:
+    # 4 inputs of ~200 tokens fill a 256-token batch each; the ~100-token input of the second
+    # request never fits next to one of them, so it needs a batch of its own: it gets the next
+    # one, not the one after the long request's last input.
+    long_inputs = [" ".join([word] * 199) for word in ("cat", "dog", "sun", "sea")]
+    short = " ".join(["rain"] * 99)
+    hold = threading.Event()
+    blocker = asyncio.get_running_loop().run_in_executor(slot.executor, hold.wait)
+    long_task = asyncio.create_task(slot.embed(long_inputs))
+    short_task = asyncio.create_task(slot.embed([short]))
+    await asyncio.sleep(0.05)
+    before = decodes(engine)
+    hold.set()
+    await blocker
+    done, _ = await asyncio.wait({long_task, short_task}, return_when=asyncio.FIRST_COMPLETED)
+    assert done == {short_task}
+    assert len((await long_task).vectors) == 4
+    assert decodes(engine) - before == 5  # one input per batch: neither fits next to another
+    alone = await slot.embed([short])
+    assert cosine((await short_task).vectors[0], alone.vectors[0]) >= MIN_COSINE
+
+
+@pytest.mark.engine
 async def test_a_too_long_input_fails_only_its_own_request(
     slot: ModelSlot, engine: LlamaEngine, solo: dict[str, list[float]]
 ) -> None:

@@ -152,6 +152,7 @@ class EmbeddingBatcher:
         self._inbox: collections.deque[EmbeddingJob] = collections.deque()
         self._active: list[_Admitted] = []
         self._lock = threading.Lock()
+        self._run_lock = threading.Lock()
         self._running = False
         self._closed = False
         self._stats: dict[str, float] = dict.fromkeys(
@@ -173,7 +174,12 @@ class EmbeddingBatcher:
         return start
 
     def run(self) -> None:
-        """Decode batches until no job is waiting or in progress (on the worker thread)."""
+        """Decode batches until no job is waiting or in progress (on the worker thread; a second
+        caller waits for the first)."""
+        with self._run_lock:
+            self._run()
+
+    def _run(self) -> None:
         with self._lock:
             self._running = True
         while True:
@@ -214,6 +220,10 @@ class EmbeddingBatcher:
             tokens = [self._tokenize(index, text) for index, text in enumerate(job.inputs)]
         except InvalidRequestError as exc:  # this request alone
             _deliver(job, exc)
+            return
+        except Exception:  # noqa: BLE001 - this request alone, the collector goes on
+            log.exception("could not tokenize an embedding request on model %s", self.model_id)
+            _deliver(job, EngineError("the engine failed while embedding; see the node log"))
             return
         if not tokens:
             _deliver(job, EmbeddingResult(vectors=[], prompt_tokens=0))
