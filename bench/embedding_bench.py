@@ -11,7 +11,9 @@ threads and ``ctx_size``: one with ``parallel = 8`` (up to 8 requests share a ba
 
 Fresh inputs every round (a number in each); medians over the rounds of embeddings (inputs)
 per second, and the ratios batched ÷ sequential and concurrent ÷ concurrent-at-parallel-1,
-plus the decode calls each mode took (``dvai_engine_embedding_decodes_total``).
+plus the decode calls each mode took (``dvai_engine_embedding_decodes_total``) and the node
+process's CPU seconds per mode (user + system, from /proc: a measure that holds on a loaded
+machine, where wall-clock rates do not).
 Usage: python -m bench.embedding_bench [--rounds 5] [--threads 2] [--ctx 512]
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
@@ -60,6 +63,12 @@ async def decodes(session: aiohttp.ClientSession, url: str) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
@@ -75,6 +84,7 @@ async def main() -> None:
                   f"parallel = {parallel}\nthreads = {args.threads}\n")
         nodes.append(start_node_process(Path(tempfile.mkdtemp(prefix="embed-bench-")), config_text=config))
     batching, serial = (node.base_url for node in nodes)
+    pids = {batching: nodes[0].process.pid, serial: nodes[1].process.pid}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
 
@@ -98,12 +108,15 @@ async def main() -> None:
             await concurrent(serial)
             rates: dict[str, list[float]] = {name: [] for name in modes}
             calls: dict[str, list[float]] = {name: [] for name in modes}
+            cpu: dict[str, list[float]] = {name: [] for name in modes}
             for _ in range(args.rounds):
                 for name, (url, run) in modes.items():
                     before = await decodes(session, url)
+                    cpu_before = cpu_seconds(pids[url])
                     started = time.perf_counter()
                     await run()
                     rates[name].append(16 / (time.perf_counter() - started))
+                    cpu[name].append(cpu_seconds(pids[url]) - cpu_before)
                     calls[name].append(await decodes(session, url) - before)
     finally:
         for node in nodes:
@@ -112,10 +125,14 @@ async def main() -> None:
     print(f"embeddings/s, default model in embedding mode, {args.threads} threads, ctx_size {args.ctx}, "
           f"medians of {args.rounds} interleaved rounds (16 inputs per mode per round)")
     for name in modes:
-        print(f"  {name:32s} {median[name]:8.1f} /s   decodes per round: {statistics.median(calls[name]):.0f}")
+        print(f"  {name:32s} {median[name]:8.1f} /s   decodes per round: {statistics.median(calls[name]):3.0f}"
+              f"   node CPU per round: {statistics.median(cpu[name]):6.2f} s")
     names = list(modes)
-    print(f"  batched / sequential:                  {median[names[1]] / median[names[0]]:.2f}x")
-    print(f"  concurrent x8 / same at parallel 1:    {median[names[2]] / median[names[3]]:.2f}x")
+    cpu_median = {name: statistics.median(values) for name, values in cpu.items()}
+    print(f"  batched / sequential:                  {median[names[1]] / median[names[0]]:.2f}x embeddings/s, "
+          f"{cpu_median[names[0]] / cpu_median[names[1]]:.2f}x less CPU")
+    print(f"  concurrent x8 / same at parallel 1:    {median[names[2]] / median[names[3]]:.2f}x embeddings/s, "
+          f"{cpu_median[names[3]] / cpu_median[names[2]]:.2f}x less CPU")
 
 
 if __name__ == "__main__":
