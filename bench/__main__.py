@@ -12,6 +12,7 @@ BENCHMARKS = (
     "bench.rendezvous_bench",  # issue 6: pairings per second, memory per idle session
     "bench.hub_bench",  # issue 13: what API keys, signatures and quotas add per request
     "bench.engine_bench",  # issue 11: continuous batching vs llama-server at concurrency 1-8
+    "bench.embedding_bench",  # issue 11: embeddings batched vs one input per decode
     "bench.default_model_bench",  # issue 15: first chat, default model replies, decode vs Gemma
     "bench.link_bench",  # issue 10: data channel vs LAN HTTP hop, bulk MB/s, link set-up times
     "bench.grammar_bench",  # issue 12: grammar-constrained vs unconstrained decoding

@@ -273,6 +273,8 @@ _ENGINE_COUNTERS = {
     "prefill_tokens": ("dvai_engine_prefill_tokens", "prompt tokens evaluated"),
     "decode_tokens": ("dvai_engine_decode_tokens", "generated tokens evaluated"),
     "prompt_cache_hit_tokens": ("dvai_prompt_cache_hit_tokens", "prompt tokens reused from the KV cache"),
+    "embedding_decodes": ("dvai_engine_embedding_decodes", "llama_decode calls of an embedding model (one per batch)"),
+    "embedding_inputs": ("dvai_engine_embedding_inputs", "inputs embedded (several per batch when batched)"),
 }
 
 

@@ -17,7 +17,9 @@ step loop built on llama-cpp-python's low-level API (see docs/engine.md):
   a prompt cache that the next request with the same prefix (a chat's next
   turn) reuses, until the seat is taken by a request that shares less of it.
 
-Embedding models keep the high-level ``Llama`` object (one request at a time).
+An embedding model gets its own context in embedding mode and a collector
+that decodes the inputs of several requests in one batch
+(``node/engine/embedding.py``).
 
 llama.cpp's own log goes through Python logging (logger ``llama.cpp``, DEBUG),
 and models load with the process's output intact: llama-cpp-python's
@@ -61,6 +63,7 @@ from .base import (
     TopLogprob,
 )
 from .chat_format import known_chat_formats, render_gemma, render_named_format, render_template
+from .embedding import EmbeddingBatcher, EmbeddingJob
 from .grammar_sampler import GrammarCheckedSampler
 from .textstream import ReasoningBudget, StopMatcher
 from .tools import FunctionTool, fallback_messages
@@ -162,14 +165,15 @@ class LlamaEngine:
         if parallel < 1:
             raise ValueError("parallel must be at least 1")
         self.info = info
-        self.parallel = 1 if info.embedding else parallel
+        self.parallel = parallel
+        """sequence seats; for an embedding model, the requests its collector batches together."""
         self._unavailable = unavailable
         self.defaults = defaults or SamplingDefaults()
         self._threads = threads or max(1, os.cpu_count() or 1)
         self._gpu_layers = gpu_layers
         self._reasoning_budget = reasoning_budget
         self._seed = seed
-        self._llm: Any = None  # embedding mode: the high-level Llama object
+        self._embedder: EmbeddingBatcher | None = None  # embedding mode
         self._model: Any = None  # generation: llama_cpp._internals.LlamaModel
         self._loop: _StepLoop | None = None
         self._chat_mode: str = "gemma"
@@ -210,28 +214,34 @@ class LlamaEngine:
 
     def _load_embedding(self) -> None:
         import llama_cpp
+        from llama_cpp import _internals
 
-        batch = min(self.info.ctx_size, 2048)
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = self._gpu_layers
         try:
-            self._llm = llama_cpp.Llama(
-                model_path=self.info.path, n_ctx=self.info.ctx_size, n_threads=self._threads,
-                n_threads_batch=self._threads, n_gpu_layers=self._gpu_layers, embedding=True,
-                verbose=False, n_batch=batch, n_ubatch=batch, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-            )
+            self._model = _internals.LlamaModel(path_model=self.info.path, params=model_params, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"could not load model '{self.info.id}': {exc}") from exc
+        try:
+            self._embedder = EmbeddingBatcher(
+                self._model, model_id=self.info.id, ctx_size=self.info.ctx_size, threads=self._threads
+            )
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         loop, self._loop = self._loop, None
         if loop is not None:
             loop.fail_all(EngineError(f"model '{self.info.id}' was unloaded"))
             loop.close()
+        embedder, self._embedder = self._embedder, None
+        if embedder is not None:
+            embedder.close()
         model, self._model = self._model, None
         if model is not None:
             model.close()
-        llm, self._llm = self._llm, None
-        if llm is not None:
-            llm.close()
 
     def _choose_chat_mode(self, metadata: dict[str, str]) -> None:
         if self.info.chat_format:
@@ -385,7 +395,9 @@ class LlamaEngine:
         return seed if seed is not None else random.getrandbits(31)
 
     def stats(self) -> dict[str, float]:
-        loop = self._loop
+        loop, embedder = self._loop, self._embedder
+        if embedder is not None:
+            return embedder.stats()
         return loop.stats() if loop is not None else {}
 
     def seat_states(self) -> list[dict[str, object]]:
@@ -400,20 +412,30 @@ class LlamaEngine:
 
     # -- embeddings ------------------------------------------------------------
     def embed(self, inputs: list[str]) -> EmbeddingResult:
+        """One request's vectors, on the calling (worker) thread."""
         if not self.info.embedding:
             raise embeddings_not_enabled(self.info.id, env_model_name(self.info.id))
-        llm = self._llm
-        limit = llm.n_batch
-        for index, text in enumerate(inputs):
-            count = len(llm.tokenize(text.encode("utf-8")))
-            if count > limit:
-                raise InvalidRequestError(
-                    f"input[{index}] is {count} tokens; the limit for '{self.info.id}' is {limit}",
-                    param="input",
-                    code="context_length_exceeded",
-                )
-        vectors, total = llm.embed(inputs, normalize=True, truncate=False, return_count=True)
-        return EmbeddingResult(vectors=[list(map(float, v)) for v in vectors], prompt_tokens=int(total))
+        embedder = self._embedder
+        if embedder is None:
+            raise EngineError(f"model '{self.info.id}' is not loaded")
+        return embedder.embed(inputs)
+
+    def submit_embedding(self, job: EmbeddingJob) -> bool:
+        """Queue ``job`` for the collector; True when :meth:`run_embeddings` must be scheduled."""
+        embedder = self._embedder
+        if not self.info.embedding:
+            job.on_done(embeddings_not_enabled(self.info.id, env_model_name(self.info.id)))
+            return False
+        if embedder is None:
+            job.on_done(EngineError(f"model '{self.info.id}' is not loaded"))
+            return False
+        return embedder.submit(job)
+
+    def run_embeddings(self) -> None:
+        """Decode embedding batches until none is waiting (on the worker thread)."""
+        embedder = self._embedder
+        if embedder is not None:
+            embedder.run()
 
 
 def _embedding_only(model_id: str) -> InvalidRequestError:

@@ -40,6 +40,7 @@ from .base import (
     SamplingParams,
     SequenceRequest,
 )
+from .embedding import BatchEmbedder, EmbeddingJob
 from .queue import NO_APP, ModelQueue
 from .tools import FunctionTool
 
@@ -373,8 +374,15 @@ class ModelSlot:
 
     async def embed(self, inputs: list[str], *, keep_alive: float | None = None,
                     app: str = NO_APP) -> EmbeddingResult:
-        async with self.turn(seats=self.parallel, keep_alive=keep_alive, app=app):
+        """The vectors of ``inputs``. An engine that batches embeddings (``BatchEmbedder``) takes
+        one seat per request: up to ``parallel`` requests share its batches; any other engine
+        serves one request at a time."""
+        engine = self.engine
+        batching = isinstance(engine, BatchEmbedder)
+        async with self.turn(seats=1 if batching else self.parallel, keep_alive=keep_alive, app=app):
             await self.ensure_loaded()
+            if isinstance(engine, BatchEmbedder):
+                return await self._embed_batched(engine, inputs)
             loop = asyncio.get_running_loop()
             future = loop.run_in_executor(self.executor, self.engine.embed, inputs)
             try:
@@ -388,6 +396,37 @@ class ModelSlot:
             except Exception as exc:  # noqa: BLE001
                 log.exception("embedding failure")
                 raise EngineError("the engine failed while embedding; see the node log") from exc
+
+    async def _embed_batched(self, engine: BatchEmbedder, inputs: list[str]) -> EmbeddingResult:
+        """Hand ``inputs`` to the engine's collector; a cancelled caller's result is dropped."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[EmbeddingResult] = loop.create_future()
+
+        def settle(result: EmbeddingResult | BaseException) -> None:
+            if future.done():
+                return
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        def on_done(result: EmbeddingResult | BaseException) -> None:
+            loop.call_soon_threadsafe(settle, result)
+
+        job = EmbeddingJob(inputs=tuple(inputs), on_done=on_done)
+        if engine.submit_embedding(job):
+            runner = loop.run_in_executor(self.executor, engine.run_embeddings)
+            runner.add_done_callback(_log_runner_failure)
+        try:
+            return await future
+        except DVAIError:
+            raise
+        except asyncio.CancelledError:
+            job.cancel.set()  # the collector drops it; nothing to wait for
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.error("embedding failure", exc_info=exc)
+            raise EngineError("the engine failed while embedding; see the node log") from exc
 
     # -- lifecycle ---------------------------------------------------------
     async def ensure_loaded(self) -> None:
