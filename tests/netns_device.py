@@ -144,7 +144,7 @@ async def main() -> int:
             key = os.urandom(32)
         servers = tuple(IceServer(urls=(url,)) for url in args.stun)
         links = LinkManager(device_id=me.device_id, pairing_key_for={args.node: key}.get,
-                            ice_servers=lambda: servers, connect_timeout=15)
+                            ice_servers=lambda: servers, connect_timeout=1)  # each op names its own
         presence = PresenceConnection(base_url=args.rendezvous, identity=me, session=http, links=links,
                                       watched=lambda: [args.node], on_presence=lambda _o: None, interval=0.3)
         await links.start()

@@ -288,7 +288,7 @@ def test_a_malicious_rendezvous_gets_no_link_and_nothing_is_served(servers: Publ
         node_id = json.loads(health)["deviceId"]
 
         with device(homes, "b", node, node_id, rendezvous_url=url) as altered:  # every sealed message altered
-            assert altered.do("send", timeout=4)["error"] == "LinkUnavailableError"
+            assert altered.do("send", timeout=5)["error"] == "LinkUnavailableError"
             altered_id = altered.device_id
 
         mode.write_text("replay")
@@ -299,7 +299,7 @@ def test_a_malicious_rendezvous_gets_no_link_and_nothing_is_served(servers: Publ
             assert served.get("status") == 200 and served["done"], served
             replayed.do("close")  # force a second set-up
             # every later message is replaced by the first one this pair ever exchanged: refused
-            assert replayed.do("send", timeout=4)["error"] == "LinkUnavailableError"
+            assert replayed.do("send", timeout=5)["error"] == "LinkUnavailableError"
             replayed_id = replayed.device_id
 
         rows = [row["peerDeviceId"] for row in audit_rows(homes, "b", node)]
@@ -365,7 +365,7 @@ def test_an_unpaired_device_can_neither_link_nor_be_served(home_nodes: HomeNodes
     """(4) A device online at the same rendezvous, holding a key B never issued."""
     nodes, homes = home_nodes, home_nodes.homes
     with device(homes, "b", nodes.b, nodes.b_id, paired=False) as stranger:
-        assert stranger.do("send", timeout=4)["error"] == "LinkUnavailableError"
+        assert stranger.do("send", timeout=5)["error"] == "LinkUnavailableError"
     assert all(row["peerDeviceId"] != stranger.device_id for row in audit_rows(homes, "b", nodes.b))
     _, _, body = http_in(homes, "b", "GET", nodes.b.root + "/v1/dvai/peers")
     assert all(peer["deviceId"] != stranger.device_id for peer in json.loads(body)["data"])

@@ -22,12 +22,13 @@ import contextlib
 import logging
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 
 from ..constants import LINK_PEER_HEADER
-from .mux import InboundRequest, ResponseWriter
+from .mux import InboundRequest, LinkClosedError, ResponseWriter
 
 __all__ = ["LinkRequestReplayer", "REPLAY_SOCKET_NAME"]
 
@@ -72,15 +73,21 @@ class LinkRequestReplayer:
         """Answer ``request`` from ``peer_id`` (cancelled when the peer cancels the stream)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED_REQUEST_HEADERS}
         headers[LINK_PEER_HEADER] = peer_id  # the guard requires the request be signed by this device
+        # A body already complete goes as bytes (with its length); one still arriving streams
+        # into the app chunk by chunk, so it is never held whole twice on this side.
+        body: bytes | AsyncIterator[bytes] = (await request.body.read() if request.body.complete
+                                              else aiter(request.body))
         try:
             async with self._client().request(request.method, "http://localhost" + request.path,
-                                              headers=headers, data=request.body,
+                                              headers=headers, data=body,
                                               allow_redirects=False) as response:
                 writer.head(response.status, {k: v for k, v in response.headers.items()
                                               if k.lower() not in _DROPPED_RESPONSE_HEADERS})
                 async for chunk in response.content.iter_any():
                     await writer.write(chunk)
                 await writer.end()
+        except LinkClosedError:
+            raise  # the peer cancelled or the link went: nobody is waiting for an answer
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.warning("replaying a link request from %s failed: %s", peer_id[:16], exc)
             with contextlib.suppress(Exception):
