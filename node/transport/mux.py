@@ -394,9 +394,9 @@ class StreamMux:
             if len(self._inbound) >= self._max_streams:
                 raise LinkProtocolError(f"peer opened more than {self._max_streams} streams")
             self._last_peer_id = frame.stream
-            inbound = _Inbound(frame, InboundBody(self._body_consumed), ResponseWriter(self, frame.stream))
-            self._inbound[frame.stream] = inbound
-            self._start_handler(frame.stream, inbound)
+            opened = _Inbound(frame, InboundBody(self._body_consumed), ResponseWriter(self, frame.stream))
+            self._inbound[frame.stream] = opened
+            self._start_handler(frame.stream, opened)
             return
         if not isinstance(frame, BodyChunk | End | Cancel):
             raise LinkProtocolError(f"{type(frame).__name__} on a stream the peer opened")
