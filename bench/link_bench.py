@@ -243,7 +243,7 @@ def across_nats(setups: int) -> None:
                     extra = ("--rendezvous-turn",)
                 times = []
                 for _ in range(setups):
-                    result = netns._call_across(servers, [{"urls": [f"stun:{netns.SERVER_IP}:3478"]}], *extra)
+                    result = netns.call_across(servers, [{"urls": [f"stun:{netns.SERVER_IP}:3478"]}], *extra)
                     assert result.get("ok") and result.get("state") == mode, result
                     times.append(float(result["setupMs"]))
         except pytest.skip.Exception as exc:

@@ -92,6 +92,31 @@ def public_servers() -> Iterator[PublicServers]:
         homes.delete()
 
 
+def _link_peer(homes: Homes, side: str, mode: str, seeds: dict[str, str], key: str, ice: list[object],
+               *extra: str) -> list[str]:
+    other = "b" if side == "a" else "a"
+    return [*homes.exec_prefix(side), sys.executable, "-m", "tests.link_peer", mode, "--rendezvous", RENDEZVOUS_URL,
+            "--seed", seeds[side], "--peer-seed", seeds[other], "--key", key, "--ice", json.dumps(ice), *extra]
+
+
+def call_across(servers: PublicServers, ice: list[object], *extra: str) -> dict[str, object]:
+    """One link set-up from home A to a link-only echo peer in home B (``bench/link_bench.py``)."""
+    homes = servers.homes
+    seeds = {"a": os.urandom(32).hex(), "b": os.urandom(32).hex()}
+    key = os.urandom(32).hex()
+    serving = subprocess.Popen(_link_peer(homes, "b", "serve", seeds, key, ice, *extra), cwd=REPO, env=_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert serving.stdout is not None and "ready" in serving.stdout.readline()
+        caller = subprocess.run(_link_peer(homes, "a", "call", seeds, key, ice, *extra), cwd=REPO, env=_env(),
+                                capture_output=True, text=True, timeout=60)
+        lines = [json.loads(line) for line in caller.stdout.splitlines() if line.startswith("{")]
+        return lines[-1]
+    finally:
+        serving.terminate()
+        serving.wait(10)
+
+
 # -- nodes in the homes ------------------------------------------------------------------------
 
 def node_config(rate: float, *, turn: bool = False, rendezvous_url: str = RENDEZVOUS_URL) -> str:
