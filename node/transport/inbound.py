@@ -28,7 +28,8 @@ from pathlib import Path
 import aiohttp
 
 from ..constants import LINK_PEER_HEADER
-from .mux import InboundRequest, LinkClosedError, ResponseWriter
+from .frames import MAX_CHUNK_BYTES
+from .mux import InboundBody, InboundRequest, LinkClosedError, ResponseWriter
 
 __all__ = ["LinkRequestReplayer", "REPLAY_SOCKET_NAME"]
 
@@ -43,6 +44,23 @@ _DROPPED_REQUEST_HEADERS = frozenset({
 _DROPPED_RESPONSE_HEADERS = frozenset({
     "connection", "keep-alive", "transfer-encoding", "content-length", "date", "server",
 })
+
+
+async def _body_for_replay(body: InboundBody) -> bytes | AsyncIterator[bytes]:
+    """A body of one chunk (a sender fills every chunk but the last) goes as bytes, with its
+    length, like almost every chat request; a longer one streams into the app chunk by chunk
+    as it arrives, so it is never held whole twice on this side."""
+    first = await body.read_chunk()
+    if len(first) < MAX_CHUNK_BYTES:
+        rest = await body.read()  # b"" once the end frame is here
+        return first + rest if rest else first
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in body:
+            yield chunk
+
+    return chunks()
 
 
 class LinkRequestReplayer:
@@ -73,10 +91,7 @@ class LinkRequestReplayer:
         """Answer ``request`` from ``peer_id`` (cancelled when the peer cancels the stream)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED_REQUEST_HEADERS}
         headers[LINK_PEER_HEADER] = peer_id  # the guard requires the request be signed by this device
-        # A body already complete goes as bytes (with its length); one still arriving streams
-        # into the app chunk by chunk, so it is never held whole twice on this side.
-        body: bytes | AsyncIterator[bytes] = (await request.body.read() if request.body.complete
-                                              else aiter(request.body))
+        body = await _body_for_replay(request.body)
         try:
             async with self._client().request(request.method, "http://localhost" + request.path,
                                               headers=headers, data=body,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import secrets
@@ -125,6 +126,11 @@ class LinkManager:
     async def start(self) -> None:
         if self._keeper is None:
             self._keeper = asyncio.create_task(self._keep(), name="link-keeper")
+            # aiortc takes ~0.5 s of CPU to import: done now, off the event loop, rather than
+            # inside the first link set-up, where it would stall every stream the node serves
+            task = asyncio.create_task(asyncio.to_thread(importlib.import_module, "aiortc"), name="aiortc-import")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
         self._closed = True
