@@ -330,3 +330,17 @@ async def test_bodies_in_flight_are_bounded_per_link() -> None:
         streams += 1
     assert a.mux.closed and "bodies" in (a.mux.close_reason or "")
     assert streams * 16 * len(chunk) <= LINK_MAX_INBOUND_BODY_BYTES + 16 * len(chunk)
+
+
+async def test_a_peer_acknowledging_our_upload_is_alive_though_it_sends_no_frame() -> None:
+    clock = [0.0]
+    a, _ = channel_pair()
+    a.mux = StreamMux(a, initiator=True, monotonic=lambda: clock[0])
+    a.peer_acks = 7  # type: ignore[attr-defined]  # the transport's acknowledged position
+    a.mux.refresh_liveness()
+    clock[0] = 5.0
+    a.mux.refresh_liveness()
+    assert a.mux.last_received == 0.0  # nothing new acknowledged: silence, as a dead peer's
+    a.peer_acks = 9  # type: ignore[attr-defined]
+    a.mux.refresh_liveness()
+    assert a.mux.last_received == 5.0  # our bytes reached it: alive

@@ -340,6 +340,7 @@ class LinkManager:
                 link.fail("set-up never finished")  # e.g. an answer whose offerer vanished
             return
         busy = mux.open_streams > 0
+        mux.refresh_liveness()
         if busy and now - mux.last_received > LINK_DEAD_AFTER_S:
             link.fail(f"ping timeout: nothing from the peer for {LINK_DEAD_AFTER_S:g} s")
             return
@@ -364,6 +365,7 @@ class LinkManager:
             link.rtt_ms = await mux.ping(within=LINK_DEAD_AFTER_S) * 1000
         except TimeoutError:
             # A pong queued behind a bulk transfer is late, not lost: only silence fails the link.
+            mux.refresh_liveness()
             if self._monotonic() - mux.last_received > LINK_DEAD_AFTER_S:
                 link.fail(f"ping timeout: nothing from the peer for {LINK_DEAD_AFTER_S:g} s")
         except LinkClosedError:

@@ -238,7 +238,9 @@ class StreamMux:
         self.last_activity = monotonic()
         """when a frame was last sent or received (idle detection)."""
         self.last_received = self.last_activity
-        """when a frame was last received (liveness while streams are open)."""
+        """when a frame was last received, or the peer last acknowledged bytes we sent
+        (liveness while streams are open; see ``refresh_liveness``)."""
+        self._peer_acks: object = None
 
     # -- state ------------------------------------------------------------------------
     @property
@@ -298,7 +300,18 @@ class StreamMux:
             self.close(f"protocol error: {exc}")
 
     def on_buffered_amount_low(self) -> None:
+        self.refresh_liveness()
         self._writable.set()
+
+    def refresh_liveness(self) -> None:
+        """The peer's transport acknowledged more of what we sent (a channel with a ``peer_acks``
+        counter): it is alive though it sends no frame, e.g. during a long upload ahead of its
+        answer, with our pings queued behind it."""
+        acks = getattr(self._channel, "peer_acks", None)
+        if acks is not None and acks != self._peer_acks:
+            if self._peer_acks is not None:
+                self.last_received = self._monotonic()
+            self._peer_acks = acks
 
     # -- requests we send -------------------------------------------------------------
     async def open(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> ChannelResponse:

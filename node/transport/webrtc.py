@@ -81,6 +81,12 @@ class _ChannelAdapter:
     def send(self, data: bytes) -> None:
         self._channel.send(data)
 
+    @property
+    def peer_acks(self) -> object:
+        """The last TSN the peer's SCTP stack acknowledged (aiortc keeps it private): it moves
+        only while the peer is alive and reading."""
+        return getattr(self._channel.transport, "_last_sacked_tsn", None)
+
     def close(self) -> None:
         self._close()
 
