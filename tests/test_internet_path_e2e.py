@@ -61,7 +61,7 @@ class PairedDevice:
         return LinkRequest(method, path, {**headers, "Content-Type": "application/json"}, body)
 
     async def send(self, request: LinkRequest) -> tuple[int, dict[str, str], bytes]:
-        response = await self.links.link_for(self.node_id).open(request, connect_timeout=15)
+        response = await self.links.link_for(self.node_id).open(request, connect_timeout=self.links.connect_timeout)
         parts = []
         while chunk := await response.read_chunk():
             parts.append(chunk)
