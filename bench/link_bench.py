@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +42,7 @@ import aiohttp  # noqa: E402
 from node.constants import HOP_HEADER, OFFLOAD_HEADER  # noqa: E402
 from node.identity import DeviceIdentity  # noqa: E402
 from node.security import sign_request_headers  # noqa: E402
+from node.transport.link import LinkRequest  # noqa: E402
 from node.transport.links import LinkManager  # noqa: E402
 from node.transport.presence import PresenceConnection  # noqa: E402
 from node.transport.rendezvous_client import QrPairingScanner  # noqa: E402
@@ -49,13 +50,6 @@ from tests.conftest import free_port, start_node_process  # noqa: E402
 
 RATE = 200.0
 
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
 
 
 @dataclass
@@ -164,7 +158,7 @@ async def _interleaved(http: aiohttp.ClientSession, links: LinkManager, base_url
     async def over_link() -> Timing:
         started = time.perf_counter()
         arrivals: list[float] = []
-        response = await links.link_for(peer_id).open(Request("POST", path, headers(), body), connect_timeout=15)
+        response = await links.link_for(peer_id).open(LinkRequest("POST", path, headers(), body), connect_timeout=15)
         assert response.status == 200
         while chunk := await response.read_chunk():
             arrivals.extend([time.perf_counter()] * _content_events(chunk))
@@ -215,7 +209,7 @@ async def bulk() -> None:
                         for _ in range(5):
                             started = time.perf_counter()
                             response = await links.link_for(peer.device_id).open(
-                                Request("POST", "/echo", {}, payload), connect_timeout=15)
+                                LinkRequest("POST", "/echo", {}, payload), connect_timeout=15)
                             received = bytearray()
                             while chunk := await response.read_chunk():
                                 received += chunk
@@ -249,7 +243,7 @@ def across_nats(setups: int) -> None:
                     extra = ("--rendezvous-turn",)
                 times = []
                 for _ in range(setups):
-                    result = netns._call_across(servers, [{"urls": [f"stun:{netns.SERVER_IP}:3478"]}], *extra)
+                    result = netns.call_across(servers, [{"urls": [f"stun:{netns.SERVER_IP}:3478"]}], *extra)
                     assert result.get("ok") and result.get("state") == mode, result
                     times.append(float(result["setupMs"]))
         except pytest.skip.Exception as exc:

@@ -16,24 +16,16 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 
 import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.config import IceServer
 from node.identity import DeviceIdentity
+from node.transport.link import LinkRequest
 from node.transport.links import LinkManager
 from node.transport.mux import InboundRequest, ResponseWriter
 from node.transport.presence import PresenceConnection
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
 
 
 def identity(seed_hex: str) -> DeviceIdentity:
@@ -42,8 +34,9 @@ def identity(seed_hex: str) -> DeviceIdentity:
 
 async def echo(peer_id: str, request: InboundRequest, writer: ResponseWriter) -> None:
     writer.head(200, {"X-Peer": peer_id})
-    for start in range(0, len(request.body), 1024):
-        await writer.write(request.body[start:start + 1024])
+    async for chunk in request.body:  # streamed back as it arrives
+        for start in range(0, len(chunk), 1024):
+            await writer.write(chunk[start:start + 1024])
     await writer.end()
 
 
@@ -94,7 +87,7 @@ async def main() -> int:
             started = time.perf_counter()
             await links.connect(peer.device_id, 20)
             setup_ms = (time.perf_counter() - started) * 1000
-            response = await links.link_for(peer.device_id).open(Request("POST", "/echo", {}, body),
+            response = await links.link_for(peer.device_id).open(LinkRequest("POST", "/echo", {}, body),
                                                                  connect_timeout=20)
             received = bytearray()
             while chunk := await response.read_chunk():

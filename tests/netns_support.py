@@ -94,6 +94,11 @@ class Homes:
             self.sh(f"nat-{side}", "iptables", "-I", "FORWARD", "-o", "eth0", "-p", "udp", "-d", NAT_IP[other],
                     "-j", "DROP")
 
+    def unblock_udp_between_nats(self) -> None:
+        for side, other in (("a", "b"), ("b", "a")):
+            self.sh(f"nat-{side}", "iptables", "-D", "FORWARD", "-o", "eth0", "-p", "udp", "-d", NAT_IP[other],
+                    "-j", "DROP", check=False)
+
     def delete(self) -> None:
         for name in reversed(self.created):
             run("ip", "netns", "del", name, check=False)

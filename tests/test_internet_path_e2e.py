@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -25,30 +25,26 @@ import pytest
 
 from node.identity import DeviceIdentity
 from node.security import sign_request_headers
+from node.transport.link import LinkRequest
 from node.transport.links import LinkManager, LinkUnavailableError
 from node.transport.presence import PresenceConnection
 from node.transport.rendezvous_client import QrPairingScanner
 
 from .conftest import REPO, NodeProcess, free_port, start_node_process
+from .netns_device import hostile_payloads
 from .test_qr_e2e import rendezvous  # noqa: F401 - the fixture: a real rendezvous process
 
 pytestmark = pytest.mark.timeout(120)
 SIMULATED = '[models.gemma3-270m]\nengine = "simulated"\nsimulated_tok_per_s = 200\n'  # SIMULATED engine
+MAX_BODY = 2 * 1024 * 1024
 CHAT = {"model": "gemma3-270m", "messages": [{"role": "user", "content": "Count for me"}], "max_tokens": 24,
         "stream": True}
 
 
 def node_config(rendezvous_url: str) -> str:
-    return (SIMULATED + "[offload]\nenabled = true\ndiscover_lan = false\nprobe_on_start = false\n"
+    return (f"max_body_bytes = {MAX_BODY}\n" + SIMULATED + "[offload]\nenabled = true\ndiscover_lan = false\nprobe_on_start = false\n"
             f'rendezvous_url = "{rendezvous_url}"\npresence_interval = 0.5\n')
 
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
 
 
 @dataclass
@@ -60,12 +56,12 @@ class PairedDevice:
     node_id: str
     links: LinkManager
 
-    def signed(self, path: str, body: bytes, method: str = "POST") -> Request:
+    def signed(self, path: str, body: bytes, method: str = "POST") -> LinkRequest:
         headers = sign_request_headers(self.key, self.identity.device_id, self.identity.device_id, method, path, body)
-        return Request(method, path, {**headers, "Content-Type": "application/json"}, body)
+        return LinkRequest(method, path, {**headers, "Content-Type": "application/json"}, body)
 
-    async def send(self, request: Request) -> tuple[int, dict[str, str], bytes]:
-        response = await self.links.link_for(self.node_id).open(request, connect_timeout=15)
+    async def send(self, request: LinkRequest) -> tuple[int, dict[str, str], bytes]:
+        response = await self.links.link_for(self.node_id).open(request, connect_timeout=self.links.connect_timeout)
         parts = []
         while chunk := await response.read_chunk():
             parts.append(chunk)
@@ -152,16 +148,16 @@ async def test_link_requests_pass_every_http_check(serving: tuple[NodeProcess, P
     assert status == 401 and "nonce" in replayed.decode().lower()
 
     # unsigned, or signed by another device than the linked one: refused
-    status, _, unsigned = await me.send(Request("POST", "/v1/chat/completions", {}, body))
+    status, _, unsigned = await me.send(LinkRequest("POST", "/v1/chat/completions", {}, body))
     assert status == 401 and json.loads(unsigned)["error"]["code"] == "signature_required"
     other = DeviceIdentity.generate()
     foreign = sign_request_headers(me.key, other.device_id, other.device_id, "POST", "/v1/chat/completions", body)
-    status, _, _ = await me.send(Request("POST", "/v1/chat/completions", foreign, body))
+    status, _, _ = await me.send(LinkRequest("POST", "/v1/chat/completions", foreign, body))
     assert status == 401
 
     # a bad signature: the guard's verification, as over HTTP
-    forged = me.signed("/v1/chat/completions", body)
-    forged.headers["X-DVAI-Signature"] = "0" * 64
+    signed = me.signed("/v1/chat/completions", body)
+    forged = LinkRequest(signed.method, signed.path, {**signed.headers, "X-DVAI-Signature": "0" * 64}, signed.body)
     status, _, _ = await me.send(forged)
     assert status == 401
 
@@ -179,6 +175,27 @@ async def test_link_requests_pass_every_http_check(serving: tuple[NodeProcess, P
     rows = [(row["peerDeviceId"], row["status"]) for row in audit["data"]]
     assert (me.identity.device_id, 200) in rows and (me.identity.device_id, 400) in rows
     assert rows.count(("anonymous", 401)) == 4
+
+
+async def test_large_bodies_stream_over_the_link_and_the_cap_answers_413(
+        serving: tuple[NodeProcess, PairedDevice], http: aiohttp.ClientSession) -> None:
+    node, me = serving
+    # 1.5 MiB of body (25 chunk frames), streamed into the node's own HTTP stack as it arrives;
+    # the signature covers every byte of it, so a 200 means all of it arrived intact
+    large = {**CHAT, "stream": False, "max_tokens": 4, "user": "u" * (MAX_BODY * 3 // 4)}
+    status, _, answer = await me.send(me.signed("/v1/chat/completions", json.dumps(large).encode()))
+    assert status == 200, answer[:300]
+    direct = await http.post(node.base_url + "/chat/completions", json=large)
+    assert json.loads(answer)["choices"][0]["message"]["content"] == \
+        (await direct.json())["choices"][0]["message"]["content"]
+    # over the node's max_body_bytes: the OpenAI-shaped 413 once the cap is crossed, as over HTTP
+    huge = json.dumps({**large, "user": "u" * (2 * MAX_BODY)}).encode()
+    status, _, refused = await me.send(me.signed("/v1/chat/completions", huge))
+    assert status == 413, refused[:300]
+    error = json.loads(refused)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "payload_too_large"
+    status, _, _ = await me.send(me.signed("/v1/chat/completions", json.dumps(CHAT).encode()))
+    assert status == 200  # the link carries on
 
 
 async def test_cancel_over_the_link_stops_generation(serving: tuple[NodeProcess, PairedDevice],
@@ -343,23 +360,11 @@ async def test_a_rendezvous_that_replays_signaling_gets_no_link(tmp_path: Path, 
             node.stop()
 
 
-def _hostile_payloads() -> dict[str, list[bytes]]:
-    from node.transport.frames import BodyChunk, RequestHead, serialize_frame
-
-    return {
-        "garbage": [b"\xc1\x00garbage"],
-        "oversize": [b"\x80" * (70 * 1024)],
-        "unknown stream": [serialize_frame(BodyChunk(999_999, b"x"))],
-        "10,000 streams": [serialize_frame(RequestHead(2 * i + 1, "POST", "/v1/chat/completions"))
-                           for i in range(1000, 11_000)],
-    }
-
-
 async def test_hostile_frames_close_the_link_and_the_node_keeps_serving(
         serving: tuple[NodeProcess, PairedDevice], http: aiohttp.ClientSession) -> None:
     node, me = serving
     body = json.dumps({**CHAT, "stream": False, "max_tokens": 4}).encode()
-    for name, frames in _hostile_payloads().items():
+    for name, frames in hostile_payloads().items():
         status, _, _ = await me.send(me.signed("/v1/chat/completions", body))
         assert status == 200, name  # a (new) link is up
         link = me.links._links[me.node_id]  # noqa: SLF001 - the test writes raw bytes on its channel
@@ -513,7 +518,7 @@ async def test_an_unpaired_device_can_neither_link_nor_be_served(
         headers = sign_request_headers(key, stranger.device_id, stranger.device_id, "POST",
                                        "/v1/chat/completions", body)
         with pytest.raises(LinkUnavailableError):
-            await links.link_for(node_id).open(Request("POST", "/v1/chat/completions", headers, body),
+            await links.link_for(node_id).open(LinkRequest("POST", "/v1/chat/completions", headers, body),
                                                connect_timeout=4)
     finally:
         await presence.stop()

@@ -7,13 +7,14 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from node.identity import DeviceIdentity
+from node.transport.link import LinkRequest
 from node.transport.links import LinkManager, LinkUnavailableError
 from node.transport.mux import InboundRequest, ResponseWriter
 from node.transport.presence import PresenceConnection
@@ -24,18 +25,12 @@ from .rendezvous_support import make_config, running
 pytestmark = pytest.mark.timeout(60)
 
 
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-
 
 async def echo(peer_id: str, request: InboundRequest, writer: ResponseWriter) -> None:
-    writer.head(200, {"X-From": peer_id, "X-Sha": hashlib.sha256(request.body).hexdigest()})
-    for start in range(0, len(request.body), 4096):
-        await writer.write(request.body[start:start + 4096])
+    body = await request.body.read()
+    writer.head(200, {"X-From": peer_id, "X-Sha": hashlib.sha256(body).hexdigest()})
+    for start in range(0, len(body), 4096):
+        await writer.write(body[start:start + 4096])
     await writer.end()
 
 
@@ -94,14 +89,14 @@ async def test_link_carries_requests_both_ways(rendezvous_url: str, http: aiohtt
     b = await device(rendezvous_url, http, {a_id.device_id: key}, b_id)
     try:
         body = os.urandom(300_000)
-        response = await a.links.link_for(b_id.device_id).open(Request("POST", "/v1/x", {}, body),
+        response = await a.links.link_for(b_id.device_id).open(LinkRequest("POST", "/v1/x", {}, body),
                                                                connect_timeout=3)
         assert response.status == 200 and response.headers["X-From"] == a_id.device_id
         assert await read_all(response) == body
         info = a.links.info(b_id.device_id)
         assert info is not None and info.state is LinkState.DIRECT
         # the other direction reuses the same link (one channel per pair)
-        back = await b.links.link_for(a_id.device_id).open(Request("GET", "/v1/y"), connect_timeout=3)
+        back = await b.links.link_for(a_id.device_id).open(LinkRequest("GET", "/v1/y"), connect_timeout=3)
         assert back.headers["X-From"] == b_id.device_id and await read_all(back) == b""
         assert b.links.info(a_id.device_id).state is LinkState.DIRECT  # type: ignore[union-attr]
         await asyncio.sleep(1.2)  # a few keeper ticks: idle ping measures the round trip
@@ -117,8 +112,8 @@ async def test_simultaneous_offers_settle_on_one_link(rendezvous_url: str, http:
     b = await device(rendezvous_url, http, {a_id.device_id: key}, b_id)
     try:
         first, second = await asyncio.gather(
-            a.links.link_for(b_id.device_id).open(Request("POST", "/a", {}, b"1"), connect_timeout=10),
-            b.links.link_for(a_id.device_id).open(Request("POST", "/b", {}, b"2"), connect_timeout=10),
+            a.links.link_for(b_id.device_id).open(LinkRequest("POST", "/a", {}, b"1"), connect_timeout=10),
+            b.links.link_for(a_id.device_id).open(LinkRequest("POST", "/b", {}, b"2"), connect_timeout=10),
         )
         assert await read_all(first) == b"1" and await read_all(second) == b"2"
     finally:
@@ -132,7 +127,7 @@ async def test_unpaired_device_gets_no_link_and_no_reply(rendezvous_url: str, ht
     stranger = await device(rendezvous_url, http, {b_id.device_id: os.urandom(32)}, connect_timeout=3)
     try:
         with pytest.raises(LinkUnavailableError):
-            await stranger.links.link_for(b_id.device_id).open(Request("GET", "/"), connect_timeout=3)
+            await stranger.links.link_for(b_id.device_id).open(LinkRequest("GET", "/"), connect_timeout=3)
         assert b.links.info(stranger.identity.device_id) is None  # nothing was even created
     finally:
         await close(b, stranger)
@@ -144,7 +139,7 @@ async def test_wrong_key_is_dropped(rendezvous_url: str, http: aiohttp.ClientSes
     b = await device(rendezvous_url, http, {a_id.device_id: os.urandom(32)}, b_id)
     try:
         with pytest.raises(LinkUnavailableError):
-            await a.links.link_for(b_id.device_id).open(Request("GET", "/"), connect_timeout=3)
+            await a.links.link_for(b_id.device_id).open(LinkRequest("GET", "/"), connect_timeout=3)
         assert b.links.info(a_id.device_id) is None
     finally:
         await close(a, b)
@@ -156,7 +151,7 @@ async def test_offline_peer_fails_fast(rendezvous_url: str, http: aiohttp.Client
     try:
         started = asyncio.get_running_loop().time()
         with pytest.raises(LinkUnavailableError, match="not connected"):
-            await a.links.link_for(absent.device_id).open(Request("GET", "/"), connect_timeout=10)
+            await a.links.link_for(absent.device_id).open(LinkRequest("GET", "/"), connect_timeout=10)
         assert asyncio.get_running_loop().time() - started < 5
     finally:
         await close(a)
@@ -191,7 +186,7 @@ async def test_a_failed_link_is_set_up_again_on_the_next_request(rendezvous_url:
     a = await device(rendezvous_url, http, {b_id.device_id: key}, a_id)
     b = await device(rendezvous_url, http, {a_id.device_id: key}, b_id)
     try:
-        first = await a.links.link_for(b_id.device_id).open(Request("POST", "/1", {}, b"one"), connect_timeout=10)
+        first = await a.links.link_for(b_id.device_id).open(LinkRequest("POST", "/1", {}, b"one"), connect_timeout=10)
         assert await read_all(first) == b"one"
         b.links._links[a_id.device_id].fail("test: the path broke")  # noqa: SLF001
         for _ in range(100):  # a learns it from the closed association
@@ -200,7 +195,7 @@ async def test_a_failed_link_is_set_up_again_on_the_next_request(rendezvous_url:
                 break
             await asyncio.sleep(0.05)
         assert not a.links.info(b_id.device_id).state.up  # type: ignore[union-attr]
-        again = await a.links.link_for(b_id.device_id).open(Request("POST", "/2", {}, b"two"), connect_timeout=10)
+        again = await a.links.link_for(b_id.device_id).open(LinkRequest("POST", "/2", {}, b"two"), connect_timeout=10)
         assert await read_all(again) == b"two"
         assert a.links.info(b_id.device_id).state is LinkState.DIRECT  # type: ignore[union-attr]
     finally:

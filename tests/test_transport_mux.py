@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 
 import msgpack
@@ -17,6 +18,8 @@ from node.transport.frames import (
     End,
     RequestHead,
     ResponseChunk,
+    ResponseHead,
+    parse_frame,
     serialize_frame,
 )
 from node.transport.mux import (
@@ -34,9 +37,10 @@ pytestmark = pytest.mark.timeout(30)
 
 async def echo(request: InboundRequest, writer: ResponseWriter) -> None:
     """Answers with the request's digest header, then the body back in 1000-byte writes."""
-    writer.head(200, {"X-Path": request.path, "X-Sha": hashlib.sha256(request.body).hexdigest()})
-    for start in range(0, len(request.body), 1000):
-        await writer.write(request.body[start:start + 1000])
+    body = await request.body.read()
+    writer.head(200, {"X-Path": request.path, "X-Sha": hashlib.sha256(body).hexdigest()})
+    for start in range(0, len(body), 1000):
+        await writer.write(body[start:start + 1000])
     await writer.end()
 
 
@@ -139,9 +143,9 @@ async def test_stream_errors_and_refusals_leave_the_link_up() -> None:
     with pytest.raises(StreamFailedError) as caught:
         await a.mux.open("POST", "/boom", {}, b"")
     assert caught.value.code == "internal_error"
-    with pytest.raises(StreamFailedError) as caught:
-        await a.mux.open("POST", "/big", {}, b"x" * 101)
-    assert caught.value.code == "payload_too_large"
+    too_large = await a.mux.open("POST", "/big", {}, b"x" * 101)
+    assert too_large.status == 413  # the HTTP API's answer, OpenAI-shaped
+    assert json.loads(await read_all(too_large))["error"]["code"] == "payload_too_large"
     response = await a.mux.open("POST", "/half", {}, b"")
     assert await response.read_chunk() == b"half"
     with pytest.raises(StreamFailedError, match="engine died"):
@@ -149,6 +153,49 @@ async def test_stream_errors_and_refusals_leave_the_link_up() -> None:
     response.cancel()
     assert not a.mux.closed
     assert await a.mux.ping(1) < 1
+
+
+async def test_request_bodies_reach_the_handler_as_they_arrive() -> None:
+    seen: list[tuple[int, bool]] = []
+
+    async def streaming(request: InboundRequest, writer: ResponseWriter) -> None:
+        total = 0
+        async for chunk in request.body:
+            total += len(chunk)
+            seen.append((total, request.body.ended))
+        writer.head(200, {"X-Total": str(total)})
+        await writer.end()
+
+    a, _ = linked(on_a=streaming)
+    assert a.mux
+    a.mux.feed(serialize_frame(RequestHead(2, "POST", "/")))
+    for _ in range(3):
+        a.mux.feed(serialize_frame(BodyChunk(2, b"x" * 60_000)))
+        await asyncio.sleep(0.01)  # the handler runs between chunks
+    assert seen == [(60_000, False), (120_000, False), (180_000, False)]  # before the body's end
+    a.mux.feed(serialize_frame(End(2)))
+    await asyncio.sleep(0.01)
+    heads = [frame for frame in map(parse_frame, a.sent) if isinstance(frame, ResponseHead)]
+    assert dict(heads[0].headers)["X-Total"] == "180000" and a.mux.open_streams == 0
+
+
+async def test_a_large_body_streams_through_and_the_cap_is_enforced_as_bytes_arrive() -> None:
+    big = os.urandom(3 * 1024 * 1024 + 17)  # 49 chunks
+    a, b = linked(on_b=echo, max_request_body=4 * 1024 * 1024)
+    assert a.mux and b.mux
+    response = await a.mux.open("POST", "/big", {}, big)
+    assert response.status == 200 and response.headers["X-Sha"] == hashlib.sha256(big).hexdigest()
+    assert await read_all(response) == big
+    assert a.max_buffered <= LINK_SEND_HIGH_WATER_BYTES + MAX_FRAME_BYTES  # the sender waited for the channel
+
+    sent_before = len(a.sent)
+    response = await a.mux.open("POST", "/bigger", {}, os.urandom(8 * 1024 * 1024))
+    assert response.status == 413
+    assert json.loads(await read_all(response))["error"]["type"] == "invalid_request_error"
+    # refused once the cap was crossed, long before the end: the sender stopped sending
+    assert len(a.sent) - sent_before < 8 * 1024 * 1024 // 61_440
+    await asyncio.sleep(0.01)  # the end of the cut-short body arrives: the peer forgets the stream
+    assert not a.mux.closed and not b.mux.closed and b.mux.open_streams == 0
 
 
 async def test_node_that_serves_nothing_refuses_streams() -> None:
@@ -283,3 +330,17 @@ async def test_bodies_in_flight_are_bounded_per_link() -> None:
         streams += 1
     assert a.mux.closed and "bodies" in (a.mux.close_reason or "")
     assert streams * 16 * len(chunk) <= LINK_MAX_INBOUND_BODY_BYTES + 16 * len(chunk)
+
+
+async def test_a_peer_acknowledging_our_upload_is_alive_though_it_sends_no_frame() -> None:
+    clock = [0.0]
+    a, _ = channel_pair()
+    a.mux = StreamMux(a, initiator=True, monotonic=lambda: clock[0])
+    a.peer_acks = 7  # type: ignore[attr-defined]  # the transport's acknowledged position
+    a.mux.refresh_liveness()
+    clock[0] = 5.0
+    a.mux.refresh_liveness()
+    assert a.mux.last_received == 0.0  # nothing new acknowledged: silence, as a dead peer's
+    a.peer_acks = 9  # type: ignore[attr-defined]
+    a.mux.refresh_liveness()
+    assert a.mux.last_received == 5.0  # our bytes reached it: alive

@@ -72,6 +72,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 _PATH_RE = re.compile(r"^/[\x21-\x7e]*$")
 _CODE_RE = re.compile(r"^[a-z0-9_]{1,64}$")
+_BAD_VALUE_RE = re.compile(r"[\r\n\x00]")
 
 
 class FrameType(IntEnum):
@@ -157,12 +158,28 @@ class Pong:
 Frame = RequestHead | BodyChunk | ResponseHead | ResponseChunk | End | StreamError | Cancel | Ping | Pong
 
 
+_MAX_TAG = max(FrameType)
+_CHUNK_TAG: dict[type, int] = {ResponseChunk: int(FrameType.RESPONSE_CHUNK), BodyChunk: int(FrameType.BODY_CHUNK)}
+
+
+def _packb(wire: dict[str, Any]) -> bytes:
+    packed: bytes = msgpack.packb(wire, use_bin_type=True)
+    return packed
+
+
 # --------------------------------------------------------------------------
 # Serialize
 
 
 def serialize_frame(frame: Frame) -> bytes:
     """The frame's msgpack bytes; ValueError when a field is invalid or the frame is too large."""
+    kind = type(frame)
+    if kind is ResponseChunk or kind is BodyChunk:  # one per token: the checks below, inline
+        stream, data = frame.stream, frame.data  # type: ignore[union-attr]
+        if type(stream) is int and 1 <= stream <= LINK_MAX_STREAM_ID and type(data) is bytes \
+                and 0 < len(data) <= MAX_CHUNK_BYTES:
+            packed: bytes = _packb({"t": _CHUNK_TAG[kind], "s": stream, "d": data})
+            return packed  # at most MAX_CHUNK_BYTES + 16 bytes: within MAX_FRAME_BYTES
     _check(frame)
     wire: dict[str, Any] = {"t": int(frame.type), "s": frame.stream}
     match frame:
@@ -178,7 +195,7 @@ def serialize_frame(frame: Frame) -> bytes:
             wire["n"] = frame.nonce
         case End() | Cancel():
             pass
-    data: bytes = msgpack.packb(wire, use_bin_type=True)
+    data = _packb(wire)
     if len(data) > MAX_FRAME_BYTES:
         raise ValueError(f"frame is {len(data)} bytes, more than {MAX_FRAME_BYTES}")
     return data
@@ -196,7 +213,7 @@ def parse_frame(data: bytes) -> Frame:
         raise ValueError(f"frame is {len(data)} bytes, more than {MAX_FRAME_BYTES}")
     try:
         wire = msgpack.unpackb(
-            bytes(data), raw=False, strict_map_key=True, use_list=False,
+            data if type(data) is bytes else bytes(data), raw=False, strict_map_key=True, use_list=False,
             max_str_len=MAX_FRAME_BYTES, max_bin_len=MAX_FRAME_BYTES,
             max_array_len=0, max_map_len=LINK_MAX_HEADERS + 8, max_ext_len=0,
         )
@@ -204,11 +221,29 @@ def parse_frame(data: bytes) -> Frame:
         raise ValueError(f"frame is not valid msgpack: {type(exc).__name__}") from None
     if not isinstance(wire, dict):
         raise ValueError("a frame must be a msgpack map")
-    tag = _int(wire, "t", 1, max(FrameType))
+    fast = _parse_chunk_or_end(wire)
+    if fast is not None:
+        return fast
+    tag = _int(wire, "t", 1, _MAX_TAG)
     stream = _int(wire, "s", 0, LINK_MAX_STREAM_ID)
     frame = _build(FrameType(tag), stream, wire)
     _check(frame)
     return frame
+
+
+def _parse_chunk_or_end(wire: dict[str, Any]) -> Frame | None:
+    """The frames of a stream's body (one per token) with the same checks as the general path,
+    inline; ``None`` sends anything else (or anything wrong) down the general path."""
+    tag, stream = wire.get("t"), wire.get("s")
+    if type(stream) is not int or not 1 <= stream <= LINK_MAX_STREAM_ID:
+        return None
+    if tag == 4 or tag == 2:
+        data = wire.get("d")
+        if type(data) is bytes and 0 < len(data) <= MAX_CHUNK_BYTES and type(tag) is int:
+            return ResponseChunk(stream, data) if tag == 4 else BodyChunk(stream, data)
+    elif tag == 5 and type(tag) is int:
+        return End(stream)
+    return None
 
 
 def _build(tag: FrameType, stream: int, wire: Mapping[str, Any]) -> Frame:
@@ -274,7 +309,7 @@ def _check_headers(headers: Headers) -> None:
     for name, value in headers:
         if not isinstance(name, str) or not _HEADER_NAME_RE.match(name):
             raise ValueError("header names must be HTTP tokens")
-        if not isinstance(value, str) or any(c in value for c in "\r\n\x00"):
+        if not isinstance(value, str) or _BAD_VALUE_RE.search(value):
             raise ValueError("header values must be strings without CR, LF or NUL")
         if name.lower() in names:
             raise ValueError(f"header {name!r} appears twice")

@@ -22,12 +22,14 @@ import contextlib
 import logging
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 
 from ..constants import LINK_PEER_HEADER
-from .mux import InboundRequest, ResponseWriter
+from .frames import MAX_CHUNK_BYTES
+from .mux import InboundBody, InboundRequest, LinkClosedError, ResponseWriter
 
 __all__ = ["LinkRequestReplayer", "REPLAY_SOCKET_NAME"]
 
@@ -42,6 +44,23 @@ _DROPPED_REQUEST_HEADERS = frozenset({
 _DROPPED_RESPONSE_HEADERS = frozenset({
     "connection", "keep-alive", "transfer-encoding", "content-length", "date", "server",
 })
+
+
+async def _body_for_replay(body: InboundBody) -> bytes | AsyncIterator[bytes]:
+    """A body of one chunk (a sender fills every chunk but the last) goes as bytes, with its
+    length, like almost every chat request; a longer one streams into the app chunk by chunk
+    as it arrives, so it is never held whole twice on this side."""
+    first = await body.read_chunk()
+    if len(first) < MAX_CHUNK_BYTES:
+        rest = await body.read()  # b"" once the end frame is here
+        return first + rest if rest else first
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in body:
+            yield chunk
+
+    return chunks()
 
 
 class LinkRequestReplayer:
@@ -72,15 +91,18 @@ class LinkRequestReplayer:
         """Answer ``request`` from ``peer_id`` (cancelled when the peer cancels the stream)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROPPED_REQUEST_HEADERS}
         headers[LINK_PEER_HEADER] = peer_id  # the guard requires the request be signed by this device
+        body = await _body_for_replay(request.body)
         try:
             async with self._client().request(request.method, "http://localhost" + request.path,
-                                              headers=headers, data=request.body,
+                                              headers=headers, data=body,
                                               allow_redirects=False) as response:
                 writer.head(response.status, {k: v for k, v in response.headers.items()
                                               if k.lower() not in _DROPPED_RESPONSE_HEADERS})
                 async for chunk in response.content.iter_any():
                     await writer.write(chunk)
                 await writer.end()
+        except LinkClosedError:
+            raise  # the peer cancelled or the link went: nobody is waiting for an answer
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.warning("replaying a link request from %s failed: %s", peer_id[:16], exc)
             with contextlib.suppress(Exception):

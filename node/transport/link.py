@@ -10,7 +10,7 @@ only this module's types, never a transport.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = ["LinkRequest", "LinkResponse", "PeerLink", "PeerLinkError"]
@@ -21,9 +21,9 @@ class LinkRequest:
     method: str
     path: str
     """path with query, relative to the peer's root (``/v1/chat/completions``)."""
-    headers: Mapping[str, str]
+    headers: Mapping[str, str] = field(default_factory=dict)
     """already signed (the four ``X-DVAI-*`` headers) plus the hop and offload headers."""
-    body: bytes
+    body: bytes = b""
 
 
 class LinkResponse(Protocol):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import logging
 import secrets
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 
 from ..config import IceServer
 from ..constants import LINK_MAX_SIGNAL_BYTES, LINK_MAX_STREAM_BUFFER_BYTES
+from .ice import IcePlan, plan_ice_servers, select_ice_servers
 from .link import LinkRequest, PeerLinkError
 from .mux import ChannelResponse, InboundRequest, LinkClosedError, ResponseWriter, StreamMux
 from .signal_crypto import SignalRejectedError, SignalSealer
@@ -117,11 +119,18 @@ class LinkManager:
         self._last_ping: dict[str, float] = {}
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._ice_attempts: dict[str, int] = {}
+        self._ice_warned: IcePlan | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         if self._keeper is None:
             self._keeper = asyncio.create_task(self._keep(), name="link-keeper")
+            # aiortc takes ~0.5 s of CPU to import: done now, off the event loop, rather than
+            # inside the first link set-up, where it would stall every stream the node serves
+            task = asyncio.create_task(asyncio.to_thread(importlib.import_module, "aiortc"), name="aiortc-import")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
         self._closed = True
@@ -205,14 +214,31 @@ class LinkManager:
             assert self._on_request is not None
             await self._on_request(peer_id, request, writer)
 
-        link = RtcLink(peer_id=peer_id, link_id=link_id, offerer=offerer, ice_servers=self._ice_servers(),
+        plan = plan_ice_servers(self._ice_servers())
+        self._warn_about(plan)
+        ice_servers = select_ice_servers(plan, self._ice_attempts.get(peer_id, 0))
+        link = RtcLink(peer_id=peer_id, link_id=link_id, offerer=offerer, ice_servers=ice_servers,
                        relay_only=self._relay_only, on_request=serve if self._on_request else None,
                        max_request_body=self._max_request_body,
                        on_gone=self._gone, monotonic=self._monotonic)
         self._links[peer_id] = link
         return link
 
+    def _warn_about(self, plan: IcePlan) -> None:
+        """Say once per configuration what aiortc will not do with it."""
+        if plan == self._ice_warned:
+            return
+        self._ice_warned = plan
+        if plan.unusable:
+            log.warning("ICE servers aiortc cannot use, skipped: %s", "; ".join(plan.unusable))
+        if plan.rotates:
+            log.warning("%d STUN and %d TURN URLs are configured, but aiortc contacts one STUN and one TURN "
+                        "server per link set-up: set-ups take them in turn, the next after one that failed",
+                        len(plan.stun), len(plan.turn))
+
     def _gone(self, link: RtcLink) -> None:
+        if link.state is LinkState.FAILED and link.connected_at is None:  # never connected: next servers
+            self._ice_attempts[link.peer_id] = self._ice_attempts.get(link.peer_id, 0) + 1
         if self._links.get(link.peer_id) is link:
             del self._links[link.peer_id]
         self._last[link.peer_id] = LinkInfo(link.state, link.rtt_ms, link.error)
@@ -314,6 +340,7 @@ class LinkManager:
                 link.fail("set-up never finished")  # e.g. an answer whose offerer vanished
             return
         busy = mux.open_streams > 0
+        mux.refresh_liveness()
         if busy and now - mux.last_received > LINK_DEAD_AFTER_S:
             link.fail(f"ping timeout: nothing from the peer for {LINK_DEAD_AFTER_S:g} s")
             return
@@ -338,6 +365,7 @@ class LinkManager:
             link.rtt_ms = await mux.ping(within=LINK_DEAD_AFTER_S) * 1000
         except TimeoutError:
             # A pong queued behind a bulk transfer is late, not lost: only silence fails the link.
+            mux.refresh_liveness()
             if self._monotonic() - mux.last_received > LINK_DEAD_AFTER_S:
                 link.fail(f"ping timeout: nothing from the peer for {LINK_DEAD_AFTER_S:g} s")
         except LinkClosedError:

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..common.errors import PayloadTooLargeError
 from ..constants import (
     LINK_MAX_INBOUND_BODY_BYTES,
     LINK_MAX_STREAM_BUFFER_BYTES,
@@ -57,6 +59,7 @@ from .link import PeerLinkError
 __all__ = [
     "ChannelResponse",
     "FrameChannel",
+    "InboundBody",
     "InboundRequest",
     "LinkClosedError",
     "LinkProtocolError",
@@ -96,15 +99,86 @@ class LinkProtocolError(ValueError):
     """The peer broke the frame protocol; the link is closed."""
 
 
+class InboundBody:
+    """A request body as its chunks arrive: the handler reads it while the peer still sends.
+
+    Bytes received but not yet read count against the link's ``LINK_MAX_INBOUND_BODY_BYTES``
+    (a peer that outruns the handler by more is cut off); ``read_chunk`` raises
+    ``LinkClosedError`` when the stream is cancelled, refused or the link closes."""
+
+    def __init__(self, consumed: Callable[[int], None]) -> None:
+        self._chunks: deque[bytes] = deque()
+        self._consumed = consumed
+        self._arrived = asyncio.Event()
+        self._error: BaseException | None = None
+        self.buffered = 0
+        """bytes received and not yet read."""
+        self.received = 0
+        """bytes received so far."""
+        self.ended = False
+        """the peer sent the body's end."""
+
+    @property
+    def complete(self) -> bool:
+        """Every byte is here (``read`` returns without waiting)."""
+        return self.ended and self._error is None
+
+    async def read_chunk(self) -> bytes:
+        """The next chunk (at most ``MAX_CHUNK_BYTES``); ``b""`` at the end of the body."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self.buffered -= len(chunk)
+                self._consumed(len(chunk))
+                return chunk
+            if self._error is not None:
+                raise self._error
+            if self.ended:
+                return b""
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    async def read(self) -> bytes:
+        """The whole body (for handlers that need it at once)."""
+        parts = []
+        while chunk := await self.read_chunk():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while chunk := await self.read_chunk():
+            yield chunk
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self.buffered += len(data)
+        self.received += len(data)
+        self._arrived.set()
+
+    def _finish(self) -> None:
+        self.ended = True
+        self._arrived.set()
+
+    def _fail(self, error: BaseException) -> int:
+        """Stop the body; returns the unread bytes it dropped."""
+        dropped = self.buffered
+        self._chunks.clear()
+        self.buffered = 0
+        if self._error is None:
+            self._error = error
+        self._arrived.set()
+        return dropped
+
+
 @dataclass(frozen=True, slots=True)
 class InboundRequest:
-    """A request the peer sent over the link, body complete."""
+    """A request the peer sent over the link; its body streams in as it arrives."""
 
     stream: int
     method: str
     path: str
     headers: Mapping[str, str]
-    body: bytes
+    body: InboundBody
 
 
 InboundHandler = Callable[[InboundRequest, "ResponseWriter"], Awaitable[None]]
@@ -123,9 +197,8 @@ class _Outbound:
 @dataclass(slots=True)
 class _Inbound:
     head: RequestHead
-    body: list[bytes] = field(default_factory=list)
-    size: int = 0
-    ended: bool = False
+    body: InboundBody
+    writer: ResponseWriter
     refused: bool = False
     task: asyncio.Task[None] | None = None
 
@@ -165,7 +238,9 @@ class StreamMux:
         self.last_activity = monotonic()
         """when a frame was last sent or received (idle detection)."""
         self.last_received = self.last_activity
-        """when a frame was last received (liveness while streams are open)."""
+        """when a frame was last received, or the peer last acknowledged bytes we sent
+        (liveness while streams are open; see ``refresh_liveness``)."""
+        self._peer_acks: object = None
 
     # -- state ------------------------------------------------------------------------
     @property
@@ -194,9 +269,11 @@ class StreamMux:
             stream.arrived.set()
         self._outbound.clear()
         for inbound in self._inbound.values():
+            inbound.body._fail(error)  # noqa: SLF001 - the mux owns its bodies
             if inbound.task is not None:
                 inbound.task.cancel()
         self._inbound.clear()
+        self._inbound_body_bytes = 0
         for ping in self._pings.values():
             if not ping.done():
                 ping.set_exception(error)
@@ -223,7 +300,18 @@ class StreamMux:
             self.close(f"protocol error: {exc}")
 
     def on_buffered_amount_low(self) -> None:
+        self.refresh_liveness()
         self._writable.set()
+
+    def refresh_liveness(self) -> None:
+        """The peer's transport acknowledged more of what we sent (a channel with a ``peer_acks``
+        counter): it is alive though it sends no frame, e.g. during a long upload ahead of its
+        answer, with our pings queued behind it."""
+        acks = getattr(self._channel, "peer_acks", None)
+        if acks is not None and acks != self._peer_acks:
+            if self._peer_acks is not None:
+                self.last_received = self._monotonic()
+            self._peer_acks = acks
 
     # -- requests we send -------------------------------------------------------------
     async def open(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> ChannelResponse:
@@ -247,8 +335,10 @@ class StreamMux:
             self._send_raw(data)
             for start in range(0, len(body), MAX_CHUNK_BYTES):
                 await self._wait_writable()
+                if stream.ended or stream.error is not None:
+                    break  # the peer answered (a 413, say) and finished before reading it all
                 self._send(BodyChunk(stream_id, body[start:start + MAX_CHUNK_BYTES]))
-            self._send(End(stream_id))
+            self._send(End(stream_id))  # (after a cut-short body too: the peer then forgets the stream)
             head = await stream.head
         except BaseException:
             self._abandon(stream_id)
@@ -310,14 +400,16 @@ class StreamMux:
             self._dispatch_outbound(frame)
 
     def _dispatch_inbound(self, frame: Frame) -> None:
-        """Frames of streams the peer opened: head, body, end, cancel."""
+        """Frames of streams the peer opened: head (the handler starts), body, end, cancel."""
         if isinstance(frame, RequestHead):
             if frame.stream <= self._last_peer_id:
                 raise LinkProtocolError(f"stream id {frame.stream} reused or out of order")
             if len(self._inbound) >= self._max_streams:
                 raise LinkProtocolError(f"peer opened more than {self._max_streams} streams")
             self._last_peer_id = frame.stream
-            self._inbound[frame.stream] = _Inbound(frame)
+            opened = _Inbound(frame, InboundBody(self._body_consumed), ResponseWriter(self, frame.stream))
+            self._inbound[frame.stream] = opened
+            self._start_handler(frame.stream, opened)
             return
         if not isinstance(frame, BodyChunk | End | Cancel):
             raise LinkProtocolError(f"{type(frame).__name__} on a stream the peer opened")
@@ -327,28 +419,57 @@ class StreamMux:
                 return  # a stream we already finished or refused: frames in flight
             raise LinkProtocolError(f"{type(frame).__name__} for unknown stream {frame.stream}")
         if isinstance(frame, Cancel):
-            self._inbound.pop(frame.stream, None)
-            if not inbound.ended:
-                self._inbound_body_bytes -= inbound.size
+            self._discard(frame.stream, LinkClosedError("the peer cancelled the stream"))
             if inbound.task is not None:
                 inbound.task.cancel()
             return
-        if inbound.ended:
+        if inbound.body.ended:
             raise LinkProtocolError(f"{type(frame).__name__} after the end of stream {frame.stream}")
-        if isinstance(frame, BodyChunk):
-            inbound.size += len(frame.data)
-            self._inbound_body_bytes += len(frame.data)
-            if self._inbound_body_bytes > LINK_MAX_INBOUND_BODY_BYTES:
-                raise LinkProtocolError(f"peer sent more than {LINK_MAX_INBOUND_BODY_BYTES} bytes of bodies at once")
-            if inbound.size > self._max_request_body:
-                inbound.refused = True
-                inbound.body.clear()
-            elif not inbound.refused:
-                inbound.body.append(frame.data)
+        if isinstance(frame, End):
+            inbound.body._finish()  # noqa: SLF001 - the mux owns its bodies
+            if inbound.task is None:
+                self._inbound.pop(frame.stream, None)
             return
-        inbound.ended = True
-        self._inbound_body_bytes -= inbound.size  # handed to the handler, as an HTTP body would be
-        self._start_handler(frame.stream, inbound)
+        if inbound.refused:
+            return  # answered already; the rest of the body is dropped as it arrives
+        if inbound.body.received + len(frame.data) > self._max_request_body:
+            self._refuse_too_large(frame.stream, inbound)
+            return
+        inbound.body._feed(frame.data)  # noqa: SLF001
+        self._inbound_body_bytes += len(frame.data)
+        if self._inbound_body_bytes > LINK_MAX_INBOUND_BODY_BYTES:
+            raise LinkProtocolError(f"peer sent {LINK_MAX_INBOUND_BODY_BYTES} bytes of bodies faster than "
+                                    "they were read")
+
+    def _body_consumed(self, size: int) -> None:
+        self._inbound_body_bytes -= size
+
+    def _discard(self, stream_id: int, error: BaseException) -> None:
+        """Forget an inbound stream and the unread part of its body."""
+        inbound = self._inbound.pop(stream_id, None)
+        if inbound is not None:
+            self._inbound_body_bytes -= inbound.body._fail(error)  # noqa: SLF001
+
+    def _refuse_too_large(self, stream_id: int, inbound: _Inbound) -> None:
+        """The body crossed the size cap: stop the handler, answer 413 as the HTTP API does."""
+        inbound.refused = True
+        self._inbound_body_bytes -= inbound.body._fail(  # noqa: SLF001
+            LinkClosedError("the request body is too large"))
+        if inbound.task is not None:  # the entry stays until the End frame: the rest is dropped quietly
+            inbound.task.cancel()
+            inbound.task = None
+        error = PayloadTooLargeError(f"request body is larger than {self._max_request_body} bytes")
+        writer = inbound.writer
+        if writer.finished:
+            return
+        if writer.head_sent:
+            writer.finished = True
+            self._send(StreamError(stream_id, "payload_too_large", error.message))
+            return
+        writer.head(413, {"Content-Type": "application/json"})
+        writer.finished = True
+        self._send(ResponseChunk(stream_id, json.dumps(error.to_body()).encode()))
+        self._send(End(stream_id))
 
     def _dispatch_outbound(self, frame: Frame) -> None:
         """Frames of streams we opened: response head, chunks, end, error."""
@@ -388,18 +509,14 @@ class StreamMux:
         stream.arrived.set()
 
     def _start_handler(self, stream_id: int, inbound: _Inbound) -> None:
-        writer = ResponseWriter(self, stream_id)
-        if inbound.refused or self._on_request is None:
-            self._inbound.pop(stream_id, None)
-            code, message = (("payload_too_large", f"request body is larger than {self._max_request_body} bytes")
-                             if inbound.refused else ("not_serving", "this node serves no requests over links"))
-            self._send(StreamError(stream_id, code, message))
+        if self._on_request is None:
+            inbound.refused = True  # the body is dropped as it arrives; the entry goes at its end
+            self._send(StreamError(stream_id, "not_serving", "this node serves no requests over links"))
             return
-        request = InboundRequest(stream_id, inbound.head.method, inbound.head.path,
-                                 dict(inbound.head.headers), b"".join(inbound.body))
-        inbound.body.clear()
+        request = InboundRequest(stream_id, inbound.head.method, inbound.head.path, dict(inbound.head.headers),
+                                 inbound.body)
         inbound.task = asyncio.get_running_loop().create_task(
-            self._run_handler(request, writer), name=f"link-stream-{stream_id}")
+            self._run_handler(request, inbound.writer), name=f"link-stream-{stream_id}")
 
     async def _run_handler(self, request: InboundRequest, writer: ResponseWriter) -> None:
         assert self._on_request is not None
@@ -417,7 +534,15 @@ class StreamMux:
                 with contextlib.suppress(Exception):
                     await writer.fail("internal_error", f"{type(exc).__name__}")
         finally:
-            self._inbound.pop(request.stream, None)
+            inbound = self._inbound.get(request.stream)
+            if inbound is not None and not inbound.refused:
+                if inbound.body.ended:
+                    self._discard(request.stream, LinkClosedError("the stream is finished"))
+                else:  # answered before the body's end: drop the rest of it as it arrives
+                    inbound.refused = True
+                    inbound.task = None
+                    self._inbound_body_bytes -= inbound.body._fail(  # noqa: SLF001
+                        LinkClosedError("the stream is finished"))
 
     # -- sending ----------------------------------------------------------------------
     def _require_open(self) -> None:
@@ -475,24 +600,24 @@ class ResponseWriter:
     def __init__(self, mux: StreamMux, stream_id: int) -> None:
         self._mux = mux
         self._stream_id = stream_id
-        self._head_sent = False
+        self.head_sent = False
         self.finished = False
 
     def head(self, status: int, headers: Mapping[str, str]) -> None:
-        if self._head_sent or self.finished:
+        if self.head_sent or self.finished:
             raise RuntimeError("the response head was already sent")
         self._mux._send(ResponseHead(self._stream_id, status, tuple(headers.items())))  # noqa: SLF001
-        self._head_sent = True
+        self.head_sent = True
 
     async def write(self, data: bytes) -> None:
-        if not self._head_sent or self.finished:
+        if not self.head_sent or self.finished:
             raise RuntimeError("write needs a sent head and an unfinished stream")
         for start in range(0, len(data), MAX_CHUNK_BYTES):
             await self._mux._wait_writable()  # noqa: SLF001
             self._mux._send(ResponseChunk(self._stream_id, data[start:start + MAX_CHUNK_BYTES]))  # noqa: SLF001
 
     async def end(self) -> None:
-        if not self._head_sent or self.finished:
+        if not self.head_sent or self.finished:
             raise RuntimeError("end needs a sent head and an unfinished stream")
         self.finished = True
         self._mux._send(End(self._stream_id))  # noqa: SLF001

@@ -9,9 +9,10 @@ rendezvous (``node.transport.links``). The DTLS fingerprints inside those SDPs a
 authenticate the channel: a relay that swaps them cannot open the seals, and one that
 alters a sealed message makes it fail authentication.
 
-ICE servers come from ``offload.ice_servers`` only. aiortc's own default is a public
-STUN server, so an empty list is passed explicitly: with no servers configured a link
-uses host candidates, and nothing outside the operator's control is contacted.
+ICE servers come from ``offload.ice_servers`` only (one STUN and one TURN per set-up,
+chosen by ``node.transport.ice``). aiortc's own default is a public STUN server, so an
+empty list is passed explicitly: with no servers configured a link uses host candidates,
+and nothing outside the operator's control is contacted.
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ class _ChannelAdapter:
     def send(self, data: bytes) -> None:
         self._channel.send(data)
 
+    @property
+    def peer_acks(self) -> object:
+        """The last TSN the peer's SCTP stack acknowledged (aiortc keeps it private): it moves
+        only while the peer is alive and reading."""
+        return getattr(self._channel.transport, "_last_sacked_tsn", None)
+
     def close(self) -> None:
         self._close()
 
@@ -112,6 +119,8 @@ class RtcLink:
         self._monotonic = monotonic
         self._on_request = on_request
         self._on_gone = on_gone
+        self.ice_servers = ice_servers
+        """the (at most one STUN and one TURN) servers this link's set-up uses."""
         self._pc = build_peer_connection(ice_servers, relay_only=relay_only)
         self._mux: StreamMux | None = None
         self.ready: asyncio.Future[StreamMux] = asyncio.get_running_loop().create_future()
