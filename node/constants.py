@@ -341,6 +341,9 @@ MAX_COMPLETION_PROMPTS = 16
 MAX_EMBEDDING_INPUTS = 2048
 """inputs in one /v1/embeddings request (OpenAI's own limit); bounds one request's engine time."""
 
+EMBEDDING_BATCH_MAX_TOKENS = 2048
+"""tokens per embedding batch (and so the longest input), when the model's ``ctx_size`` is larger."""
+
 # Discovery: what a peer tells us about itself (node/discovery/)
 MAX_INSTANCE_ID_CHARS = 64
 """characters of a peer's instance id (from its TXT record or health answer); ours are 16 hex

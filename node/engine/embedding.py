@@ -36,12 +36,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ..common.errors import EngineError, InvalidRequestError
+from ..constants import EMBEDDING_BATCH_MAX_TOKENS
 from .base import EmbeddingResult
 
 log = logging.getLogger(__name__)
-
-MAX_BATCH_TOKENS = 2048
-"""tokens per embedding batch (and so the longest input), when the model's ``ctx_size`` is larger."""
 
 EmbeddingCallback = Callable[[EmbeddingResult | BaseException], None]
 
@@ -126,7 +124,7 @@ class EmbeddingBatcher:
         self._llama = llama_cpp
         self.model = model
         self.model_id = model_id
-        self.batch_tokens = min(ctx_size, MAX_BATCH_TOKENS)
+        self.batch_tokens = min(ctx_size, EMBEDDING_BATCH_MAX_TOKENS)
         self.batch_sequences = max(1, min(self.batch_tokens, int(llama_cpp.llama_max_parallel_sequences())))
         self.n_embd = int(llama_cpp.llama_model_n_embd(model.model))
         params = llama_cpp.llama_context_default_params()
