@@ -1,6 +1,6 @@
 """An external engine: a real third-party OpenAI-compatible server (``llama_cpp.server`` on the
-built-in model) behind a node, listed, streamed through with the openai SDK, counted, and
-answered with a clean 503 when it goes away."""
+built-in model) behind a node, listed, streamed through with the openai SDK (chat, completions
+and the Responses API), counted, and answered with a clean 503 when it goes away."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
+from openai.types.responses import Response, ResponseCompletedEvent, ResponseIncompleteEvent
 
 from .conftest import NodeProcess, free_port, start_node_process
 
@@ -77,22 +78,29 @@ health_interval = 1.0
         assert "".join([c.choices[0].text async for c in stream if c.choices]).strip()
         whole = await client.completions.create(model="gemma-external", prompt="The sky is", max_tokens=5)
         assert whole.choices[0].text and whole.usage is not None and whole.usage.completion_tokens > 0
+        deltas, whole_response = await _responses_streamed_and_whole(client)
         await asyncio.sleep(0.3)
         async with aiohttp.ClientSession() as session:
             async with session.get(node.root + "/v1/dvai/usage?days=1") as response:
                 rows = (await response.json())["data"]
-            assert sum(r["requests"] for r in rows if r["model"] == "gemma-external") == 3
+            assert sum(r["requests"] for r in rows if r["model"] == "gemma-external") == 5
             assert sum(r["completionTokens"] for r in rows if r["model"] == "gemma-external") > 0
             async with session.get(node.root + "/v1/dvai/audit") as response:
                 audited = [r for r in (await response.json())["data"] if r["modelServed"] == "gemma-external"]
             assert {r["servedBy"] for r in audited} == {"external:llamacpp"}
-            server.kill()
-            server.wait(10)
+            # the streamed answer counted its text events; the whole one the engine's usage
+            assert sorted(r["completionTokens"] for r in audited if r["endpoint"] == "/v1/responses") == sorted(
+                [len(deltas), whole_response.usage.output_tokens if whole_response.usage else -1])
+            await _responses_stream_broken_by_the_engine(client, server)
             body = {"model": "gemma-external", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
             async with session.post(node.base_url + "/chat/completions", json=body) as response:
                 error = await response.json()
                 assert response.status == 503 and error["error"]["code"] == "external_engine_unavailable"
                 assert response.headers["Retry-After"]
+            for streaming in (False, True):
+                with pytest.raises(openai.APIStatusError) as refused:
+                    await client.responses.create(model="gemma-external", input="hi", stream=streaming)
+                assert refused.value.status_code == 503 and refused.value.code == "external_engine_unavailable"
             async with session.get(node.base_url + "/models") as response:
                 assert response.status == 200
             # the node's own models are unaffected
@@ -101,3 +109,45 @@ health_interval = 1.0
     finally:
         node.stop()
     assert "Traceback" not in "".join(node.output)
+
+
+# (the base model answers a chat turn with text on llama_cpp.server when it has a system
+# message: the request's instructions)
+INSTRUCTIONS, ASK = "Answer in one word.", "The colours of the rainbow are"
+
+
+async def _responses_streamed_and_whole(client: openai.AsyncOpenAI) -> tuple[list[str], Response]:
+    """``/v1/responses`` for the external model, streamed (its named events) and not: the same text."""
+    raw = await client.responses.with_raw_response.create(
+        model="gemma-external", instructions=INSTRUCTIONS, input=ASK, max_output_tokens=8, temperature=0, stream=True)
+    assert raw.headers["X-DVAI-Served-By"] == "external:llamacpp"
+    events = [event async for event in raw.parse()]
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"], kinds
+    assert kinds[-1] in ("response.completed", "response.incomplete"), kinds
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    last = events[-1]
+    assert isinstance(last, (ResponseCompletedEvent, ResponseIncompleteEvent))
+    final = last.response
+    assert deltas and final.output_text == "".join(deltas) and final.model == "gemma-external"
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    whole = await client.responses.create(model="gemma-external", instructions=INSTRUCTIONS, input=ASK,
+                                          max_output_tokens=8, temperature=0)
+    assert whole.output_text == final.output_text and whole.status == final.status
+    assert whole.usage is not None and whole.usage.output_tokens > 0 and whole.usage.input_tokens > 0
+    return deltas, whole
+
+
+async def _responses_stream_broken_by_the_engine(client: openai.AsyncOpenAI,
+                                                 server: subprocess.Popen[bytes]) -> None:
+    """The engine dies mid-stream: the Responses stream ends with an ``error`` event."""
+    stream = await client.responses.create(model="gemma-external", instructions="Answer at length.",
+                                           input="Tell the story of the sea.", max_output_tokens=400,
+                                           temperature=0, stream=True)
+    kinds = []
+    async for event in stream:
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta" and server.poll() is None:
+            server.kill()
+            server.wait(10)
+    assert "response.output_text.delta" in kinds and kinds[-1] == "error", kinds
