@@ -133,7 +133,7 @@ def test_fallback_rendering_carries_tools_calls_and_results() -> None:
 
 # -- request parsing -------------------------------------------------------------------
 
-CHAT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+CHAT_TOOLS: list[dict[str, Any]] = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 
 
