@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from node.api.responses import ResponsesStream, response_from_chat
 from node.api.responses_parsing import parse_responses_request
-from node.api.schemas import parse_chat_request
+from node.api.schemas import chat_payload, parse_chat_request
+from node.api.tool_params import chat_response_format
 from node.common.errors import InvalidRequestError
 from node.engine.base import ChatMessage, ToolCall
 from node.engine.tool_output import stream_delta
@@ -132,7 +133,7 @@ def test_fallback_rendering_carries_tools_calls_and_results() -> None:
 
 # -- request parsing -------------------------------------------------------------------
 
-CHAT_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+CHAT_TOOLS: list[dict[str, Any]] = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 
 
@@ -200,6 +201,32 @@ def test_responses_request_becomes_a_chat_request() -> None:
     assert [m.role for m in chat.messages] == ["system", "user", "assistant", "tool"]
     assert chat.messages[3].name == "get_weather" and chat.params.max_tokens == 50
     assert chat.stream and chat.include_usage and chat.tool_choice.mode == "auto"
+
+
+def test_a_responses_request_as_the_chat_body_an_external_engine_gets_reads_back_the_same() -> None:
+    schema = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}
+    for extra in ({"tools": [{"type": "function", "name": "get_weather",
+                              "parameters": CHAT_TOOLS[0]["function"]["parameters"]}],
+                   "tool_choice": {"type": "function", "name": "get_weather"}, "parallel_tool_calls": False},
+                  {"text": {"format": {"type": "json_schema", "name": "colour", "schema": schema}}}):
+        request = parse_responses_request({
+            "model": "m", "instructions": "Be brief.", "max_output_tokens": 50, "stream": True, "temperature": 0.2,
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+                {"type": "function_call", "call_id": "call_1", "name": "get_weather",
+                 "arguments": '{"city":"Oslo"}'},
+                {"type": "function_call_output", "call_id": "call_1", "output": "4 C"},
+            ], **extra})
+        body = chat_payload(request.chat, response_format=chat_response_format(request.text_format))
+        assert body["stream_options"] == {"include_usage": True}
+        back = parse_chat_request(json.loads(json.dumps(body)))
+        # the same request, up to the tool message's name (chat bodies do not carry it)
+        assert back.messages[:3] == request.chat.messages[:3]
+        assert back.messages[3].content == "4 C" and back.messages[3].tool_call_id == "call_1"
+        assert (back.params, back.tools, back.tool_choice, back.parallel_tool_calls, back.stream) == (
+            request.chat.params, request.chat.tools, request.chat.tool_choice, request.chat.parallel_tool_calls,
+            True)
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "colour", "schema": schema}}
 
 
 def chat_chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:

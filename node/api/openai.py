@@ -218,10 +218,12 @@ async def _as_dicts(chunks: AsyncIterator[Mapping[str, Any]]) -> AsyncIterator[d
         yield dict(chunk)
 
 
-def served_here(context: NodeContext, *, requested: str | None = None, served: str | None = None) -> dict[str, str]:
-    """``X-DVAI-Served-By``: this device's id on answers served here (and ``X-DVAI-Substituted``,
-    the model asked for, when ``served`` is a substitute for ``requested``)."""
-    headers = {SERVED_BY_HEADER: context.identity.device_id}
+def served_here(context: NodeContext, *, requested: str | None = None, served: str | None = None,
+                served_by: str | None = None) -> dict[str, str]:
+    """``X-DVAI-Served-By``: this device's id on answers served here, or ``served_by`` (an external
+    engine's ``external:<name>``); and ``X-DVAI-Substituted``, the model asked for, when
+    ``served`` is a substitute for ``requested``."""
+    headers = {SERVED_BY_HEADER: served_by or context.identity.device_id}
     if requested is not None and served is not None and served != requested:
         headers[SUBSTITUTED_HEADER] = requested[:200]
     return headers

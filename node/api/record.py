@@ -31,7 +31,7 @@ __all__ = ["CLIENT_CLOSED_STATUS", "INFERENCE_PATHS", "RECORD", "HandlerOutcome"
 
 log = logging.getLogger("node.requests")
 
-INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"})
 """requests that get an audit row, served or refused."""
 
 QUIET_PATHS = frozenset({"/v1/dvai/health", "/metrics"})

@@ -8,11 +8,16 @@ here into a ``response`` object or the Responses stream events
 (``response.created`` … ``response.output_text.delta`` …
 ``response.function_call_arguments.delta`` … ``response.completed``). Stateless: nothing is
 stored (see ``responses_parsing``).
+
+A model an external engine serves (``node/hub/external.py``) gets the same chat request as
+an OpenAI chat body (``schemas.chat_payload``) sent to the engine's
+``/v1/chat/completions``; its answer or relayed chunk stream is reshaped by the same code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,15 +25,21 @@ from typing import Any
 
 from aiohttp import web
 
+from ..common.errors import UpstreamError
+from ..common.sse import EventSplitter, OversizeEventError
+from ..constants import FORWARD_MAX_EVENT_BYTES
 from ..context import CONTEXT
-from ..engine.record import RequestRecord
-from ..engine.service import InferenceService
+from ..hub.external import ExternalEngine
+from ..offload.forward import ForwardCall, PeerAnswer
 from ..offload.router import Forwarded, Refused
 from .jsonbody import read_json
+from .middlewares import REQUEST_ID
 from .openai import admitted, intercepted, required_features, routed, served_here, substituted
 from .record import RECORD
 from .responses_parsing import ResponsesRequest, parse_responses_request
+from .schemas import chat_payload
 from .sse import stream_events, write_peer_answer
+from .tool_params import chat_response_format
 
 routes = web.RouteTableDef()
 
@@ -45,12 +56,15 @@ async def create_response(request: web.Request) -> web.StreamResponse:
 
 async def generate_response(request: web.Request, payload: dict[str, Any], parsed: ResponsesRequest, *,
                             may_offload: bool) -> web.StreamResponse:
-    """Offload it, or run it here (for the substitute the policy picks when nothing serves the
-    model asked for)."""
+    """Offload it, run it on the external engine serving the model, or run it here (for the
+    substitute the policy picks when nothing serves the model asked for)."""
     context = request.app[CONTEXT]
     record = request[RECORD]
     requested = parsed.model
     parsed = dataclasses.replace(parsed, chat=substituted(context, parsed.chat))
+    external = context.external.engine_for(parsed.model) if context.external else None
+    if external is not None:
+        return await external_response(request, parsed, external, requested=requested)
     if context.router is not None:  # forwarded as received: the peer answers in Responses shapes itself
         needs = required_features(parsed.chat) | {"responses"}
         outcome = await context.router.route(
@@ -61,10 +75,58 @@ async def generate_response(request: web.Request, payload: dict[str, Any], parse
             raise outcome.error
     headers = served_here(context, requested=requested, served=parsed.model)
     if parsed.stream:
-        return await stream_events(request, stream_response(context.inference, parsed, record), headers=headers,
-                                   record=record, named_events=True)
+        return await stream_events(request, stream_response(parsed, context.inference.stream(parsed.chat, record)),
+                                   headers=headers, record=record, named_events=True)
     answer = await context.inference.complete(parsed.chat, record)
     return web.json_response(response_from_chat(parsed, answer), headers=headers)
+
+
+async def external_response(request: web.Request, parsed: ResponsesRequest, engine: ExternalEngine, *,
+                            requested: str) -> web.StreamResponse:
+    """The chat request sent to the external engine, its answer reshaped as for a local model.
+    The engine down or failing before its first event: 503 ``external_engine_unavailable``
+    (from ``engine.open``); a broken stream: an ``error`` event; an answer that is not a chat
+    completion: 502."""
+    record = request[RECORD]
+    body = chat_payload(parsed.chat, response_format=chat_response_format(parsed.text_format))
+    call = ForwardCall("/v1/chat/completions", json.dumps(body).encode(), parsed.stream,
+                       request.get(REQUEST_ID) or None)
+    answer = await engine.open(call, parsed.model, record)
+    headers = served_here(request.app[CONTEXT], requested=requested, served=parsed.model, served_by=engine.served_by)
+    if parsed.stream:
+        return await stream_events(request, stream_response(parsed, relayed_chunks(answer)), headers=headers,
+                                   record=record, named_events=True)
+    try:
+        completion = json.loads(b"".join([chunk async for chunk in answer]))
+    finally:
+        await answer.aclose()
+    try:
+        reshaped = response_from_chat(parsed, completion)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise UpstreamError(f"the external engine '{engine.name}' answered with something that is not a chat "
+                            "completion", code="external_engine_bad_answer") from None
+    return web.json_response(reshaped, headers=headers)
+
+
+async def relayed_chunks(answer: PeerAnswer) -> AsyncIterator[dict[str, Any]]:
+    """The chat chunks of a relayed stream, decoded. An error event (the engine's own, or the
+    relay's when the engine broke mid-stream) raises ``UpstreamError``; the answer is closed
+    at the end (which reports its tokens to the record)."""
+    splitter = EventSplitter(max_event_bytes=FORWARD_MAX_EVENT_BYTES)
+    try:
+        async for data in answer:  # read to its end: the relay drains the engine's stream after [DONE]
+            try:
+                events = splitter.feed(data)
+            except OversizeEventError as exc:  # cannot happen: the relay sends whole events it checked
+                raise UpstreamError(str(exc)) from None
+            for event in events:
+                if event.error is not None:
+                    raise UpstreamError(str(event.error.get("message") or "the external engine failed")[:300],
+                                        code=str(event.error.get("code") or "upstream_error")[:64])
+                if event.payload is not None:
+                    yield event.payload
+    finally:
+        await answer.aclose()
 
 
 def new_item_id(prefix: str) -> str:
@@ -97,16 +159,26 @@ def response_body(req: ResponsesRequest, *, response_id: str, created: int, mode
         "tools": req.tools,
         "top_p": req.chat.params.top_p,
         "truncation": "disabled",
-        "usage": None if usage is None else {
-            "input_tokens": usage["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": usage["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": usage["total_tokens"],
-        },
+        "usage": None if usage is None else _usage_json(usage),
         "user": None,
         "metadata": req.metadata,
     }
+
+
+def _usage_json(usage: dict[str, int]) -> dict[str, Any]:
+    """A chat ``usage`` as the Responses one (an external engine's may lack a count: 0)."""
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": _count(usage.get("total_tokens")) or prompt + completion,
+    }
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def response_from_chat(req: ResponsesRequest, completion: dict[str, Any]) -> dict[str, Any]:
@@ -120,21 +192,29 @@ def response_from_chat(req: ResponsesRequest, completion: dict[str, Any]) -> dic
         output.append(_call_item(new_item_id("fc"), call["id"], call["function"]["name"],
                                  call["function"]["arguments"], "completed"))
     status = "incomplete" if choice["finish_reason"] == "length" else "completed"
-    return response_body(req, response_id=new_item_id("resp"), created=completion["created"],
-                         model=completion["model"], status=status, output=output, usage=completion["usage"])
+    return response_body(req, response_id=new_item_id("resp"), created=completion.get("created") or int(time.time()),
+                         model=completion.get("model") or req.model, status=status, output=output,
+                         usage=completion.get("usage"))
 
 
-async def stream_response(service: InferenceService, req: ResponsesRequest,
-                          record: RequestRecord | None) -> AsyncIterator[dict[str, Any]]:
-    """The chat chunk stream as Responses events; the first waits for generation to start."""
+async def stream_response(req: ResponsesRequest, chunks: AsyncIterator[dict[str, Any]],
+                          ) -> AsyncIterator[dict[str, Any]]:
+    """The chat chunk stream (the engine service's, or an external engine's relayed) as
+    Responses events; the first waits for generation to start. Closing it closes ``chunks``."""
     translator: ResponsesStream | None = None
-    async for chunk in service.stream(req.chat, record):
-        if translator is None:
-            translator = ResponsesStream(req, new_item_id("resp"), int(time.time()), chunk["model"])
-            for event in translator.start():
+    try:
+        async for chunk in chunks:
+            if translator is None:
+                translator = ResponsesStream(req, new_item_id("resp"), int(time.time()),
+                                             chunk.get("model") or req.model)
+                for event in translator.start():
+                    yield event
+            for event in translator.feed(chunk):
                 yield event
-        for event in translator.feed(chunk):
-            yield event
+    finally:
+        close = getattr(chunks, "aclose", None)
+        if close is not None:
+            await close()
     if translator is not None:
         for event in translator.finish():
             yield event

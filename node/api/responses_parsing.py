@@ -15,13 +15,13 @@ from ..common.errors import InvalidRequestError, UnsupportedParameterError
 from ..constants import MAX_TOKENS_CAP
 from ..engine.base import ChatMessage, SamplingParams, ToolCall
 from ..engine.requests import ChatRequest
-from ..engine.tools import ToolChoice
 from .tool_params import (
     arguments_text,
     link_tool_results,
     parse_response_format,
     parse_tool_choice,
     parse_tools,
+    tool_choice_json,
     tool_grammar,
 )
 
@@ -105,15 +105,11 @@ def parse_responses_request(body: Any) -> ResponsesRequest:
         instructions=instructions,
         max_output_tokens=max_tokens,
         text_format=dict(text_format),
-        tool_choice=_tool_choice_json(choice),
+        tool_choice=tool_choice_json(choice, flat=True),
         tools=[{"type": "function", "name": t.name, "description": t.description,
                 "parameters": dict(t.parameters), "strict": t.strict} for t in tools],
         metadata=metadata if isinstance(metadata, dict) else {},
     )
-
-
-def _tool_choice_json(choice: ToolChoice) -> Any:
-    return {"type": "function", "name": choice.name} if choice.mode == "function" else choice.mode
 
 
 def _input(value: Any) -> list[ChatMessage]:

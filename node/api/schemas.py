@@ -24,12 +24,14 @@ from ..constants import (
 )
 from ..engine.base import ChatMessage, SamplingParams
 from ..engine.requests import ChatRequest, CompletionRequest, EmbeddingRequest
+from ..engine.tool_output import call_json
 from .tool_params import (
     link_tool_results,
     parse_response_format,
     parse_tool_calls_field,
     parse_tool_choice,
     parse_tools,
+    tool_choice_json,
     tool_grammar,
 )
 
@@ -75,6 +77,41 @@ def parse_chat_request(body: Any) -> ChatRequest:
         tool_choice=choice,
         parallel_tool_calls=parallel,
     )
+
+
+def chat_payload(req: ChatRequest, *, response_format: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``req`` as an OpenAI chat completions body (``parse_chat_request`` reads it back), for a
+    server that takes OpenAI bodies (an external engine). A grammar is not carried: the
+    server constrains its output from ``tools``/``tool_choice`` and ``response_format``."""
+    params = req.params
+    body: dict[str, Any] = {"model": req.model, "messages": [_message_json(m) for m in req.messages]}
+    optional = {"max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
+                "seed": params.seed, "presence_penalty": params.presence_penalty or None,
+                "frequency_penalty": params.frequency_penalty or None, "stop": list(params.stop) or None,
+                "n": req.n if req.n != 1 else None, "response_format": response_format}
+    body.update({name: value for name, value in optional.items() if value is not None})
+    if req.logprobs:
+        body["logprobs"] = True
+        if params.logprobs:
+            body["top_logprobs"] = params.logprobs
+    if req.tools:
+        body["tools"] = [tool.to_openai() for tool in req.tools]
+        body["tool_choice"] = tool_choice_json(req.tool_choice)
+        body["parallel_tool_calls"] = req.parallel_tool_calls
+    if req.stream:
+        body["stream"] = True
+        if req.include_usage:
+            body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _message_json(message: ChatMessage) -> dict[str, Any]:
+    item: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        item["tool_calls"] = [call_json(call) for call in message.tool_calls]
+    if message.tool_call_id is not None:
+        item["tool_call_id"] = message.tool_call_id
+    return item
 
 
 def parse_completion_request(body: Any) -> CompletionRequest:

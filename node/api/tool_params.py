@@ -105,6 +105,25 @@ def parse_tool_choice(value: Any, tools: tuple[FunctionTool, ...], *, param: str
         f"{param} must be 'none', 'auto', 'required' or a function", param=param)
 
 
+def tool_choice_json(choice: ToolChoice, *, flat: bool = False) -> Any:
+    """``choice`` as ``tool_choice`` JSON (``flat``: the Responses form), as ``parse_tool_choice`` reads it."""
+    if choice.mode != "function":
+        return choice.mode
+    if flat:
+        return {"type": "function", "name": choice.name}
+    return {"type": "function", "function": {"name": choice.name}}
+
+
+def chat_response_format(text_format: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A Responses ``text.format`` (already checked) as chat's ``response_format``; None for plain text."""
+    kind = text_format.get("type")
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        return {"type": "json_schema", "json_schema": {k: v for k, v in text_format.items() if k != "type"}}
+    return None
+
+
 def tool_grammar(tools: tuple[FunctionTool, ...], choice: ToolChoice, parallel: bool) -> str | None:
     """The grammar forcing a call, for ``required`` and a named function; None otherwise."""
     if not tools or not choice.forced:

@@ -54,6 +54,8 @@ class PeerEvent:
     """the ``error`` object of an error event."""
     usage: dict[str, Any] | None = None
     """the ``usage`` object, when the event carries one (``stream_options.include_usage``)."""
+    payload: dict[str, Any] | None = None
+    """the event's JSON object (None: ``[DONE]`` or not a JSON object)."""
 
     @property
     def has_text(self) -> bool:
@@ -108,9 +110,10 @@ def parse_event(raw: bytes) -> PeerEvent:
         return PeerEvent(raw)
     error = payload.get("error")
     if isinstance(error, dict):
-        return PeerEvent(raw, error=error)
+        return PeerEvent(raw, error=error, payload=payload)
     usage = payload.get("usage")
-    return PeerEvent(raw, text=_text_of(payload), usage=usage if isinstance(usage, dict) else None)
+    return PeerEvent(raw, text=_text_of(payload), usage=usage if isinstance(usage, dict) else None,
+                     payload=payload)
 
 
 def _text_of(payload: dict[str, Any]) -> str:

@@ -6,7 +6,10 @@ the models it serves. Requests for those models are relayed to it event by event
 forwarder and relay as offload to a peer, authenticated with ``Authorization: Bearer``), at
 most ``max_concurrent`` at a time with a bounded wait behind them; a health check
 (``GET <base>/models``) every ``health_interval`` seconds marks it up or down, and a request
-while it is down gets ``503 external_engine_unavailable`` at once. Audit rows, metrics, quotas
+while it is down gets ``503 external_engine_unavailable`` at once. A request it cannot be
+reached for (refused connection, no answer in time) marks it down too; one it answers with an
+HTTP error leaves it up: ``400 external_engine_refused`` for a 4xx, ``502
+external_engine_error`` otherwise, with its message. Audit rows, metrics, quotas
 and substitution treat these models like local ones; ``served_by`` is ``external:<name>``.
 """
 
@@ -21,7 +24,13 @@ from typing import Any
 
 import aiohttp
 
-from ..common.errors import QueueFullError, ServiceUnavailableError
+from ..common.errors import (
+    DVAIError,
+    InvalidRequestError,
+    QueueFullError,
+    ServiceUnavailableError,
+    UpstreamError,
+)
 from ..config import ExternalEngineConfig
 from ..constants import QUEUE_RETRY_AFTER
 from ..engine.record import RequestRecord
@@ -93,6 +102,8 @@ class ExternalEngine:
             return await self._forwarder.open(self._target, call, on_finished=finished)
         except ForwardFailed as exc:
             self._release()
+            if exc.status is not None:  # it answered, so it is up: this request is what it refused
+                raise answered_error(self.name, exc.status, str(exc)) from None
             self.healthy, self.last_error = False, str(exc)
             log.warning("external engine %s failed: %s", self.name, exc)
             raise ServiceUnavailableError(f"the external engine '{self.name}' failed: {exc}",
@@ -124,6 +135,14 @@ class ExternalEngine:
             log.warning("external engine %s is %s%s", self.name, "up" if ok else "down", f" ({error})" if error else "")
         self.healthy, self.last_error, self.checked_at = ok, error, time.time()
         return ok
+
+
+def answered_error(name: str, status: int, message: str) -> DVAIError:
+    """The client's error for an HTTP error status an external engine answered a request with."""
+    if 400 <= status < 500 and status not in (408, 429):
+        return InvalidRequestError(f"the external engine '{name}' refused the request: {message}",
+                                   code="external_engine_refused")
+    return UpstreamError(f"the external engine '{name}' failed the request: {message}", code="external_engine_error")
 
 
 class ExternalEngines:

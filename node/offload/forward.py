@@ -124,6 +124,11 @@ class ForwardSettings:
 class ForwardFailed(Exception):
     """The peer could not serve the request (before anything reached the client)."""
 
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        """the HTTP status the peer answered with instead of 200 (None: it did not answer)."""
+
 
 Finished = Callable[["PeerAnswer"], None]
 
@@ -183,7 +188,7 @@ class Forwarder:
                 peek = b""
             finally:
                 upstream.cancel()
-            raise ForwardFailed(f"HTTP {upstream.status}: {_error_message(peek)}")
+            raise ForwardFailed(f"HTTP {upstream.status}: {_error_message(peek)}", status=upstream.status)
         return upstream
 
 
