@@ -172,7 +172,7 @@ async def _responses_stream_broken_by_the_engine(client: openai.AsyncOpenAI,
 async def scripted_server() -> AsyncIterator[tuple[int, list[dict[str, Any]]]]:
     """A SCRIPTED OpenAI-compatible server (aiohttp, in the test): its answer depends on the last
     user message (``call`` streams a tool call, ``fail`` answers HTTP 500, ``garbage`` a JSON
-    object that is no chat completion). Yields its port and the chat bodies it received."""
+    object that is no chat completion, ``garbled`` a stream whose second chunk is malformed). Yields its port and the chat bodies it received."""
     received: list[dict[str, Any]] = []
 
     async def models(request: web.Request) -> web.Response:
@@ -195,6 +195,12 @@ async def scripted_server() -> AsyncIterator[tuple[int, list[dict[str, Any]]]]:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "scripted"}
+        if said == "garbled":
+            good = {**base, "choices": [{"index": 0, "delta": {"content": "Hel"}, "finish_reason": None}]}
+            bad = {**base, "choices": [{"index": 0, "delta": {"content": ["not", "text"]}}]}
+            await response.write(f"data: {json.dumps(good)}\n\ndata: {json.dumps(bad)}\n\ndata: [DONE]\n\n".encode())
+            await response.write_eof()
+            return response
         for delta, finish in (({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_9", "type": "function",
                                 "function": {"name": "get_weather", "arguments": ""}}]}, None),
                               ({"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]}, None),
@@ -255,6 +261,12 @@ models = ["scripted"]
             with pytest.raises(openai.APIStatusError) as failed:
                 await client.responses.create(model="scripted", input=said)
             assert (failed.value.status_code, failed.value.code) == (status, code), failed.value
+        # a malformed chunk mid-stream ends the stream with an error event (no traceback, no 500)
+        garbled = await client.responses.create(model="scripted", input="garbled", stream=True)
+        seen = [event async for event in garbled]
+        kinds = [event.type for event in seen]
+        assert "response.output_text.delta" in kinds and kinds[-1] == "error", kinds
+        assert "malformed" in str(getattr(seen[-1], "message", "")), seen[-1]
         # an HTTP error does not mark the engine down: it still serves
         again = await client.responses.create(model="scripted", input="call", tools=[weather])
         [item] = again.output
@@ -263,3 +275,26 @@ models = ["scripted"]
     finally:
         node.stop()
     assert "Traceback" not in "".join(node.output)
+
+
+@pytest.mark.parametrize(("chunk", "valid"), [
+    ({"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}, True),
+    ({"choices": [], "usage": {"prompt_tokens": 1}}, True),
+    ({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}]}, True),
+    ({"choices": [{"delta": {}, "finish_reason": "stop"}], "model": "m"}, True),
+    (["not", "a", "chunk"], False),
+    ({"choices": "all of them"}, False),
+    ({"choices": [None]}, False),
+    ({"choices": [{"delta": "text"}]}, False),
+    ({"choices": [{"delta": {"content": 7}}]}, False),
+    ({"choices": [{"delta": {}, "finish_reason": 1}]}, False),
+    ({"choices": [{"delta": {"tool_calls": {"index": 0}}}]}, False),
+    ({"choices": [{"delta": {"tool_calls": [{"index": "0"}]}}]}, False),
+    ({"choices": [{"delta": {"tool_calls": [{"function": {"name": ["x"]}}]}}]}, False),
+    ({"choices": [], "usage": [1, 2]}, False),
+    ({"choices": [], "model": 3}, False),
+])
+def test_a_relayed_chunk_is_checked_before_it_is_translated(chunk: object, valid: bool) -> None:
+    from node.api.responses import is_chat_chunk
+
+    assert is_chat_chunk(chunk) is valid

@@ -124,9 +124,44 @@ async def relayed_chunks(answer: PeerAnswer) -> AsyncIterator[dict[str, Any]]:
                     raise UpstreamError(str(event.error.get("message") or "the external engine failed")[:300],
                                         code=str(event.error.get("code") or "upstream_error")[:64])
                 if event.payload is not None:
+                    if not is_chat_chunk(event.payload):
+                        raise UpstreamError("the external engine sent a malformed chat chunk",
+                                            code="external_engine_bad_answer")
                     yield event.payload
     finally:
         await answer.aclose()
+
+
+def is_chat_chunk(payload: object) -> bool:
+    """``payload`` has the shape of a chat completion chunk as far as ``ResponsesStream.feed``
+    reads it (a relayed engine's chunk is checked before it is translated)."""
+    if not isinstance(payload, dict):
+        return False
+    if not isinstance(payload.get("usage") or {}, dict) or not isinstance(payload.get("model") or "", str):
+        return False
+    choices = payload.get("choices") or []
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return False
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict) or not isinstance(delta.get("content") or "", str):
+            return False
+        if not isinstance(choice.get("finish_reason") or "", str):
+            return False
+        calls = delta.get("tool_calls") or []
+        if not isinstance(calls, list):
+            return False
+        for call in calls:
+            if not isinstance(call, dict) or not isinstance(call.get("index", 0), int):
+                return False
+            function = call.get("function") or {}
+            if not isinstance(function, dict) or not isinstance(call.get("id") or "", str):
+                return False
+            if not all(isinstance(function.get(name) or "", str) for name in ("name", "arguments")):
+                return False
+    return True
 
 
 def new_item_id(prefix: str) -> str:
