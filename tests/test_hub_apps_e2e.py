@@ -1,0 +1,179 @@
+"""Per-app pairing through real node processes (issue 13), on the SIMULATED engine: this is about
+who may call and with which key, not inference.
+
+Two apps on one device pair separately (one approved by its app rule, one by the operator
+through the CLI), each signs with its own key; one app's key cannot act as the other; revoking
+one app leaves the other working; pairings survive a restart; a version 2 ``pairings.json`` is
+migrated when the node starts; the hub admin commands list what they should."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from node.identity import DeviceIdentity
+from node.pairing.handshake import make_handshake_proof
+from node.pairing.store import PAIRINGS_FILE, decode_key
+from node.security.signing import sign_request_headers
+
+from .conftest import REPO, NodeProcess, start_node_process
+
+SIMULATED = '[models.sim]\nengine = "simulated"\nsimulated_tok_per_s = 500.0\n'  # SIMULATED engine
+HUB = SIMULATED + """
+[[security.app_pairing]]
+app_id = "com.acme.chat"
+policy = "allow"
+
+[[security.app_pairing]]
+app_id = "com.acme.notes"
+policy = "prompt"
+
+[[security.app_pairing]]
+app_id = "com.evil.spy"
+policy = "deny"
+"""
+CHAT, NOTES = "com.acme.chat", "com.acme.notes"
+CHAT_BODY = json.dumps({"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+
+
+def cli(node: NodeProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVAI_")}
+    return subprocess.run([sys.executable, "-m", "node", *args, "--state-dir", str(node.state_dir)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def cli_json(node: NodeProcess, *args: str) -> Any:
+    done = cli(node, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+async def handshake(session: aiohttp.ClientSession, node: NodeProcess, device: DeviceIdentity, app: str,
+                    at_ms: int) -> tuple[int, dict[str, Any]]:
+    async with session.get(node.root + "/v1/dvai/health") as health:
+        node_id = (await health.json())["deviceId"]
+    body = {"peerDeviceId": device.device_id, "peerDeviceName": "Test phone", "appId": app,
+            "via": "lan-handshake", **make_handshake_proof(device, node_id, at_ms)}
+    async with session.post(node.root + "/v1/dvai/handshake", json=body) as response:
+        return response.status, await response.json()
+
+
+async def chat(session: aiohttp.ClientSession, node: NodeProcess, key: bytes, device: str,
+               app: str) -> tuple[int, dict[str, Any]]:
+    headers = {**sign_request_headers(key, device, app, "POST", "/v1/chat/completions", CHAT_BODY),
+               "Content-Type": "application/json"}
+    async with session.post(node.base_url + "/chat/completions", data=CHAT_BODY, headers=headers) as response:
+        return response.status, await response.json()
+
+
+def assert_refused(answer: tuple[int, dict[str, Any]], status: int, code: str) -> None:
+    """An OpenAI-shaped error with this status and code."""
+    got, body = answer
+    assert got == status, body
+    error = body["error"]
+    assert error["code"] == code and error["type"] and error["message"], body
+
+
+async def test_two_apps_on_one_device_pair_sign_and_revoke_separately(tmp_path: Path) -> None:
+    phone = DeviceIdentity.from_private_key(Ed25519PrivateKey.generate())
+    now_ms = time.time_ns() // 1_000_000
+    node = start_node_process(tmp_path / "hub", config_text=HUB, args=["--hub"])
+    try:
+        assert any(line.startswith("hub mode: pairing per app") for line in node.output)
+        async with aiohttp.ClientSession() as session:
+            # com.acme.chat: its app rule approves a device that proves its id, at once
+            status, chat_answer = await handshake(session, node, phone, CHAT, now_ms)
+            assert status == 200 and chat_answer["appId"] == CHAT
+            chat_key = decode_key(chat_answer["pairingKey"])
+            # com.acme.notes on the same device: its own request, which the operator approves
+            notes_task = asyncio.create_task(handshake(session, node, phone, NOTES, now_ms + 1))
+            for _ in range(200):
+                pending = cli_json(node, "pairing", "pending")
+                if pending:
+                    break
+                await asyncio.sleep(0.05)
+            assert [(r["peerDeviceId"], r["appId"], r["proven"]) for r in pending] == [(phone.device_id, NOTES, True)]
+            approved = cli(node, "pairing", "approve", phone.device_id, "--app", NOTES)
+            assert approved.returncode == 0 and NOTES in approved.stdout, approved.stderr
+            status, notes_answer = await notes_task
+            assert status == 200 and notes_answer["appId"] == NOTES
+            notes_key = decode_key(notes_answer["pairingKey"])
+            assert notes_key != chat_key
+            assert_refused(await handshake(session, node, phone, "com.evil.spy", now_ms + 2), 403,
+                           "app_pairing_denied")
+
+            # each app signs with its own key
+            assert (await chat(session, node, chat_key, phone.device_id, CHAT))[0] == 200
+            assert (await chat(session, node, notes_key, phone.device_id, NOTES))[0] == 200
+            # one app's key never acts for another
+            assert_refused(await chat(session, node, chat_key, phone.device_id, NOTES), 401, "bad_signature")
+            assert_refused(await chat(session, node, notes_key, phone.device_id, CHAT), 401, "bad_signature")
+            assert_refused(await chat(session, node, chat_key, phone.device_id, "com.acme.other"), 401,
+                           "app_id_mismatch")
+
+            devices = {d["deviceId"]: d for d in cli_json(node, "devices")}
+            assert [a["appId"] for a in devices[phone.device_id]["apps"]] == [CHAT, NOTES]
+            apps = {a["appId"]: a for a in cli_json(node, "apps")}
+            assert apps[CHAT]["pairedDevices"] == [phone.device_id] == apps[NOTES]["pairedDevices"]
+            quotas = cli_json(node, "quotas")
+            assert quotas["hubMode"] is True and {q["requestsPerMinute"] for q in quotas["data"]} >= {120}
+
+            # revoking one app leaves the device's other app working
+            revoked = cli(node, "pairing", "revoke", phone.device_id, "--app", NOTES)
+            assert revoked.returncode == 0, revoked.stderr
+            assert_refused(await chat(session, node, notes_key, phone.device_id, NOTES), 401, "app_id_mismatch")
+            assert (await chat(session, node, chat_key, phone.device_id, CHAT))[0] == 200
+        node.stop()
+
+        stored = json.loads((node.state_dir / PAIRINGS_FILE).read_text())
+        assert stored["version"] == 3 and stat.S_IMODE(os.stat(node.state_dir / PAIRINGS_FILE).st_mode) == 0o600
+        rows = sqlite3.connect(node.state_dir / "audit.sqlite3").execute(
+            "SELECT app_id, peer_device_id, status FROM audit WHERE endpoint LIKE '%chat/completions'").fetchall()
+        assert rows.count((CHAT, phone.device_id, 200)) == 2 and rows.count((NOTES, phone.device_id, 200)) == 1
+        assert not [r for r in rows if r[1] == phone.device_id and r[2] >= 400]  # refusals are not attributed
+
+        # the pairing survives a restart; the revoked app stays revoked
+        node = start_node_process(tmp_path / "hub", config_text=HUB, args=["--hub"])
+        async with aiohttp.ClientSession() as session:
+            assert (await chat(session, node, chat_key, phone.device_id, CHAT))[0] == 200
+            assert_refused(await chat(session, node, notes_key, phone.device_id, NOTES), 401, "app_id_mismatch")
+            everything = cli(node, "pairing", "revoke", phone.device_id)  # no app: every pairing with it
+            assert everything.returncode == 0, everything.stderr
+            assert_refused(await chat(session, node, chat_key, phone.device_id, CHAT), 401, "unknown_pairing")
+        assert cli_json(node, "pairing", "list") == []
+    finally:
+        node.stop()
+
+
+async def test_a_version_2_pairing_store_is_migrated_when_the_node_starts(tmp_path: Path) -> None:
+    state = tmp_path / "node"
+    state.mkdir()
+    fixture = Path(__file__).parent / "fixtures" / "pairings-v2.json"
+    (state / PAIRINGS_FILE).write_bytes(fixture.read_bytes())
+    os.chmod(state / PAIRINGS_FILE, 0o600)
+    node = start_node_process(state, config_text=SIMULATED)
+    try:
+        stored = json.loads((state / PAIRINGS_FILE).read_text())
+        assert stored["version"] == 3 and stat.S_IMODE(os.stat(state / PAIRINGS_FILE).st_mode) == 0o600
+        listed = cli_json(node, "pairing", "list")
+        assert sorted((p["peerDeviceId"], p["role"]) for p in listed) == sorted(
+            (p["peerDeviceId"], p["role"]) for p in json.loads(fixture.read_text())["pairings"])
+        laptop = "dvlaptopaaaaaaaaaaaaaaaaaaaaaaaaaa"
+        async with aiohttp.ClientSession() as session:
+            assert (await chat(session, node, b"L" * 32, laptop, CHAT))[0] == 200  # the v2 inbound key still works
+            assert_refused(await chat(session, node, b"O" * 32, laptop, CHAT), 401, "bad_signature")  # outbound key
+        devices = {d["deviceId"]: d for d in cli_json(node, "devices")}
+        assert [a["appId"] for a in devices[laptop]["apps"]] == [CHAT] and devices[laptop]["outbound"] is True
+    finally:
+        node.stop()
