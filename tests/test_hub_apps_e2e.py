@@ -59,21 +59,23 @@ def cli_json(node: NodeProcess, *args: str) -> Any:
     return json.loads(done.stdout)
 
 
-async def handshake(session: aiohttp.ClientSession, node: NodeProcess, device: DeviceIdentity, app: str,
+async def handshake(session: aiohttp.ClientSession, root: str, device: DeviceIdentity, app: str,
                     at_ms: int) -> tuple[int, dict[str, Any]]:
-    async with session.get(node.root + "/v1/dvai/health") as health:
+    """The LAN handshake for ``app`` on ``device``, with a device id proof (``root``: the node's URL)."""
+    async with session.get(root + "/v1/dvai/health") as health:
         node_id = (await health.json())["deviceId"]
     body = {"peerDeviceId": device.device_id, "peerDeviceName": "Test phone", "appId": app,
             "via": "lan-handshake", **make_handshake_proof(device, node_id, at_ms)}
-    async with session.post(node.root + "/v1/dvai/handshake", json=body) as response:
+    async with session.post(root + "/v1/dvai/handshake", json=body) as response:
         return response.status, await response.json()
 
 
-async def chat(session: aiohttp.ClientSession, node: NodeProcess, key: bytes, device: str,
+async def chat(session: aiohttp.ClientSession, base_url: str, key: bytes, device: str,
                app: str) -> tuple[int, dict[str, Any]]:
+    """A chat completion signed with ``key`` as ``app`` on ``device`` (``base_url``: …/v1)."""
     headers = {**sign_request_headers(key, device, app, "POST", "/v1/chat/completions", CHAT_BODY),
                "Content-Type": "application/json"}
-    async with session.post(node.base_url + "/chat/completions", data=CHAT_BODY, headers=headers) as response:
+    async with session.post(base_url + "/chat/completions", data=CHAT_BODY, headers=headers) as response:
         return response.status, await response.json()
 
 
@@ -93,11 +95,11 @@ async def test_two_apps_on_one_device_pair_sign_and_revoke_separately(tmp_path: 
         assert any(line.startswith("hub mode: pairing per app") for line in node.output)
         async with aiohttp.ClientSession() as session:
             # com.acme.chat: its app rule approves a device that proves its id, at once
-            status, chat_answer = await handshake(session, node, phone, CHAT, now_ms)
+            status, chat_answer = await handshake(session, node.root, phone, CHAT, now_ms)
             assert status == 200 and chat_answer["appId"] == CHAT
             chat_key = decode_key(chat_answer["pairingKey"])
             # com.acme.notes on the same device: its own request, which the operator approves
-            notes_task = asyncio.create_task(handshake(session, node, phone, NOTES, now_ms + 1))
+            notes_task = asyncio.create_task(handshake(session, node.root, phone, NOTES, now_ms + 1))
             for _ in range(200):
                 pending = cli_json(node, "pairing", "pending")
                 if pending:
@@ -110,16 +112,16 @@ async def test_two_apps_on_one_device_pair_sign_and_revoke_separately(tmp_path: 
             assert status == 200 and notes_answer["appId"] == NOTES
             notes_key = decode_key(notes_answer["pairingKey"])
             assert notes_key != chat_key
-            assert_refused(await handshake(session, node, phone, "com.evil.spy", now_ms + 2), 403,
+            assert_refused(await handshake(session, node.root, phone, "com.evil.spy", now_ms + 2), 403,
                            "app_pairing_denied")
 
             # each app signs with its own key
-            assert (await chat(session, node, chat_key, phone.device_id, CHAT))[0] == 200
-            assert (await chat(session, node, notes_key, phone.device_id, NOTES))[0] == 200
+            assert (await chat(session, node.base_url, chat_key, phone.device_id, CHAT))[0] == 200
+            assert (await chat(session, node.base_url, notes_key, phone.device_id, NOTES))[0] == 200
             # one app's key never acts for another
-            assert_refused(await chat(session, node, chat_key, phone.device_id, NOTES), 401, "bad_signature")
-            assert_refused(await chat(session, node, notes_key, phone.device_id, CHAT), 401, "bad_signature")
-            assert_refused(await chat(session, node, chat_key, phone.device_id, "com.acme.other"), 401,
+            assert_refused(await chat(session, node.base_url, chat_key, phone.device_id, NOTES), 401, "bad_signature")
+            assert_refused(await chat(session, node.base_url, notes_key, phone.device_id, CHAT), 401, "bad_signature")
+            assert_refused(await chat(session, node.base_url, chat_key, phone.device_id, "com.acme.other"), 401,
                            "app_id_mismatch")
 
             devices = {d["deviceId"]: d for d in cli_json(node, "devices")}
@@ -132,8 +134,13 @@ async def test_two_apps_on_one_device_pair_sign_and_revoke_separately(tmp_path: 
             # revoking one app leaves the device's other app working
             revoked = cli(node, "pairing", "revoke", phone.device_id, "--app", NOTES)
             assert revoked.returncode == 0, revoked.stderr
-            assert_refused(await chat(session, node, notes_key, phone.device_id, NOTES), 401, "app_id_mismatch")
-            assert (await chat(session, node, chat_key, phone.device_id, CHAT))[0] == 200
+            assert_refused(await chat(session, node.base_url, notes_key, phone.device_id, NOTES), 401, "app_id_mismatch")
+            assert (await chat(session, node.base_url, chat_key, phone.device_id, CHAT))[0] == 200
+            pairing_url = f"{node.root}/v1/dvai/pairings/{phone.device_id}"
+            async with session.delete(pairing_url + "?appId=") as empty:  # never "every app" by accident
+                assert_refused((empty.status, await empty.json()), 400, "invalid_request")
+            async with session.delete(pairing_url, params={"appId": NOTES}) as again:
+                assert_refused((again.status, await again.json()), 404, "not_found")
         node.stop()
 
         stored = json.loads((node.state_dir / PAIRINGS_FILE).read_text())
@@ -146,11 +153,11 @@ async def test_two_apps_on_one_device_pair_sign_and_revoke_separately(tmp_path: 
         # the pairing survives a restart; the revoked app stays revoked
         node = start_node_process(tmp_path / "hub", config_text=HUB, args=["--hub"])
         async with aiohttp.ClientSession() as session:
-            assert (await chat(session, node, chat_key, phone.device_id, CHAT))[0] == 200
-            assert_refused(await chat(session, node, notes_key, phone.device_id, NOTES), 401, "app_id_mismatch")
+            assert (await chat(session, node.base_url, chat_key, phone.device_id, CHAT))[0] == 200
+            assert_refused(await chat(session, node.base_url, notes_key, phone.device_id, NOTES), 401, "app_id_mismatch")
             everything = cli(node, "pairing", "revoke", phone.device_id)  # no app: every pairing with it
             assert everything.returncode == 0, everything.stderr
-            assert_refused(await chat(session, node, chat_key, phone.device_id, CHAT), 401, "unknown_pairing")
+            assert_refused(await chat(session, node.base_url, chat_key, phone.device_id, CHAT), 401, "unknown_pairing")
         assert cli_json(node, "pairing", "list") == []
     finally:
         node.stop()
@@ -171,9 +178,50 @@ async def test_a_version_2_pairing_store_is_migrated_when_the_node_starts(tmp_pa
             (p["peerDeviceId"], p["role"]) for p in json.loads(fixture.read_text())["pairings"])
         laptop = "dvlaptopaaaaaaaaaaaaaaaaaaaaaaaaaa"
         async with aiohttp.ClientSession() as session:
-            assert (await chat(session, node, b"L" * 32, laptop, CHAT))[0] == 200  # the v2 inbound key still works
-            assert_refused(await chat(session, node, b"O" * 32, laptop, CHAT), 401, "bad_signature")  # outbound key
+            assert (await chat(session, node.base_url, b"L" * 32, laptop, CHAT))[0] == 200  # the v2 inbound key still works
+            assert_refused(await chat(session, node.base_url, b"O" * 32, laptop, CHAT), 401, "bad_signature")  # outbound key
         devices = {d["deviceId"]: d for d in cli_json(node, "devices")}
         assert [a["appId"] for a in devices[laptop]["apps"]] == [CHAT] and devices[laptop]["outbound"] is True
     finally:
         node.stop()
+
+
+async def test_the_library_hook_hands_out_a_host_managed_key_per_app(tmp_path: Path) -> None:
+    """An embedding host keeps its own multi-tenant pairing state (the reference's Hub
+    MultiTenantPairing): its ``on_pairing_request`` returns ``{approved, pairingKey}`` per (device,
+    app), and the node verifies each app against that app's key. In-process node, HTTP on
+    loopback, SIMULATED engine; the interceptor reports who the node authenticated."""
+    from node import Node, load_config
+    from node.hub.interceptor import InterceptContext
+    from node.pairing import PairingRequest
+    from node.pairing.store import encode_key
+
+    host_keys: dict[tuple[str, str], bytes] = {}
+
+    def hook(request: PairingRequest) -> dict[str, object]:
+        key = host_keys.setdefault((request.peer_device_id, request.app_id), os.urandom(32))
+        return {"approved": True, "pairingKey": encode_key(key)}
+
+    seen: list[tuple[str, str]] = []
+
+    def interceptor(body: Any, context: InterceptContext, headers: Any) -> None:
+        seen.append((context.peer_device_id, context.app_id))
+
+    config = load_config(env={}, overrides={
+        "state_dir": str(tmp_path), "http_base_port": 0,
+        "models": {"sim": {"engine": "simulated", "simulated_tok_per_s": 500.0}}})
+    phone = DeviceIdentity.from_private_key(Ed25519PrivateKey.generate())
+    now_ms = time.time_ns() // 1_000_000
+    async with Node(config, on_pairing_request=hook, chat_completion_interceptor=interceptor) as embedded:
+        assert embedded.base_url is not None
+        base_url = embedded.base_url
+        root = base_url.removesuffix("/v1")
+        async with aiohttp.ClientSession() as session:
+            for offset, app in enumerate((CHAT, NOTES)):
+                status, answer = await handshake(session, root, phone, app, now_ms + offset)
+                assert status == 200 and decode_key(answer["pairingKey"]) == host_keys[(phone.device_id, app)]
+            chat_key, notes_key = host_keys[(phone.device_id, CHAT)], host_keys[(phone.device_id, NOTES)]
+            assert (await chat(session, base_url, chat_key, phone.device_id, CHAT))[0] == 200
+            assert (await chat(session, base_url, notes_key, phone.device_id, NOTES))[0] == 200
+            assert_refused(await chat(session, base_url, chat_key, phone.device_id, NOTES), 401, "bad_signature")
+    assert seen == [(phone.device_id, CHAT), (phone.device_id, NOTES)]

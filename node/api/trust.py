@@ -93,7 +93,7 @@ async def revoke(request: web.Request) -> web.Response:
     context = _trust(request)
     assert context.pairings is not None
     device_id = request.match_info["device_id"]
-    app_id = _text(request.query, "appId")
+    app_id = _app_id(request)
     removed = await context.pairings.revoke(device_id, app_id)  # NotFoundError (404) when there is none
     return web.json_response({"revoked": True, "peerDeviceId": device_id, "appId": app_id,
                               "pairings": [p.to_public_json() for p in removed]})
@@ -113,7 +113,7 @@ async def decide_request(request: web.Request) -> web.Response:
     device_id, verdict = request.match_info["device_id"], request.match_info["verdict"]
     settle = context.approver.approve if verdict == "approve" else context.approver.deny
     # 404 when nothing is pending for that device (and ?appId=…), 409 when several apps are
-    settled = settle(device_id, _text(request.query, "appId"))
+    settled = settle(device_id, _app_id(request))
     return web.json_response({"peerDeviceId": device_id, "appId": settled.app_id,
                               "approved": verdict == "approve"})
 
@@ -134,6 +134,17 @@ async def audit(request: web.Request) -> web.Response:
     }
     rows = await context.audit.query(**filters)
     return web.json_response({"object": "list", "data": [row.to_json() for row in rows]})
+
+
+def _app_id(request: web.Request) -> str | None:
+    """``?appId=…``: absent → None (the whole device); present, it must name an app."""
+    if "appId" not in request.query:
+        return None
+    app_id = _text(request.query, "appId")
+    if app_id is None:
+        raise InvalidRequestError("query parameter 'appId' must name an app (omit it for the whole device)",
+                                  param="appId")
+    return app_id
 
 
 def _limit(query: Any) -> int:
