@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.identity import DeviceIdentity
@@ -43,7 +45,7 @@ policy = "prompt"
 app_id = "com.evil.spy"
 policy = "deny"
 """
-CHAT, NOTES = "com.acme.chat", "com.acme.notes"
+CHAT, NOTES, AGENT = "com.acme.chat", "com.acme.notes", "com.acme.agent"
 CHAT_BODY = json.dumps({"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
 
 
@@ -130,6 +132,24 @@ async def test_two_apps_on_one_device_pair_sign_and_revoke_separately(tmp_path: 
             assert apps[CHAT]["pairedDevices"] == [phone.device_id] == apps[NOTES]["pairedDevices"]
             quotas = cli_json(node, "quotas")
             assert quotas["hubMode"] is True and {q["requestsPerMinute"] for q in quotas["data"]} >= {120}
+
+            # a third app without signing: an API key minted, listed, used and revoked through the CLI
+            minted = cli_json(node, "keys", "create", "--app", AGENT, "--name", "ci", "--models", "sim")
+            agent = openai.AsyncOpenAI(base_url=node.base_url, api_key=minted["key"], max_retries=0)
+            reply = await agent.chat.completions.create(model="sim", max_tokens=4,
+                                                        messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content
+            listed = cli(node, "keys", "list")
+            assert listed.returncode == 0 and minted["id"] in listed.stdout and "active" in listed.stdout
+            assert minted["key"] not in listed.stdout
+            apps = {a["appId"]: a for a in cli_json(node, "apps")}
+            assert apps[AGENT]["activeKeys"] == [minted["id"]] and apps[AGENT]["usage"]["requests"] == 1
+            usage = {(r["appId"], r["deviceId"]) for r in cli_json(node, "usage")}
+            assert {(CHAT, phone.device_id), (NOTES, phone.device_id), (AGENT, f"apikey:{minted['id']}")} <= usage
+            assert cli(node, "keys", "revoke", minted["id"]).returncode == 0
+            with pytest.raises(openai.AuthenticationError) as revoked_key:
+                await agent.models.list()
+            assert revoked_key.value.code == "invalid_api_key"
 
             # revoking one app leaves the device's other app working
             revoked = cli(node, "pairing", "revoke", phone.device_id, "--app", NOTES)
@@ -225,3 +245,11 @@ async def test_the_library_hook_hands_out_a_host_managed_key_per_app(tmp_path: P
             assert (await chat(session, base_url, notes_key, phone.device_id, NOTES))[0] == 200
             assert_refused(await chat(session, base_url, chat_key, phone.device_id, NOTES), 401, "bad_signature")
     assert seen == [(phone.device_id, CHAT), (phone.device_id, NOTES)]
+
+
+def test_a_hub_refuses_to_let_unsigned_network_callers_in(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DVAI_")}
+    for unsafe in ({"DVAI_SECURITY__ALLOW_ANONYMOUS_LAN": "true"}, {"DVAI_SECURITY__REQUIRE_PAIRING": "false"}):
+        done = subprocess.run([sys.executable, "-m", "node", "serve", "--hub", "--state-dir", str(tmp_path)],
+                              cwd=REPO, env={**env, **unsafe}, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2 and "configuration error: hub.enabled" in done.stderr, done.stderr
