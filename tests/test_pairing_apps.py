@@ -327,3 +327,36 @@ def test_apps_and_devices_come_from_pairings_keys_and_usage() -> None:
     assert devices[PHONE.device_id]["usage"]["requests"] == 3 and devices[PHONE.device_id]["seenApps"] == [CHAT]
     assert devices["dvpeer"]["apps"] == [] and devices["dvpeer"]["outbound"] is True
     assert devices["apikey:k1"]["deviceName"] is None and devices["apikey:k1"]["seenApps"] == ["com.acme.agent"]
+
+
+# --------------------------------------------------------------------------
+# The CLI's pure parts
+
+
+def test_keys_create_flags_become_the_admin_request() -> None:
+    from node.cli import build_parser
+    from node.cli.hub import key_request
+
+    args = build_parser().parse_args(["keys", "create", "--app", "com.acme.agent", "--name", "ci", "--models",
+                                      "sim, other", "--no-offload", "--expires-in", "3600"])
+    assert key_request(args) == {"appId": "com.acme.agent", "name": "ci", "expiresIn": 3600.0,
+                                 "scopes": {"models": ["sim", "other"], "offload": False}}
+    bare = build_parser().parse_args(["keys", "create", "--app", "a"])
+    assert key_request(bare) == {"appId": "a", "name": ""}
+    from node.cli.client import AdminError
+
+    with pytest.raises(AdminError, match="--app"):
+        key_request(build_parser().parse_args(["keys", "create"]))
+
+
+def test_serve_prints_what_hub_mode_does() -> None:
+    from node.cli.serve import hub_summary
+
+    assert hub_summary(load_config(None, env={})) == []
+    local = hub_summary(load_config(None, env={}, overrides={"hub": {"enabled": True}}))
+    assert local[0].startswith("hub mode: pairing per app (device policy prompt; app rules: none), 2 quota rule(s)")
+    assert "only this machine can reach the node" in local[1]
+    lan = hub_summary(load_config(None, env={}, overrides={
+        "hub": {"enabled": True}, "http_bind_host": "0.0.0.0",
+        "security": {"app_pairing": [{"app_id": CHAT, "policy": "allow"}]}}))
+    assert len(lan) == 1 and f"app rules: {CHAT}=allow" in lan[0]
