@@ -133,9 +133,22 @@ class OffloadConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AppPairingRule:
+    """One ``[[security.app_pairing]]`` rule: how LAN handshakes for one app id are decided."""
+
+    app_id: str
+    """the handshake's ``appId`` (its device id when it sent none); ``*``: every app without a rule."""
+    policy: Literal["allow", "prompt", "deny"]
+    require_proof: bool = True
+    """``allow`` approves only devices that prove their device id (the handshake's ``proof``)."""
+
+
+@dataclass(frozen=True, slots=True)
 class SecurityConfig:
     pairing_policy: Literal["deny", "allowlist", "prompt"] = "deny"
     pairing_allowlist: tuple[str, ...] = ()
+    app_pairing: tuple[AppPairingRule, ...] = ()
+    """per-app pairing rules, decided before ``pairing_policy`` (docs/security.md#per-app-pairing)."""
     require_pairing: bool | None = None
     """unset: required whenever the API is bound beyond loopback."""
     allow_anonymous_lan: bool = False
@@ -189,6 +202,8 @@ class ExternalEngineConfig:
 
 @dataclass(frozen=True, slots=True)
 class HubConfig:
+    enabled: bool = False
+    """hub mode (``dvai-node serve --hub``): the ``HUB_PRESET`` defaults apply under the keys set."""
     substitution: Literal["off", "same-family", "map"] = "off"
     """serve a request for a model nobody here has with another (docs/hub.md)."""
     substitution_map: tuple[str, ...] = ()
@@ -305,11 +320,29 @@ def _match_env_models(env_models: dict[str, Any], known: Mapping[str, Any]) -> d
     return {by_env_name.get(name, name): value for name, value in env_models.items()}
 
 
+HUB_PRESET: Mapping[str, Any] = {
+    "security": {"pairing_policy": "prompt"},
+    "audit": {"enabled": True},
+    "hub": {"quotas": [
+        {"app_id": "*", "device_id": "*", "requests_per_minute": 120, "concurrent": 4},
+        {"app_id": "*", "tokens_per_day": 2_000_000},
+    ]},
+}
+"""What hub mode (``[hub] enabled = true``, ``serve --hub``) changes, for every key the
+configuration leaves unset (docs/hub.md#hub-mode): each (device, app) pairing waits for the
+operator; the audit log is on; every app gets its own quota (each of its devices 120 requests a
+minute and 4 at once, the app 2 000 000 tokens a UTC day) unless ``[[hub.quotas]]`` (or
+``quotas = []``) is configured. The bind address stays the operator's; an exposed hub refuses
+unsigned network callers (``_check``)."""
+
+
 def config_from_mapping(data: Mapping[str, Any]) -> NodeConfig:
     data = dict(data)
     if "models" in data:
         data["models"] = _models_from_mapping(data["models"])
     config: NodeConfig = build_dataclass(NodeConfig, data, "")
+    if config.hub.enabled:
+        config = build_dataclass(NodeConfig, deep_merge(HUB_PRESET, data), "")
     _check(config)
     return config
 
@@ -349,6 +382,14 @@ def _check(config: NodeConfig) -> None:
         for key in ("ctx_size", "queue_depth", "parallel"):
             if getattr(model, key) < 1:
                 raise ConfigError(f"models.{model.id}.{key}: expected a positive integer")
+    rules: set[str] = set()
+    for rule in config.security.app_pairing:
+        if not rule.app_id or rule.app_id in rules:
+            raise ConfigError(f"security.app_pairing: app_id '{rule.app_id}' is empty or has two rules")
+        rules.add(rule.app_id)
+    if config.hub.enabled and (config.security.allow_anonymous_lan or config.security.require_pairing is False):
+        raise ConfigError("hub.enabled: a hub attributes every request to an app, so it cannot let unsigned "
+                          "callers in (remove security.allow_anonymous_lan / security.require_pairing = false)")
     if config.default_model is not None and config.default_model not in ids:
         raise ConfigError(f"default_model: '{config.default_model}' is not a configured model")
     if not 0 < config.http_base_port < 65536 and config.http_base_port != 0:

@@ -192,7 +192,9 @@ class Node:
         pairings = context.pairings
 
         def link_key(device_id: str) -> bytes | None:
-            pairing = pairings.get(device_id)
+            # a mutual pairing sits in both directions; the outbound slot is one per device,
+            # while the device may hold several inbound pairings (one per app)
+            pairing = pairings.get(device_id, direction="outbound")
             return pairing.key if pairing is not None and pairing.via == "rendezvous" \
                 and pairing.role == "mutual" else None
 
@@ -226,7 +228,7 @@ class Node:
                                            connect_timeout=offload.link_connect_timeout)
 
         def paired_name(device_id: str) -> str | None:
-            pairing = pairings.get(device_id)
+            pairing = pairings.get(device_id, direction="outbound")
             return pairing.peer_device_name if link_key(device_id) is not None and pairing else None
 
         def link_up(device_id: str) -> bool:

@@ -36,8 +36,8 @@ APPS = ("com.acme.chat", "com.acme.notes", "com.acme.mail")
 CHAT, NOTES, MAIL = APPS
 DEVICES = 30
 SIGNERS = 9
-"""devices 0..8 are paired and sign for one app each (pairing is per device today); every
-other (device, app) calls with an API key minted for it."""
+"""devices 0..8 are paired and sign for one app each (several apps paired on one device, each with
+its own key: tests/test_hub_apps_e2e.py); every other (device, app) calls with an API key minted for it."""
 RPM_PER_DEVICE = 4
 """notes: requests per minute, per device."""
 MAIL_TOKENS_PER_DAY = 40

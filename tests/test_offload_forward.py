@@ -175,7 +175,7 @@ async def test_a_stream_is_relayed_signed_marked_and_event_by_event() -> None:
         assert request.headers["X-DVAI-Offload"] == "never" and request.headers["X-DVAI-Hop"] == "me"
         attribution = verify_signed_request(
             request.headers, "POST", request.raw_path, json.dumps(BODY).encode(),
-            lookup_key=lambda _device: PEER_VIEW, nonces=NonceCache(), now_ms=int(time.time() * 1000))
+            lookup_key=lambda _device, _app: PEER_VIEW, nonces=NonceCache(), now_ms=int(time.time() * 1000))
         assert attribution.signed and attribution.peer_device_id == "me"
         (result,) = results
         assert result.status is ForwardStatus.SERVED and result.tokens == 10

@@ -30,6 +30,7 @@ from node.pairing.approval import PairingApprover, PairingRequest, TokenBuckets
 from node.pairing.handshake import handle_handshake, make_handshake_proof, pair_with
 from node.pairing.store import (
     PAIRINGS_FILE,
+    STORE_FORMAT_VERSION,
     Pairing,
     PairingStore,
     PairingStoreError,
@@ -563,7 +564,7 @@ async def test_pair_with_a_real_peer(aiohttp_server: Any, tmp_path: Path) -> Non
         assert inbound is not None and inbound.key == pairing.key and inbound.peer_app_id == "dvai-node"
         # the stored key signs requests the peer accepts
         headers = sign_with_pairing(pairing, me.device_id, "GET", "/v1/models", b"")
-        attribution = verify_signed_request(headers, "GET", "/v1/models", b"", lookup_key=peer_store.get,
+        attribution = verify_signed_request(headers, "GET", "/v1/models", b"", lookup_key=peer_store.credential_for,
                                             nonces=NonceCache(), now_ms=int(headers["X-DVAI-Nonce"].split(".")[0]))
         assert attribution.signed and attribution.app_id == "dvai-node"
         with pytest.raises(PermissionDeniedError) as caught:
@@ -583,7 +584,7 @@ async def test_pair_with_a_real_peer(aiohttp_server: Any, tmp_path: Path) -> Non
 
 
 def _verify_with(store: PairingStore, headers: dict[str, str], body: bytes = b"{}") -> object:
-    return verify_signed_request(headers, "POST", "/v1/chat/completions", body, lookup_key=store.get,
+    return verify_signed_request(headers, "POST", "/v1/chat/completions", body, lookup_key=store.credential_for,
                                  nonces=NonceCache(), now_ms=int(headers["X-DVAI-Nonce"].split(".")[0]))
 
 
@@ -654,6 +655,6 @@ def test_version_1_stores_are_migrated_and_rewritten(tmp_path: Path) -> None:
     assert ids == {"dv-in": (None, "com.in"), "dv-out": ("com.out", None), "dv-qr": (ME, "dv-qr"),
                    "dv-static": ("ops", "ops")}
     rewritten = json.loads((tmp_path / PAIRINGS_FILE).read_text())
-    assert rewritten["version"] == 2 and all("appId" not in p for p in rewritten["pairings"])
+    assert rewritten["version"] == STORE_FORMAT_VERSION == 3 and all("appId" not in p for p in rewritten["pairings"])
     assert stat.S_IMODE(os.stat(tmp_path / PAIRINGS_FILE).st_mode) == 0o600
     assert PairingStore.load_sync(tmp_path, self_device_id="someone-else").list() == store.list()

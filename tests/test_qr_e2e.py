@@ -134,7 +134,7 @@ async def test_pair_qr_without_rendezvous_is_a_clear_error(tmp_path: Path) -> No
 
 def _record(state: Path, peer: str) -> Pairing:
     records = json.loads((state / "pairings.json").read_text())
-    assert records["version"] == 2
+    assert records["version"] == 3
     return next(Pairing.from_json(i) for i in records["pairings"] if i["peerDeviceId"] == peer)
 
 

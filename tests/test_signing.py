@@ -71,7 +71,8 @@ def verify(request: dict[str, object], *, pairings: dict[str, Pairing] | None = 
     table = {DEVICE: pairing()} if pairings is None else pairings
     return verify_signed_request(
         request["headers"], request["method"], request["path_with_query"], request["body"],  # type: ignore[arg-type]
-        lookup_key=table.get, nonces=NonceCache() if nonces is None else nonces, now_ms=now_ms,
+        lookup_key=lambda device, _app: table.get(device), now_ms=now_ms,
+        nonces=NonceCache() if nonces is None else nonces,
     )
 
 
@@ -226,7 +227,7 @@ def test_outbound_pairing_cannot_be_used_to_call_us(tmp_path: Path) -> None:
     store = PairingStore(tmp_path / "pairings.json", [pairing(role="outbound")])
     request = signed()
     with pytest.raises(AuthenticationError) as caught:
-        verify_signed_request(request["headers"], METHOD, PATH, BODY, lookup_key=store.get,  # type: ignore[arg-type]
+        verify_signed_request(request["headers"], METHOD, PATH, BODY, lookup_key=store.credential_for,
                               nonces=NonceCache(), now_ms=NOW)
     assert caught.value.code == "unknown_pairing"
 
@@ -234,10 +235,12 @@ def test_outbound_pairing_cannot_be_used_to_call_us(tmp_path: Path) -> None:
 async def test_revoked_pairing_fails_at_once(tmp_path: Path) -> None:
     store = PairingStore(tmp_path / "pairings.json", [pairing()])
     nonces = NonceCache()
-    assert verify_signed_request(**signed(), lookup_key=store.get, nonces=nonces, now_ms=NOW).signed  # type: ignore[arg-type]
+    assert verify_signed_request(**signed(), lookup_key=store.credential_for, nonces=nonces,
+                                 now_ms=NOW).signed  # type: ignore[arg-type]
     await store.revoke(DEVICE)
     with pytest.raises(AuthenticationError) as caught:
-        verify_signed_request(**signed(), lookup_key=store.get, nonces=nonces, now_ms=NOW)  # type: ignore[arg-type]
+        verify_signed_request(**signed(), lookup_key=store.credential_for, nonces=nonces,
+                              now_ms=NOW)  # type: ignore[arg-type]
     assert caught.value.code == "unknown_pairing" and "revoked" in caught.value.message
 
 
@@ -347,10 +350,10 @@ def test_distinct_requests_compose_distinct_messages(
 @given(body=st.binary(max_size=256), path=st.sampled_from(["/v1/models", "/v1/chat/completions?a=1"]))
 def test_signed_headers_round_trip(body: bytes, path: str) -> None:
     headers = sign_request_headers(KEY, DEVICE, APP, "POST", path, body, now_ms=NOW)
-    attribution = verify_signed_request(headers, "POST", path, body, lookup_key={DEVICE: pairing()}.get,
+    attribution = verify_signed_request(headers, "POST", path, body, lookup_key=lambda _d, _a: pairing(),
                                         nonces=NonceCache(), now_ms=NOW)
     assert attribution.signed and attribution.peer_device_id == DEVICE
     changed = dataclasses.replace(pairing(), key=bytes(32))
     with pytest.raises(AuthenticationError):
-        verify_signed_request(headers, "POST", path, body, lookup_key={DEVICE: changed}.get,
+        verify_signed_request(headers, "POST", path, body, lookup_key=lambda _d, _a: changed,
                               nonces=NonceCache(), now_ms=NOW)

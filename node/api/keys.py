@@ -1,20 +1,25 @@
-"""Hub administration (loopback-only): API keys (mint, list, revoke) and per-app usage."""
+"""Hub administration (loopback-only): API keys (mint, list, revoke), per-app usage, the apps
+and devices that use the node, and the quota rules in force."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+from typing import Any
 
 from aiohttp import web
 
+from ..common.clock import unix_ms
 from ..common.errors import InvalidRequestError, NotFoundError, ServiceUnavailableError
 from ..context import CONTEXT
+from ..hub.directory import apps_json, devices_json, quota_rules_json
 from ..hub.keys import ApiKeyStore, parse_scopes
 from .jsonbody import read_json
 
 routes = web.RouteTableDef()
 
-ADMIN_PATHS = frozenset({"/v1/dvai/keys", "/v1/dvai/keys/", "/v1/dvai/usage"})
+ADMIN_PATHS = frozenset({"/v1/dvai/keys", "/v1/dvai/keys/", "/v1/dvai/usage", "/v1/dvai/apps", "/v1/dvai/devices",
+                         "/v1/dvai/quotas"})
 
 
 def _keys(request: web.Request) -> ApiKeyStore:
@@ -70,3 +75,41 @@ async def usage(request: web.Request) -> web.Response:
     app_id = request.query.get("app")
     rows = await asyncio.to_thread(store.query, days=int(raw_days), app_id=app_id[:128] if app_id else None)
     return web.json_response({"object": "list", "data": rows})
+
+
+# -- who uses the hub: apps, devices, quotas -------------------------------------------
+
+
+async def _usage_rows(request: web.Request) -> list[dict[str, Any]]:
+    raw_days = request.query.get("days", "30")
+    if not raw_days.isdigit() or not 1 <= int(raw_days) <= 3660:
+        raise InvalidRequestError("'days' must be an integer from 1 to 3660", param="days")
+    store = request.app[CONTEXT].usage
+    return [] if store is None else await asyncio.to_thread(store.query, days=int(raw_days))
+
+
+@routes.get("/v1/dvai/apps")
+async def list_apps(request: web.Request) -> web.Response:
+    """Every app: the devices it is paired on, its API keys, its usage over ``?days=30``."""
+    context = request.app[CONTEXT]
+    rows = await _usage_rows(request)
+    pairings = context.pairings.list() if context.pairings is not None else []
+    keys = context.api_keys.list() if context.api_keys is not None else []
+    return web.json_response({"object": "list", "data": apps_json(pairings, keys, rows, now_ms=unix_ms())})
+
+
+@routes.get("/v1/dvai/devices")
+async def list_devices(request: web.Request) -> web.Response:
+    """Every device: the apps paired on it, whether we may call it, its usage over ``?days=30``."""
+    context = request.app[CONTEXT]
+    rows = await _usage_rows(request)
+    pairings = context.pairings.list() if context.pairings is not None else []
+    return web.json_response({"object": "list", "data": devices_json(pairings, rows)})
+
+
+@routes.get("/v1/dvai/quotas")
+async def list_quotas(request: web.Request) -> web.Response:
+    """The quota rules in force (configured, or hub mode's defaults)."""
+    config = request.app[CONTEXT].config
+    return web.json_response({"object": "list", "hubMode": config.hub.enabled,
+                              "data": quota_rules_json(config.hub.quotas)})

@@ -89,11 +89,14 @@ async def pair(request: web.Request) -> web.Response:
 
 @routes.delete("/v1/dvai/pairings/{device_id}")
 async def revoke(request: web.Request) -> web.Response:
+    """Every pairing with the device, or with ``?appId=…`` only that app's inbound pairing."""
     context = _trust(request)
     assert context.pairings is not None
     device_id = request.match_info["device_id"]
-    await context.pairings.revoke(device_id)  # NotFoundError (404) when there is none
-    return web.json_response({"revoked": True, "peerDeviceId": device_id})
+    app_id = _app_id(request)
+    removed = await context.pairings.revoke(device_id, app_id)  # NotFoundError (404) when there is none
+    return web.json_response({"revoked": True, "peerDeviceId": device_id, "appId": app_id,
+                              "pairings": [p.to_public_json() for p in removed]})
 
 
 @routes.get("/v1/dvai/pairing-requests")
@@ -109,8 +112,10 @@ async def decide_request(request: web.Request) -> web.Response:
     assert context.approver is not None
     device_id, verdict = request.match_info["device_id"], request.match_info["verdict"]
     settle = context.approver.approve if verdict == "approve" else context.approver.deny
-    settle(device_id)  # NotFoundError (404) when nothing is pending for that device
-    return web.json_response({"peerDeviceId": device_id, "approved": verdict == "approve"})
+    # 404 when nothing is pending for that device (and ?appId=…), 409 when several apps are
+    settled = settle(device_id, _app_id(request))
+    return web.json_response({"peerDeviceId": device_id, "appId": settled.app_id,
+                              "approved": verdict == "approve"})
 
 
 @routes.get("/v1/dvai/audit")
@@ -129,6 +134,17 @@ async def audit(request: web.Request) -> web.Response:
     }
     rows = await context.audit.query(**filters)
     return web.json_response({"object": "list", "data": [row.to_json() for row in rows]})
+
+
+def _app_id(request: web.Request) -> str | None:
+    """``?appId=…``: absent → None (the whole device); present, it must name an app."""
+    if "appId" not in request.query:
+        return None
+    app_id = _text(request.query, "appId")
+    if app_id is None:
+        raise InvalidRequestError("query parameter 'appId' must name an app (omit it for the whole device)",
+                                  param="appId")
+    return app_id
 
 
 def _limit(query: Any) -> int:

@@ -8,6 +8,7 @@ from the table. One module per group of commands:
 - ``serve``: ``serve``;
 - ``admin``: ``models`` and the admin-API clients ``pair``, ``pairing``, ``audit``, ``peers``
   (``client`` finds the running node and calls it; ``qr`` runs ``pair --qr`` / ``--scan``);
+- ``hub``: the hub's admin-API clients ``keys``, ``apps``, ``devices``, ``usage``, ``quotas``;
 - ``status``: ``status`` / ``ps``, what the running node has loaded and queued;
 - ``probe``: ``probe``, an in-process speed measurement;
 - ``managed``: ``managed list|attach|detach``, the registry of managed serves (node/managed/).
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from ..common.errors import ConfigError
 from ..config import load_config
 from ..version import __version__
-from . import admin, managed, probe, serve, status
+from . import admin, hub, managed, probe, serve, status
 from .base import Command, overrides_from_args
 
 COMMANDS: tuple[Command, ...] = (
@@ -36,6 +37,14 @@ COMMANDS: tuple[Command, ...] = (
     Command("pair", "pair with a peer (by device id or URL)", admin.configure_pair, admin.run_pair),
     Command("pairing", "list, revoke and approve pairings", admin.configure_pairing, admin.run_pairing),
     Command("audit", "show the audit log of served requests", admin.configure_audit, admin.run_audit),
+    Command("keys", "create, list and revoke API keys (Authorization: Bearer)", hub.configure_keys, hub.run_keys),
+    Command("apps", "list the apps that use this node: paired devices, API keys, usage", hub.configure_apps,
+            hub.run_apps),
+    Command("devices", "list the devices that use this node and the apps paired on each", hub.configure_devices,
+            hub.run_devices),
+    Command("usage", "show requests and tokens per day, app, device and model", hub.configure_usage,
+            hub.run_usage),
+    Command("quotas", "show the quota rules in force", hub.configure_quotas, hub.run_quotas),
     Command("probe", "measure this device's decode speed (tok/s) for a model and save it", probe.configure,
             probe.run, description=probe.DESCRIPTION),
     Command("managed", managed.HELP, managed.configure, managed.run, description=managed.DESCRIPTION),

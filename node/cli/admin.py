@@ -104,6 +104,8 @@ def run_pair(args: argparse.Namespace, config: NodeConfig) -> int:
 def configure_pairing(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["list", "revoke", "pending", "approve", "deny"])
     parser.add_argument("device_id", nargs="?", help="the peer (revoke, approve, deny)")
+    parser.add_argument("--app", help="revoke: only this app's pairing on the device (default: every pairing with "
+                        "it); approve, deny: the app whose request to settle (needed when several wait)")
     add_client_options(parser)
 
 
@@ -125,12 +127,17 @@ def run_pairing(args: argparse.Namespace, config: NodeConfig) -> int:
                     for r in result["data"]]
             header = ["NAME", "DEVICE ID", "ID PROVEN", "FROM", "APP", "RECEIVED"]
         elif args.action == "revoke":
-            result = await call("DELETE", f"{base}/dvai/pairings/{quote(args.device_id, safe='')}")
-            print(f"revoked {args.device_id}") if not args.json else print(json.dumps(result))
+            app = f"?{urlencode({'appId': args.app})}" if args.app else ""
+            result = await call("DELETE", f"{base}/dvai/pairings/{quote(args.device_id, safe='')}{app}")
+            what = f"app {args.app} on {args.device_id}" if args.app else f"every pairing with {args.device_id}"
+            print(f"revoked {what}") if not args.json else print(json.dumps(result))
             return 0
         else:
-            result = await call("POST", f"{base}/dvai/pairing-requests/{quote(args.device_id, safe='')}/{args.action}")
-            print(f"{args.action}d {args.device_id}") if not args.json else print(json.dumps(result))
+            app = f"?{urlencode({'appId': args.app})}" if args.app else ""
+            result = await call("POST", f"{base}/dvai/pairing-requests/{quote(args.device_id, safe='')}/"
+                                f"{args.action}{app}")
+            print(f"{args.action}d {args.device_id} (app {result.get('appId')})") if not args.json \
+                else print(json.dumps(result))
             return 0
         if args.json:
             print(json.dumps(result["data"], indent=2))

@@ -52,6 +52,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         out["http_bind_host"] = args.host
     if getattr(args, "log_level", None):
         out["log_level"] = args.log_level
+    if getattr(args, "hub", False):
+        out["hub"] = {"enabled": True}
     if getattr(args, "model", None):
         out["models"] = {model_id_for_path(args.model): {"path": args.model}}
     return out

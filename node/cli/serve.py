@@ -22,6 +22,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="HTTP base port (default 38883; 0 = any free port)")
     parser.add_argument("--host", help="bind address (default 127.0.0.1)")
     parser.add_argument("--model", metavar="PATH", help="serve this GGUF file instead of the built-in model")
+    parser.add_argument("--hub", action="store_true", help="hub mode: safe defaults for a node many apps on many "
+                        "devices share (per-app pairing approved by the operator, default per-app quotas, audit "
+                        "on; docs/hub.md). Bind it to the LAN with --host")
     add_log_level_option(parser)
 
 
@@ -56,6 +59,8 @@ async def serve(config: NodeConfig, *, stop: asyncio.Event | None = None) -> int
         print(f"OpenAI base URL: {node.base_url or '(in-process only)'}")
         if context.local_base_url and context.local_base_url != node.base_url:
             print(f"  from this machine (unsigned): {context.local_base_url}")
+        for line in hub_summary(config):
+            print(line)
         for model in config.models:
             lazy = "" if model.preload else " (loads on first use)"
             print(f"  model {model.id}: {describe_source(model)}{lazy}")
@@ -73,6 +78,23 @@ async def serve(config: NodeConfig, *, stop: asyncio.Event | None = None) -> int
     finally:
         await node.close()
     return 0
+
+
+def hub_summary(config: NodeConfig) -> list[str]:
+    """What ``serve`` prints about hub mode: empty when it is off."""
+    if not config.hub.enabled:
+        return []
+    from ..security import is_exposed
+
+    security = config.security
+    rules = ", ".join(f"{r.app_id}={r.policy}" for r in security.app_pairing) or "none"
+    lines = [f"hub mode: pairing per app (device policy {security.pairing_policy}; app rules: {rules}), "
+             f"{len(config.hub.quotas)} quota rule(s) (`dvai-node quotas`), audit "
+             f"{'on' if config.audit.enabled else 'off'}"]
+    if not is_exposed(config.http_bind_host):
+        lines.append(f"hub mode: bound to {config.http_bind_host}: only this machine can reach the node; "
+                     "give --host (a LAN address or 0.0.0.0) to serve other devices")
+    return lines
 
 
 def describe_source(model: ModelConfig) -> str:

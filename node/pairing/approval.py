@@ -6,7 +6,15 @@ Policies (``SecurityConfig.pairing_policy``):
 - ``allowlist``: approved when the device id is in ``pairing_allowlist`` *and* the caller proved
   it holds that id's Ed25519 key (the handshake's ``proof``); an unproven id is refused.
 - ``prompt``: the request waits (up to ``PAIRING_PROMPT_TIMEOUT_S``) until the operator runs
-  ``dvai-node pairing approve|deny <device-id>``; silence means deny.
+  ``dvai-node pairing approve|deny <device-id> [--app APP]``; silence means deny.
+
+Each (device, app) pair is decided on its own: an app's pairing is a separate request with its
+own key. Per-app rules (``SecurityConfig.app_pairing``, ``[[security.app_pairing]]``) decide the
+apps they name (``*``: every app without its own rule) before the device policy:
+
+- ``allow``: approved for any device (that proves its id, unless ``require_proof = false``);
+- ``prompt``: the operator decides, whatever the device policy;
+- ``deny``: refused (``403 app_pairing_denied``).
 
 A library hook (``on_pairing_request``), when set, replaces the policy, like the reference's
 ``onPairingRequest``: it returns ``True``/``False``, ``{"approved": True, "pairing_key": str}``
@@ -23,9 +31,9 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..common.errors import NotFoundError, RateLimitedError
+from ..common.errors import ConflictError, NotFoundError, RateLimitedError
 from ..common.tokenbucket import TokenBucket
-from ..config import SecurityConfig
+from ..config import AppPairingRule, SecurityConfig
 from ..constants import (
     HANDSHAKE_BURST,
     HANDSHAKE_PROOFS_REMEMBERED,
@@ -39,6 +47,7 @@ from .store import decode_key
 logger = logging.getLogger(__name__)
 
 Policy = Literal["deny", "allowlist", "prompt"]
+ANY_APP = "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +66,13 @@ class PairingRequest:
 
     @property
     def id(self) -> str:
-        """Pending requests are named by device id: there is at most one per device."""
+        """Pending requests are named by device id (and app id when the device has several)."""
         return self.peer_device_id
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """At most one request per (device, app) is pending."""
+        return (self.peer_device_id, self.app_id)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -137,6 +151,7 @@ class PairingApprover:
         *,
         policy: Policy = "deny",
         allowlist: Collection[str] = (),
+        app_rules: Collection[AppPairingRule] = (),
         hook: PairingHook | None = None,
         prompt_timeout_s: float = PAIRING_PROMPT_TIMEOUT_S,
         rate_per_minute: int = 10,
@@ -150,20 +165,25 @@ class PairingApprover:
             raise ValueError("handshake_rate_per_minute must be at least 1")
         self.policy: Policy = policy
         self.allowlist = frozenset(allowlist)
+        self.app_rules: dict[str, AppPairingRule] = {rule.app_id: rule for rule in app_rules}
         self.hook = hook
         self.prompt_timeout_s = prompt_timeout_s
         self.max_pending = max_pending
         self._clock = clock
         self._rates = TokenBuckets(capacity=burst, per_second=rate_per_minute / 60.0,
                                    max_keys=HANDSHAKE_TRACKED_MAX)
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[tuple[str, str], _Pending] = {}
         self.seen_proofs = NonceCache(max_entries=HANDSHAKE_PROOFS_REMEMBERED)
         """device proofs accepted in the last ±300 s: a captured proof cannot be replayed."""
 
     @classmethod
     def from_config(cls, security: SecurityConfig, *, hook: PairingHook | None = None) -> PairingApprover:
-        return cls(policy=security.pairing_policy, allowlist=security.pairing_allowlist, hook=hook,
-                   rate_per_minute=security.handshake_rate_per_minute)
+        return cls(policy=security.pairing_policy, allowlist=security.pairing_allowlist,
+                   app_rules=security.app_pairing, hook=hook, rate_per_minute=security.handshake_rate_per_minute)
+
+    def rule_for(self, app_id: str) -> AppPairingRule | None:
+        """The ``[[security.app_pairing]]`` rule that decides ``app_id``: its own, else ``*``'s."""
+        return self.app_rules.get(app_id) or self.app_rules.get(ANY_APP)
 
     def check_rate(self, key: str) -> None:
         """Spend a handshake token for ``key`` (an address or a device id); 429 when out."""
@@ -174,9 +194,17 @@ class PairingApprover:
 
     async def decide(self, request: PairingRequest) -> PairingDecision:
         """Approve or deny; waits for the operator or the hook when they decide."""
-        if self.hook is None and self.policy == "deny":
+        rule = self.rule_for(request.app_id) if self.hook is None else None
+        if rule is not None and rule.policy == "deny":
+            return PairingDecision(False, "app_pairing_denied")
+        if rule is not None and rule.policy == "allow":
+            if rule.require_proof and not request.proven:
+                return PairingDecision(False, "device_proof_required")
+            return PairingDecision(True, "approved_by_app_rule")
+        prompt = rule is not None  # the remaining rule policy
+        if self.hook is None and not prompt and self.policy == "deny":
             return PairingDecision(False, "pairing_denied")
-        if self.hook is None and self.policy == "allowlist":
+        if self.hook is None and not prompt and self.policy == "allowlist":
             if not request.proven:  # checked first: an unproven caller learns nothing about the list
                 return PairingDecision(False, "device_proof_required")
             if request.peer_device_id in self.allowlist:
@@ -185,24 +213,25 @@ class PairingApprover:
         self._reserve(request)
         try:
             if self.hook is not None:
-                self._pending[request.id] = _Pending(request, None, self._clock() + self.prompt_timeout_s)
+                self._pending[request.key] = _Pending(request, None, self._clock() + self.prompt_timeout_s)
                 return await self._ask_hook(request)
             return await self._ask_operator(request)
         finally:
-            current = self._pending.get(request.id)
+            current = self._pending.get(request.key)
             if current is not None and current.request is request:  # not a request that replaced it
-                del self._pending[request.id]
+                del self._pending[request.key]
 
     def pending(self) -> list[PairingRequest]:
         """Requests waiting for ``approve``/``deny`` (prompt policy), oldest first."""
         waiting = [p.request for p in self._pending.values() if p.future is not None]
         return sorted(waiting, key=lambda r: r.received_at)
 
-    def approve(self, request_id: str) -> PairingRequest:
-        return self._settle(request_id, True)
+    def approve(self, request_id: str, app_id: str | None = None) -> PairingRequest:
+        """Approve the device's pending request (for ``app_id``; None: its only one)."""
+        return self._settle(request_id, app_id, True)
 
-    def deny(self, request_id: str) -> PairingRequest:
-        return self._settle(request_id, False)
+    def deny(self, request_id: str, app_id: str | None = None) -> PairingRequest:
+        return self._settle(request_id, app_id, False)
 
     def close(self) -> None:
         """Deny everything still waiting (shutdown)."""
@@ -211,19 +240,19 @@ class PairingApprover:
                 entry.future.set_result(False)
 
     def _reserve(self, request: PairingRequest) -> None:
-        existing = self._pending.get(request.peer_device_id)
+        existing = self._pending.get(request.key)
         if existing is not None and request.proven and not existing.request.proven:
             # An unproven caller cannot hold a device's slot against the device itself: the
             # request that proves the id replaces the bare claim (which is denied).
             logger.warning("pairing request claiming %s without proof replaced by one that proves it",
                            request.peer_device_id)
-            self._pending.pop(request.peer_device_id, None)
+            self._pending.pop(request.key, None)
             if existing.future is not None and not existing.future.done():
                 existing.future.set_result(False)
             existing = None
         if existing is not None:
             retry = max(1.0, existing.deadline - self._clock())
-            raise RateLimitedError("a pairing request from this device is already pending",
+            raise RateLimitedError("a pairing request from this device and app is already pending",
                                    retry_after=retry, code="pairing_already_pending")
         if len(self._pending) >= self.max_pending:
             raise RateLimitedError("too many pairing requests are waiting for approval",
@@ -231,11 +260,11 @@ class PairingApprover:
 
     async def _ask_operator(self, request: PairingRequest) -> PairingDecision:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending[request.id] = _Pending(request, future, self._clock() + self.prompt_timeout_s)
+        self._pending[request.key] = _Pending(request, future, self._clock() + self.prompt_timeout_s)
         logger.warning("pairing request from %s (%s, app %s, device id %s) at %s: approve with "
-                       "`dvai-node pairing approve %s`", request.peer_device_id, request.peer_device_name,
+                       "`dvai-node pairing approve %s --app %s`", request.peer_device_id, request.peer_device_name,
                        request.app_id, "proven" if request.proven else "NOT proven", request.remote,
-                       request.peer_device_id)
+                       request.peer_device_id, request.app_id)
         try:
             approved = await asyncio.wait_for(future, self.prompt_timeout_s)
         except TimeoutError:
@@ -261,10 +290,19 @@ class PairingApprover:
             return PairingDecision(False, "pairing_hook_failed")
         return hook_result_to_decision(result)
 
-    def _settle(self, request_id: str, approved: bool) -> PairingRequest:
-        entry = self._pending.get(request_id)
-        if entry is None or entry.future is None or entry.future.done():
-            raise NotFoundError(f"no pending pairing request '{request_id}'")
+    def _settle(self, request_id: str, app_id: str | None, approved: bool) -> PairingRequest:
+        waiting = [entry for (device, app), entry in self._pending.items()
+                   if device == request_id and (app_id is None or app == app_id)
+                   and entry.future is not None and not entry.future.done()]
+        if not waiting:
+            named = f" for app '{app_id}'" if app_id is not None else ""
+            raise NotFoundError(f"no pending pairing request '{request_id}'{named}")
+        if len(waiting) > 1:
+            apps = ", ".join(sorted(entry.request.app_id for entry in waiting))
+            raise ConflictError(f"device '{request_id}' has pairing requests pending for several apps ({apps}); "
+                                "name one (appId / --app)", code="app_id_required")
+        entry = waiting[0]
+        assert entry.future is not None
         entry.future.set_result(approved)
         return entry.request
 

@@ -18,7 +18,12 @@ was proven. Signed message (device ids are printable ASCII without spaces, so ``
 Response::
 
     {"paired": true, "pairedAt": 1778184673778, "via": "lan-handshake",
-     "pairingKey": "<base64url, 256 bits>", "peerDeviceId": "phone-pixel-9"}
+     "pairingKey": "<base64url, 256 bits>", "peerDeviceId": "phone-pixel-9",
+     "appId": "com.acme.chat"}            # our extension: the app the key is bound to
+
+Each (device, app) pair is its own pairing: another app on the same device runs its own
+handshake, is approved on its own and gets its own key; a repeated handshake for the same app
+replaces that app's key only.
 
 The key travels back over the LAN in the clear unless the node is behind TLS: that is the
 reference's LAN trust model (docs/security.md). QR pairing through a rendezvous never uses it.
@@ -64,6 +69,7 @@ PROOF_FIELDS: Final = ("publicKey", "proofTimestamp", "proof")
 _ID_RE = re.compile(r"[\x21-\x7e]+")  # printable ASCII without spaces: used in headers later
 _DENIAL_MESSAGES = {
     "pairing_denied": "this node does not accept pairing requests (pairing_policy = deny)",
+    "app_pairing_denied": "this node does not pair this app ([[security.app_pairing]] policy = deny)",
     "not_in_allowlist": "this device is not in the node's pairing allowlist",
     "device_proof_required": "this node pairs allowlisted devices only when the client proves its device id: "
                              "send publicKey, proofTimestamp and proof (docs/security.md)",
@@ -191,6 +197,7 @@ async def handle_handshake(
         "via": LAN_HANDSHAKE,
         "pairingKey": encode_key(key),
         "peerDeviceId": request.peer_device_id,
+        "appId": request.app_id,
     }
 
 

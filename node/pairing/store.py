@@ -11,8 +11,10 @@ may be used, because the two ends of a LAN handshake did not consent to the same
   or the operator configured it, ``via="static"``): either side may call the other.
 
 Two nodes that each pair with the other hold one inbound and one outbound record for the same
-peer, with different keys. Two app ids are bound to the key, one per direction, so a record never
-has to say which way its app id points:
+peer, with different keys. Inbound pairings are kept per application: each app on a peer device
+that ran the handshake (``appId``) holds its own key, so a peer device may hold several inbound
+pairings, one per app id, and one outbound. Two app ids are bound to a key, one per direction, so a
+record never has to say which way its app id points:
 
 - ``our_app_id``  — the ``X-DVAI-App-Id`` *we* send when we sign with the key (set exactly when
   the record lets us call the peer: ``outbound`` and ``mutual``);
@@ -20,8 +22,13 @@ has to say which way its app id points:
   exactly when the peer may call us: ``inbound`` and ``mutual``).
 
 A LAN handshake binds the requester's ``appId`` (falling back to its device id, as in the
-reference); a QR pairing binds each side's device id. Version 1 stores had a single ``appId``
-whose meaning depended on the role; ``PairingStore.load`` migrates them (see ``_migrate_v1``).
+reference); a QR pairing binds each side's device id. A signature is checked against the key of
+the (device id, app id) pair that signed it (``PairingStore.credential_for``), so one app's key
+never acts for another app on the same device.
+
+Store versions: 1 had a single ``appId`` whose meaning depended on the role (``_migrate_v1``);
+2 held at most one inbound pairing per device; 3 (this one) holds one per (device, app). Older
+files are migrated and rewritten at start; a version 3 file is refused by older nodes.
 """
 
 from __future__ import annotations
@@ -50,8 +57,10 @@ from ..constants import (
 logger = logging.getLogger(__name__)
 
 PAIRINGS_FILE = "pairings.json"
-STORE_FORMAT_VERSION = 2
-"""2: ``ourAppId`` / ``peerAppId`` replace version 1's ambiguous ``appId``."""
+STORE_FORMAT_VERSION = 3
+"""2: ``ourAppId`` / ``peerAppId`` replace version 1's ambiguous ``appId``; 3: several inbound
+pairings per device, one per app id (same record shape)."""
+READABLE_VERSIONS = (1, 2, STORE_FORMAT_VERSION)
 
 Via = Literal["lan-handshake", "rendezvous", "static"]
 Role = Literal["inbound", "outbound", "mutual"]
@@ -88,7 +97,7 @@ def decode_key(text: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Pairing:
-    """One pairing with one peer device. ``paired_at`` is unix ms."""
+    """One pairing with one peer device (and, inbound, one of its apps). ``paired_at`` is unix ms."""
 
     peer_device_id: str
     peer_device_name: str
@@ -170,18 +179,27 @@ class Pairing:
         return pairing
 
 
+InboundSlot = tuple[str, str]
+"""(peer device id, peer app id): the key an inbound pairing is kept under."""
+
+
 class PairingStore:
     """Pairings in memory for the hot path, persisted to ``pairings.json`` (atomic, 0600).
 
-    Reads (``get``, ``list``) are synchronous and never touch the disk. Changes apply in
-    memory at once (a revoked key stops verifying before ``revoke`` even awaits), then the
-    whole store is written off the event loop; writes are serialised so the file always holds
-    the latest state.
+    Inbound pairings (the peer may call us) are kept per (peer device, peer app id); outbound
+    ones (we may call the peer) per peer device. A mutual pairing sits in both: under its
+    ``peer_app_id`` inbound and under the device outbound.
+
+    Reads (``get``, ``credential_for``, ``list``) are synchronous and never touch the disk.
+    Changes apply in memory at once (a revoked key stops verifying before ``revoke`` even
+    awaits), then the whole store is written off the event loop; writes are serialised so the
+    file always holds the latest state.
     """
 
     def __init__(self, path: Path, pairings: Iterable[Pairing] = ()) -> None:
         self.path = Path(path)
-        self._slots: dict[tuple[str, Direction], Pairing] = {}
+        self._inbound: dict[InboundSlot, Pairing] = {}
+        self._outbound: dict[str, Pairing] = {}
         self._write_lock = asyncio.Lock()
         for pairing in pairings:
             self._put(pairing)
@@ -190,8 +208,8 @@ class PairingStore:
     async def load(cls, state_dir: Path, *, self_device_id: str) -> PairingStore:
         """Read ``<state_dir>/pairings.json`` (missing → empty); corrupt → ``PairingStoreError``.
 
-        ``self_device_id`` (this node's device id) is what a version 1 QR pairing signed as; a
-        version 1 file is migrated and rewritten at once.
+        ``self_device_id`` (this node's device id) is what a version 1 QR pairing signed as; an
+        older file is migrated and rewritten at once.
         """
         return await asyncio.to_thread(cls.load_sync, state_dir, self_device_id=self_device_id)
 
@@ -199,30 +217,56 @@ class PairingStore:
     def load_sync(cls, state_dir: Path, *, self_device_id: str) -> PairingStore:
         """``load`` for start-up code that runs before the event loop (a small file, read once)."""
         path = Path(state_dir) / PAIRINGS_FILE
-        pairings, migrated = _read_pairings_file(path, self_device_id)
+        pairings, from_version = _read_pairings_file(path, self_device_id)
         store = cls(path, pairings)
-        if migrated:
+        if from_version != STORE_FORMAT_VERSION:
             _write_pairings_file(path, store._document())
-            logger.info("%s: migrated %d pairing(s) to format version %d", path, len(pairings),
-                        STORE_FORMAT_VERSION)
+            logger.info("%s: migrated %d pairing(s) from format version %d to %d", path, len(pairings),
+                        from_version, STORE_FORMAT_VERSION)
         return store
 
-    def get(self, peer_device_id: str, *, direction: Direction = "inbound") -> Pairing | None:
-        """The pairing the peer may call us with (``inbound``), or that we call it with (``outbound``)."""
-        return self._slots.get((peer_device_id, direction))
+    def get(self, peer_device_id: str, *, direction: Direction = "inbound",
+            app_id: str | None = None) -> Pairing | None:
+        """The pairing the peer may call us with (``inbound``), or that we call it with (``outbound``).
+
+        Inbound pairings are per app: ``app_id`` names the app (the peer's ``X-DVAI-App-Id``).
+        Without it: the pairing of the app named like the device (the reference's fallback, and
+        what a QR pairing binds), else the device's only inbound pairing, else None.
+        """
+        if direction == "outbound":
+            return self._outbound.get(peer_device_id)
+        if app_id is not None:
+            return self._inbound.get((peer_device_id, app_id))
+        exact = self._inbound.get((peer_device_id, peer_device_id))
+        if exact is not None:
+            return exact
+        apps = self.apps_of(peer_device_id)
+        return apps[0] if len(apps) == 1 else None
+
+    def credential_for(self, peer_device_id: str, app_id: str) -> Pairing | None:
+        """The key ``app_id`` on ``peer_device_id`` signs with to call us (signature checks)."""
+        return self._inbound.get((peer_device_id, app_id))
+
+    def apps_of(self, peer_device_id: str) -> builtins.list[Pairing]:
+        """The device's inbound pairings, one per app, ordered by app id."""
+        found = [p for (device, _), p in self._inbound.items() if device == peer_device_id]
+        return sorted(found, key=lambda p: p.peer_app_id or "")
+
+    def knows_device(self, peer_device_id: str) -> bool:
+        """Whether any app of the device may call us."""
+        return any(device == peer_device_id for device, _ in self._inbound)
 
     def list(self) -> builtins.list[Pairing]:
-        """Every pairing, mutual ones once, ordered by peer then role."""
-        unique = {id(p): p for p in self._slots.values()}
-        return sorted(unique.values(), key=lambda p: (p.peer_device_id, p.role))
+        """Every pairing, mutual ones once, ordered by peer, role, then app id."""
+        unique = {id(p): p for p in (*self._inbound.values(), *self._outbound.values())}
+        return sorted(unique.values(), key=lambda p: (p.peer_device_id, p.role, p.peer_app_id or ""))
 
     def __len__(self) -> int:
         return len(self.list())
 
     async def add(self, pairing: Pairing) -> Pairing:
-        """Store ``pairing``, replacing what the peer held in the same direction(s)."""
-        known = any(peer == pairing.peer_device_id for peer, _ in self._slots)
-        if not known and len(self) >= PAIRINGS_MAX:
+        """Store ``pairing``, replacing what the peer (app) held in the same direction(s)."""
+        if not any(current is not None for current in self._current(pairing)) and len(self) >= PAIRINGS_MAX:
             raise ConflictError(f"the pairing store is full ({PAIRINGS_MAX} pairings); revoke some first")
         self._put(pairing)
         # No rollback if the write fails: a concurrent revoke must not be undone, and the
@@ -230,39 +274,63 @@ class PairingStore:
         await self._persist()
         return pairing
 
-    async def revoke(self, peer_device_id: str) -> builtins.list[Pairing]:
-        """Forget every pairing with the peer, at once; NotFoundError when there is none."""
-        removed = [p for p in self.list() if p.peer_device_id == peer_device_id]
-        if not removed:
-            raise NotFoundError(f"no pairing with device '{peer_device_id}'")
-        for direction in ("inbound", "outbound"):
-            self._slots.pop((peer_device_id, direction), None)
+    async def revoke(self, peer_device_id: str, app_id: str | None = None) -> builtins.list[Pairing]:
+        """Forget, at once, every pairing with the peer device (``app_id`` None: all its apps and
+        the outbound pairing) or only the inbound pairing of one of its apps. NotFoundError when
+        there is none. A mutual pairing whose app is revoked keeps its outbound direction."""
+        if app_id is None:
+            removed = [p for p in self.list() if p.peer_device_id == peer_device_id]
+            if not removed:
+                raise NotFoundError(f"no pairing with device '{peer_device_id}'")
+            for slot in [slot for slot in self._inbound if slot[0] == peer_device_id]:
+                del self._inbound[slot]
+            self._outbound.pop(peer_device_id, None)
+        else:
+            current = self._inbound.pop((peer_device_id, app_id), None)
+            if current is None:
+                raise NotFoundError(f"no pairing lets app '{app_id}' on device '{peer_device_id}' call this node")
+            removed = [current]
+            if self._outbound.get(peer_device_id) is current:
+                self._outbound[peer_device_id] = dataclasses.replace(current, role="outbound", peer_app_id=None)
         await self._persist()  # on failure the revocation still holds in memory until restart
         return removed
 
-    async def set_admin(self, peer_device_id: str, admin: bool) -> Pairing:
-        """Allow (or stop allowing) the peer's inbound pairing to call admin endpoints."""
-        current = self.get(peer_device_id)
+    async def set_admin(self, peer_device_id: str, admin: bool, *, app_id: str | None = None) -> Pairing:
+        """Allow (or stop allowing) an inbound pairing of the peer to call admin endpoints
+        (``app_id`` as in ``get``)."""
+        current = self.get(peer_device_id, app_id=app_id)
         if current is None:
             raise NotFoundError(f"no pairing lets device '{peer_device_id}' call this node")
         return await self.add(dataclasses.replace(current, admin=admin))
 
+    def _current(self, pairing: Pairing) -> builtins.list[Pairing | None]:
+        """What ``pairing`` would replace, slot by slot."""
+        found: builtins.list[Pairing | None] = []
+        if pairing.may_call_us:
+            assert pairing.peer_app_id is not None
+            found.append(self._inbound.get((pairing.peer_device_id, pairing.peer_app_id)))
+        if pairing.may_call_peer:
+            found.append(self._outbound.get(pairing.peer_device_id))
+        return found
+
     def _put(self, pairing: Pairing) -> None:
-        new_directions = _ROLE_DIRECTIONS[pairing.role]
-        for direction in new_directions:
-            old = self._slots.pop((pairing.peer_device_id, direction), None)
-            if old is None or old.role != "mutual":
-                continue
-            (other,) = [d for d in _ROLE_DIRECTIONS["mutual"] if d != direction]
-            if other not in new_directions and self._slots.get((pairing.peer_device_id, other)) is old:
+        device = pairing.peer_device_id
+        inbound_slot = (device, pairing.peer_app_id) if pairing.peer_app_id is not None else None
+        if inbound_slot is not None:
+            old = self._inbound.pop(inbound_slot, None)
+            if old is not None and old.role == "mutual" and not pairing.may_call_peer \
+                    and self._outbound.get(device) is old:
                 # a mutual key half-replaced keeps working in the direction not replaced
-                if other == "inbound":
-                    kept = dataclasses.replace(old, role="inbound", our_app_id=None)
-                else:
-                    kept = dataclasses.replace(old, role="outbound", peer_app_id=None)
-                self._slots[(pairing.peer_device_id, other)] = kept
-        for direction in new_directions:
-            self._slots[(pairing.peer_device_id, direction)] = pairing
+                self._outbound[device] = dataclasses.replace(old, role="outbound", peer_app_id=None)
+        if pairing.may_call_peer:
+            old = self._outbound.pop(device, None)
+            if old is not None and old.role == "mutual" and old.peer_app_id is not None:
+                old_slot = (device, old.peer_app_id)
+                if old_slot != inbound_slot and self._inbound.get(old_slot) is old:
+                    self._inbound[old_slot] = dataclasses.replace(old, role="inbound", our_app_id=None)
+            self._outbound[device] = pairing
+        if inbound_slot is not None:
+            self._inbound[inbound_slot] = pairing
 
     def _document(self) -> dict[str, Any]:
         return {"version": STORE_FORMAT_VERSION, "pairings": [p.to_json() for p in self.list()]}
@@ -295,12 +363,15 @@ def _migrate_v1(item: Any, self_device_id: str) -> Any:
     return record
 
 
-def _read_pairings_file(path: Path, self_device_id: str) -> tuple[list[Pairing], bool]:
-    """The stored pairings, and whether they were migrated from an older format."""
+def _read_pairings_file(path: Path, self_device_id: str) -> tuple[list[Pairing], int]:
+    """The stored pairings, and the format version they were read from (a missing file: current).
+
+    Versions 2 and 3 share the record shape: a version 2 file holds at most one inbound pairing
+    per device, which version 3 keeps under its ``peerAppId``."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return [], False
+        return [], STORE_FORMAT_VERSION
     except OSError as exc:
         raise PairingStoreError(f"cannot read {path}: {exc}") from exc
     _tighten_mode(path)
@@ -312,7 +383,7 @@ def _read_pairings_file(path: Path, self_device_id: str) -> tuple[list[Pairing],
     if not isinstance(document, dict) or not isinstance(document.get("pairings"), list):
         raise PairingStoreError(f"{path} has no 'pairings' list; {hint}")
     version = document.get("version")
-    if version not in (1, STORE_FORMAT_VERSION):
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise PairingStoreError(f"{path} has unsupported version {version!r}; {hint}")
     pairings = []
     for index, item in enumerate(document["pairings"]):
@@ -320,7 +391,7 @@ def _read_pairings_file(path: Path, self_device_id: str) -> tuple[list[Pairing],
             pairings.append(Pairing.from_json(_migrate_v1(item, self_device_id) if version == 1 else item))
         except ValueError as exc:
             raise PairingStoreError(f"{path}: pairing #{index} is invalid ({exc}); {hint}") from exc
-    return pairings, version != STORE_FORMAT_VERSION
+    return pairings, int(version)
 
 
 def _write_pairings_file(path: Path, document: dict[str, Any]) -> None:

@@ -236,7 +236,8 @@ def make_security_middleware(
         if any(name in request.headers for name in SIGNED_HEADERS):
             body = await _read_body(request)
             attribution = verify_signed_request(request.headers, request.method, request.raw_path, body,
-                                                lookup_key=store.get, nonces=nonces, now_ms=now_ms())
+                                                lookup_key=store.credential_for, nonces=nonces,
+                                                now_ms=now_ms(), device_known=store.knows_device)
         elif api_keys is not None and (token := bearer_token(request.headers.get("Authorization"))):
             attribution = authenticate_key(api_keys, token, request.path)
         link_peer = arrived_over_link(request)
@@ -247,7 +248,8 @@ def make_security_middleware(
             if not attribution.signed or attribution.peer_device_id != link_peer:
                 raise AuthenticationError("requests over a link must be signed by the linked device",
                                           code="signature_required")
-        pairing = store.get(attribution.peer_device_id) if attribution.signed else None
+        pairing = store.credential_for(attribution.peer_device_id, attribution.app_id) \
+            if attribution.signed else None
         decide_access(policy, paths=_route_paths(request), loopback=loopback, attribution=attribution,
                       admin_peer=pairing is not None and pairing.admin,
                       browser=is_browser_request(request.headers))

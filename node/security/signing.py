@@ -8,8 +8,8 @@ The wire contract (docs/security.md, "Signing spec")::
 
 sent in four headers, all or none: ``X-DVAI-Peer-Device-Id``, ``X-DVAI-App-Id``,
 ``X-DVAI-Nonce``, ``X-DVAI-Signature``. The message does not cover the device or app id:
-the device id selects the key (a wrong one fails the signature) and the app id must equal
-the one bound to the pairing, so neither can be changed in flight.
+the (device id, app id) pair selects the key — each app on a device holds its own — so a
+changed device or app id fails the signature, and one app's key never acts for another.
 """
 
 from __future__ import annotations
@@ -256,15 +256,18 @@ def verify_signed_request(
     path_with_query: str,
     body: bytes,
     *,
-    lookup_key: Callable[[str], SigningCredential | None],
+    lookup_key: Callable[[str, str], SigningCredential | None],
     nonces: NonceCache,
     now_ms: int,
+    device_known: Callable[[str], bool] | None = None,
 ) -> Attribution:
     """Attribute a request: anonymous when unsigned, the peer and app when validly signed.
 
-    ``lookup_key(peer_device_id)`` returns the pairing whose key the peer may use to call us
-    (``PairingStore.get``), or None when unknown or revoked. Raises ``AuthenticationError``
-    (401) with a specific ``code`` for every other case.
+    ``lookup_key(peer_device_id, app_id)`` returns the pairing whose key that app on that
+    device may use to call us (``PairingStore.credential_for``), or None when unknown or
+    revoked. ``device_known(peer_device_id)`` (optional) tells an app that is not paired on a
+    paired device (``app_id_mismatch``) from an unknown device (``unknown_pairing``). Raises
+    ``AuthenticationError`` (401) with a specific ``code`` for every other case.
     """
     values = _signed_header_values(headers)
     if not values:
@@ -287,8 +290,11 @@ def verify_signed_request(
         raise _auth("X-DVAI-Nonce must be '<unix-ms>.<random>' (random: 8-64 of A-Z a-z 0-9 _ -)",
                     "malformed_nonce")
     _check_window(timestamp_ms, now_ms, nonces.window_ms)
-    credential = lookup_key(device_id)
+    credential = lookup_key(device_id, app_id)
     if credential is None:
+        if device_known is not None and device_known(device_id):
+            raise _auth(f"X-DVAI-App-Id names no app paired on device '{device_id}' (each app pairs with its "
+                        "own key; unknown or revoked)", "app_id_mismatch")
         raise _auth(f"no active pairing for device '{device_id}' (unknown or revoked)", "unknown_pairing")
     if credential.peer_app_id is None:
         raise _auth(f"the pairing with device '{device_id}' does not let it call this node (it lets this "
