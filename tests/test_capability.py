@@ -350,8 +350,18 @@ async def test_probe_endpoint_rejects_bad_bodies_and_unknown_models(tmp_path: Pa
 def test_score_json_round_trip_and_garbage_rejected() -> None:
     score = CapabilityScore("m", 42.5, None, 1.5, "0.3.36", "observed", 3)
     assert score.to_json() == {"modelId": "m", "tokPerS": 42.5, "promptTokPerS": None, "measuredAt": 1.5,
-                               "libraryVersion": "0.3.36", "source": "observed", "samples": 3}
+                               "libraryVersion": "0.3.36", "source": "observed", "samples": 3,
+                               "curve": [{"concurrency": 1, "tokPerS": 42.5}]}
     assert CapabilityScore.from_json(score.to_json()) == score
+    old = {key: value for key, value in score.to_json().items() if key != "curve"}  # an older store or peer
+    assert CapabilityScore.from_json(old) == score and score.points == ((1, 42.5),)
+    curved = CapabilityScore("m", 30.0, None, 1.5, "v", "probe", 16, curve=((1, 30.0), (2, 45.0), (4, 60.0)))
+    assert curved.to_json()["curve"] == [{"concurrency": 1, "tokPerS": 30.0}, {"concurrency": 2, "tokPerS": 45.0},
+                                         {"concurrency": 4, "tokPerS": 60.0}]
+    assert CapabilityScore.from_json(curved.to_json()) == curved
+    hostile = {**curved.to_json(), "curve": [{"concurrency": 1, "tokPerS": 30}, {"concurrency": 4, "tokPerS": 5000},
+                                             {"concurrency": 2, "tokPerS": float("nan")}, "x"]}
+    assert CapabilityScore.from_json(hostile).curve == ((1, 30.0), (4, 120.0))  # bounded to linear scaling
     bad: Any
     for bad in ({**score.to_json(), "tokPerS": float("inf")}, {**score.to_json(), "tokPerS": -1},
                 {**score.to_json(), "source": "guess"}, {**score.to_json(), "modelId": ""}, [], None,

@@ -241,7 +241,7 @@ class OffloadRouter:
         if score is None:
             return LocalState(self._device_id, slot.info.id, None, "none", queue_depth=slot.queue_depth)
         return LocalState(self._device_id, slot.info.id, score.tok_per_s, score.source,
-                          queue_depth=slot.queue_depth)
+                          queue_depth=slot.queue_depth, curve=score.points)
 
     def _candidate(self, peer: Peer, model: str, now: float, needs: frozenset[str] = frozenset()) -> PeerCandidate:
         wire = self._wire_model(model, peer)
@@ -265,6 +265,7 @@ class OffloadRouter:
             in_flight=0,
             circuit_open_until=None,
             via=peer.via,
+            curve=peer.capability_curve.get(wire or model, ()),
         )
         return apply_health(candidate, self.health.snapshot(peer.device_id, now))
 
