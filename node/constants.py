@@ -246,10 +246,9 @@ MAX_PEER_WATCH_QUEUE = 256
 CAPABILITY_PROBE_MAX_TOKENS = 1024
 """tokens one probe may ask for; bounds how long a probe holds its model's queue."""
 
-CAPABILITY_PROBE_LEVEL_MIN_TOKENS = 16
+CAPABILITY_PROBE_LEVEL_MIN_TOKENS = 8
 """decode tokens per sequence at least when the probe measures a concurrency level above 1
-(it runs about ``probe_tokens`` in all per level, so a level costs ``probe_tokens ÷ level``
-decode steps, but never fewer than this)."""
+(it runs about ``probe_tokens ÷ 2`` in all per level; see ``node.capability.probe.level_tokens``)."""
 
 CAPABILITY_OBSERVED_ALPHA = 0.25
 """EWMA weight of the newest served decode rate in the local ``observed`` score: a step

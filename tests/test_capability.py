@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -140,8 +141,17 @@ async def test_heuristic_then_probe_over_http_and_reuse_after_restart(
         assert response.status == 200, await response.text()
         probed = await response.json()
         assert set(probed) == {"modelId", "tokPerS", "promptTokPerS", "measuredAt", "libraryVersion",
-                               "source", "samples"}
+                               "source", "samples", "curve"}
         assert probed["source"] == "probe" and probed["samples"] == PROBE_TOKENS and probed["tokPerS"] > 0
+        # The curve: aggregate tok/s at 1, 2 and 4 concurrent sequences (parallel defaults to 4).
+        curve = [(point["concurrency"], point["tokPerS"]) for point in probed["curve"]]
+        print("probed curve (aggregate tok/s by concurrency):", curve)
+        assert [level for level, _ in curve] == [1, 2, 4]
+        assert all(math.isfinite(rate) and rate > 0 for _, rate in curve)
+        assert curve[0][1] == probed["tokPerS"]
+        assert all(rate <= level * curve[0][1] + 1e-6 for level, rate in curve)  # no superlinear claim
+        health = await (await http.get(root + "/v1/dvai/health")).json()
+        assert health["models"][0]["capabilityCurve"] == probed["curve"]  # advertised to peers
 
         after = await node.get_capability("gemma3-270m")
         assert after is not None and after.source == "probe"
@@ -165,6 +175,7 @@ async def test_heuristic_then_probe_over_http_and_reuse_after_restart(
         reused = await restarted.get_capability()
         assert reused is not None and reused.source == "probe"
         assert reused.to_json()["measuredAt"] == probed["measuredAt"]
+        assert reused.to_json()["curve"] == probed["curve"] and len(reused.curve) == 3  # persisted
     assert not [r for r in caplog.records if "capability of" in r.getMessage()], "it probed again"
     assert stored(tmp_path) == record
 

@@ -37,9 +37,13 @@ WARM_UP_TOKENS = 2
 
 
 def level_tokens(tokens: int, level: int) -> int:
-    """Tokens per sequence at concurrency ``level``: about ``tokens`` in all (so a level costs
-    about ``tokens ÷ level`` decode steps), at least ``CAPABILITY_PROBE_LEVEL_MIN_TOKENS`` each."""
-    return max(min(tokens, CAPABILITY_PROBE_LEVEL_MIN_TOKENS), tokens // max(1, level))
+    """Tokens per sequence at concurrency ``level`` > 1: about ``tokens ÷ 2`` in all (a level
+    costs about ``tokens ÷ (2 × level)`` decode steps; the engine samples every sequence, so
+    the probe's cost grows with the tokens of all levels together), at least
+    ``CAPABILITY_PROBE_LEVEL_MIN_TOKENS`` each (and never more than ``tokens``)."""
+    if level <= 1:
+        return tokens
+    return max(min(tokens, CAPABILITY_PROBE_LEVEL_MIN_TOKENS), tokens // (2 * level))
 
 
 async def probe(
