@@ -43,6 +43,7 @@ from node.offload.policy import (
     PolicySettings,
     Reason,
     decide,
+    decode_share,
     local_marginal_rate,
     ranking_score,
 )
@@ -320,3 +321,17 @@ def test_this_device_is_judged_by_its_own_curve_and_load(
         expected = local_marginal_rate(loc)
         assert expected is not None and decision.checked[0].capability_score == pytest.approx(expected)
         assert math.isfinite(decision.checked[0].capability_score or 0.0)
+
+
+@pytest.mark.parametrize(("curve", "concurrency", "expected"), [
+    ((), 4, 1.0),                 # one request at a time: decode speed does not depend on the queue
+    (((1, 40.0),), 4, 1.0),
+    (CPU, 1, 1.0),
+    (CPU, 2, 0.7),                # 56 / 2 / 40
+    (CPU, 4, 0.4),                # 64 / 4 / 40
+    (CPU, 9, 0.4),                # capped at the last level: the others wait for a seat
+    (GPU, 4, 1.0),
+])
+def test_decode_share_table(curve: Curve, concurrency: int, expected: float) -> None:
+    """How a rate observed at a busy peer maps back to its single-stream rate (router feedback)."""
+    assert decode_share(curve, concurrency) == pytest.approx(expected)

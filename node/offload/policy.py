@@ -38,6 +38,7 @@ __all__ = [
     "Reason",
     "SELF_DEVICE_ID",
     "decide",
+    "decode_share",
     "local_marginal_rate",
     "peer_marginal_rate",
     "no_capable_device_body",
@@ -223,6 +224,24 @@ def ranking_score(rate: float, queue_depth: int, in_flight: int, curve: Curve = 
     """
     load = max(0, queue_depth) + max(0, in_flight)
     return marginal_rate(_anchored(curve, rate), load)
+
+
+def decode_share(curve: Curve, concurrency: int) -> float:
+    """Each sequence's decode rate with ``concurrency`` requests at a device, relative to its
+    rate alone, from the (untrusted) curve's shape: how a rate observed there under load maps
+    back to the single-stream rate the curve is anchored at.
+
+    Only the sequences a batching engine decodes together share the steps; requests past its
+    seats wait and then decode at their own full share, so the count is capped at the curve's
+    last level (the seats are at least that many; capping errs toward a lower estimate).
+    A one-point curve (an engine serving one request at a time, or an older peer) gives 1:
+    its decode rate does not depend on the queue.
+    """
+    cleaned = clean_curve(curve) if curve else ()
+    if len(cleaned) < 2:
+        return 1.0
+    sequences = min(max(1, concurrency), cleaned[-1][0])
+    return marginal_rate(cleaned, sequences - 1) / cleaned[0][1]
 
 
 def local_marginal_rate(local: LocalState) -> float | None:

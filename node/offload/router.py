@@ -64,6 +64,7 @@ from .policy import (
     PeerCandidate,
     PolicySettings,
     decide,
+    decode_share,
 )
 from .verify import PeerVerifier, ProbeTarget, measure_decode_rate
 
@@ -346,9 +347,12 @@ class OffloadRouter:
             _safely(self._metrics.offload_started, peer.device_id)
         target = ForwardTarget(peer.device_id, self._links(peer), pairing)
         call = ForwardCall(request.path, body, request.stream, request.request_id or None)
+        # This request's decode share there (it joins the requests queued or running): the
+        # observed rate is folded in as the single-stream rate its curve is anchored at.
+        share = decode_share(candidate.curve, candidate.queue_depth + candidate.in_flight + 1)
         try:
             answer = await self._forwarder.open(
-                target, call, on_finished=lambda done: self._finished(done, attempt, peer, wire, request))
+                target, call, on_finished=lambda done: self._finished(done, attempt, peer, wire, request, share))
         except ForwardFailed as exc:
             self._finish_attempt(attempt, ForwardStatus.FAILED, 0, None)
             log.warning("offload of %s to %s failed before the first byte (%s); trying elsewhere",
@@ -362,11 +366,11 @@ class OffloadRouter:
         return answer
 
     def _finished(self, answer: PeerAnswer, attempt: PeerAttempt, peer: Peer, wire: str,
-                  request: RoutedRequest) -> None:
+                  request: RoutedRequest, share: float = 1.0) -> None:
         """A forwarded answer was closed: account for it, fill the record, log one line."""
         result = answer.result
         rate = result.outcome.decode_tok_per_s
-        self._finish_attempt(attempt, result.status, result.tokens, rate)
+        self._finish_attempt(attempt, result.status, result.tokens, rate / share if rate and share > 0 else rate)
         if request.record is not None:
             request.record.served(peer.device_id, model=wire, prompt_tokens=result.outcome.prompt_tokens,
                                   completion_tokens=result.tokens, first_token_s=result.first_byte_s,
