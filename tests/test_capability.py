@@ -197,6 +197,10 @@ def test_cli_probe_prints_and_persists(tmp_path: Path, default_model: Path) -> N
     assert record[0]["modelId"] == "gemma3-270m" and record[0]["samples"] == 12
     assert record[0]["source"] == "probe" and record[0]["modelSizeBytes"] == default_model.stat().st_size
     assert abs(float(printed.group(1)) - record[0]["tokPerS"]) < 0.06
+    curve = re.search(r"^aggregate tok/s by concurrent sequences: 1: [0-9.]+, 2: [0-9.]+, 4: [0-9.]+$",
+                      result.stdout, re.M)
+    assert curve, result.stdout
+    assert [p["concurrency"] for p in record[0]["curve"]] == [1, 2, 4]
 
 
 # --------------------------------------------------------------------------------------
