@@ -335,3 +335,65 @@ def test_this_device_is_judged_by_its_own_curve_and_load(
 def test_decode_share_table(curve: Curve, concurrency: int, expected: float) -> None:
     """How a rate observed at a busy peer maps back to its single-stream rate (router feedback)."""
     assert decode_share(curve, concurrency) == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------------------
+# The service: served generations refine the point of the level they ran at (a SIMULATED
+# model given 4 seats, so the count of sequences running is set by the test)
+
+
+async def test_served_generations_refine_the_curve_at_their_level(tmp_path: Any) -> None:
+    import json as _json
+
+    from node.capability import CAPABILITY_FILE, CapabilityScore, CapabilityService, CapabilityStore
+    from node.common.ewma import ewma
+    from node.config import ModelConfig, NodeConfig, OffloadConfig
+    from node.constants import CAPABILITY_OBSERVED_ALPHA
+    from node.engine.base import GenerationOutcome, ModelInfo
+    from node.engine.queue import ModelQueue
+    from node.engine.registry import ModelRegistry
+    from node.engine.simulated import SimulatedEngine
+    from node.engine.slot import ModelSlot
+
+    info = ModelInfo(id="sim", path="simulated", ctx_size=512, embedding=False, size_bytes=1000)
+    slot = ModelSlot(SimulatedEngine(info, tok_per_s=100.0), queue_depth=8)
+    slot.parallel, slot.queue = 4, ModelQueue("sim", limit=8, seats=4)
+    registry = ModelRegistry([(ModelConfig(id="sim", engine="simulated"), slot)], "sim")
+    probe = CapabilityScore("sim", 40.0, None, 1.0, "simulated", "probe", 50, curve=CPU)
+    (tmp_path / CAPABILITY_FILE).write_text(_json.dumps({"version": 1, "scores": [
+        {**probe.to_json(), "modelSizeBytes": 1000}]}))
+    config = NodeConfig(state_dir=tmp_path, models=(ModelConfig(id="sim", engine="simulated"),),
+                        offload=OffloadConfig(enabled=True, probe_on_start=False))
+    service = CapabilityService(config, registry, CapabilityStore(tmp_path))
+    announced: list[CapabilityScore] = []
+    service.subscribe(announced.append)
+    await registry.start()
+    await service.start()
+
+    def outcome(rate: float, tokens: int = 21) -> GenerationOutcome:
+        return GenerationOutcome(completion_tokens=tokens, first_token_at=0.0, last_token_at=(tokens - 1) / rate)
+
+    try:
+        assert service.get_capability() == probe and service.curves() == {"sim": CPU}
+        async with slot.queue.turn(2):  # two sequences running: this generation is a level-2 sample
+            service._on_outcome(info, outcome(20.0))
+        score = service.get_capability()
+        assert score is not None and score.source == "observed"
+        # the level-2 point moved toward 20 × 2 = 40 aggregate; the others kept the probe's figures
+        expected = {1: 40.0, 2: ewma(56.0, 40.0, CAPABILITY_OBSERVED_ALPHA), 4: 64.0}
+        assert dict(score.points) == pytest.approx(expected) and expected[2] == pytest.approx(52.0)
+        assert announced and announced[-1] == score  # 56 → 52 moved more than 5 %: re-advertised
+        async with slot.queue.turn(3):  # three running: not a level the curve has, ignored
+            service._on_outcome(info, outcome(5.0))
+        assert service.get_capability() == score
+        async with slot.queue.turn(1):  # alone: the single-stream point, and tok_per_s with it
+            service._on_outcome(info, outcome(60.0))
+        alone = service.get_capability()
+        assert alone is not None and alone.tok_per_s == pytest.approx(45.0) and alone.points[0][1] == alone.tok_per_s
+        assert alone.samples == 2
+        async with slot.queue.turn(4):
+            service._on_outcome(info, outcome(10.0, tokens=4))  # too short to count
+        assert service.get_capability() == alone
+    finally:
+        await service.stop()
+        await registry.stop()
