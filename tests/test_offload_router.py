@@ -167,7 +167,11 @@ async def test_a_peer_reported_curve_and_load_set_its_marginal_rate(world: World
     assert peer_marginal_rate(candidate, 40.0) == 16.0  # the old rate / (1 + 3) would say 10
     decision = world.router.decide(OffloadMode.PREFER, "sim")
     assert decision.action is OffloadAction.FORWARD  # 16 > this device's 2 tok/s (SIMULATED)
+    # A probe or forwarded stream sent there now decodes at 64 / 4 ÷ 40 = 0.4 of the single-stream
+    # rate: measured rates are divided by that share before they are kept.
+    assert world.router._decode_share(world.peer_id, "sim") == pytest.approx(0.4)
     # The same peer without a curve (an older node): rate / (1 + queue), as before.
     world.add_peer(queue=3)
     flat = world.router._candidate(world.table.get(world.peer_id), "sim", world.now)  # type: ignore[arg-type]
     assert flat.curve == () and peer_marginal_rate(flat, 40.0) == 10.0
+    assert world.router._decode_share(world.peer_id, "sim") == 1.0

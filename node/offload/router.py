@@ -173,10 +173,15 @@ class OffloadRouter:
         self._forwarder = Forwarder(device_id=device_id, settings=ForwardSettings.from_config(config))
 
         async def measure(target: ProbeTarget) -> tuple[float | None, int]:
-            return await measure_decode_rate(target, self_device_id=device_id,
-                                             time_limit=offload.verify_timeout,
-                                             connect_timeout=offload.forward_connect_timeout,
-                                             give_up_below=offload.min_local_capability or None)
+            # A batching peer decodes the probe alongside the requests it is running: the rate
+            # measured is its share at that concurrency, mapped back to the single-stream rate.
+            share = self._decode_share(target.device_id, target.model)
+            threshold = offload.min_local_capability * share
+            rate, tokens = await measure_decode_rate(target, self_device_id=device_id,
+                                                     time_limit=offload.verify_timeout,
+                                                     connect_timeout=offload.forward_connect_timeout,
+                                                     give_up_below=threshold or None)
+            return (None if rate is None else rate / share), tokens
 
         self.verifier = PeerVerifier(measure, on_unreachable=self._probe_unreachable, clock=clock)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -326,6 +331,13 @@ class OffloadRouter:
             targets = self._probe_targets((device_id,), model)
             for target in targets:
                 self.verifier.start(target)
+
+    def _decode_share(self, device_id: str, model: str) -> float:
+        """A new request's decode share at the peer now (its claimed curve, its known load)."""
+        peer = self._peers.get(device_id)
+        curve = peer.capability_curve.get(model, ()) if peer is not None else ()
+        snapshot = self.health.snapshot(device_id, self._clock())
+        return decode_share(curve, snapshot.queue_depth_others + snapshot.in_flight + 1)
 
     def _probe_unreachable(self, device_id: str) -> None:
         """A probe could not reach the peer: skip it like a failed request would."""
