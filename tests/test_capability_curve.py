@@ -46,6 +46,7 @@ from node.offload.policy import (
     decode_share,
     local_marginal_rate,
     ranking_score,
+    single_stream_rate,
 )
 
 CPU: Curve = ((1, 40.0), (2, 56.0), (4, 64.0))
@@ -335,6 +336,20 @@ def test_this_device_is_judged_by_its_own_curve_and_load(
 def test_decode_share_table(curve: Curve, concurrency: int, expected: float) -> None:
     """How a rate observed at a busy peer maps back to its single-stream rate (router feedback)."""
     assert decode_share(curve, concurrency) == pytest.approx(expected)
+
+
+
+@pytest.mark.parametrize(("measured", "share", "best", "expected"), [
+    (16.0, 0.4, 40.0, 40.0),      # an honest CPU peer busy with 3: back to the 40 it delivered idle
+    (16.0, 0.4, None, 16.0),      # never measured higher: a claim cannot lift it
+    (16.0, 0.4, 20.0, 20.0),
+    (10.0, 0.25, 10.0, 10.0),     # a peer claiming to be busy with a flat curve gains nothing
+    (30.0, 1.0, 40.0, 30.0),      # idle (or one-point): as measured, even below its best
+    (30.0, 0.0, 40.0, 30.0),      # a broken share is ignored
+])
+def test_single_stream_rate_table(measured: float, share: float, best: float | None, expected: float) -> None:
+    assert single_stream_rate(measured, share, best) == pytest.approx(expected)
+
 
 
 # --------------------------------------------------------------------------------------

@@ -170,6 +170,10 @@ async def test_a_peer_reported_curve_and_load_set_its_marginal_rate(world: World
     # A probe or forwarded stream sent there now decodes at 64 / 4 ÷ 40 = 0.4 of the single-stream
     # rate: measured rates are divided by that share before they are kept.
     assert world.router._decode_share(world.peer_id, "sim") == pytest.approx(0.4)
+    # Such a measurement is lifted by the share only up to the best rate measured there before.
+    assert world.router._single_stream(world.peer_id, "sim", 16.0, 0.4) == 16.0  # nothing better measured yet
+    assert world.router._single_stream(world.peer_id, "sim", 40.0, 1.0) == 40.0  # measured idle
+    assert world.router._single_stream(world.peer_id, "sim", 16.0, 0.4) == pytest.approx(40.0)
     # The same peer without a curve (an older node): rate / (1 + queue), as before.
     world.add_peer(queue=3)
     flat = world.router._candidate(world.table.get(world.peer_id), "sim", world.now)  # type: ignore[arg-type]

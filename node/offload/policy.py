@@ -39,6 +39,7 @@ __all__ = [
     "SELF_DEVICE_ID",
     "decide",
     "decode_share",
+    "single_stream_rate",
     "local_marginal_rate",
     "peer_marginal_rate",
     "no_capable_device_body",
@@ -242,6 +243,19 @@ def decode_share(curve: Curve, concurrency: int) -> float:
         return 1.0
     sequences = min(max(1, concurrency), cleaned[-1][0])
     return marginal_rate(cleaned, sequences - 1) / cleaned[0][1]
+
+
+def single_stream_rate(measured: float, share: float, best_measured: float | None) -> float:
+    """The single-stream rate a peer's curve is anchored at, from a rate ``measured`` there while
+    this request's decode ``share`` was below 1 (``decode_share``), never above the best rate
+    actually measured there (``best_measured``, this one included).
+
+    ``share`` comes from the peer's own claims (its curve and its reported load), so it may
+    only explain a low measurement, never lift a peer above what it has delivered to us: a
+    peer claiming to be busy with a flat curve gains nothing."""
+    if not (share > 0 and math.isfinite(measured)):
+        return measured
+    return min(measured / share, max(measured, best_measured or 0.0))
 
 
 def local_marginal_rate(local: LocalState) -> float | None:

@@ -31,14 +31,16 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from node.common.errors import DVAIError
 from node.config import NodeConfig
-from node.constants import VERIFY_REFRESH_FRACTION
+from node.constants import MAX_VERIFICATIONS, VERIFY_REFRESH_FRACTION
 from node.discovery.peers import Peer, PeerChange, PeerChangeKind, PeerTable
 from node.engine.record import RequestRecord
 from node.engine.registry import ModelRegistry
@@ -65,6 +67,7 @@ from .policy import (
     PolicySettings,
     decide,
     decode_share,
+    single_stream_rate,
 )
 from .verify import PeerVerifier, ProbeTarget, measure_decode_rate
 
@@ -181,9 +184,11 @@ class OffloadRouter:
                                                      time_limit=offload.verify_timeout,
                                                      connect_timeout=offload.forward_connect_timeout,
                                                      give_up_below=threshold or None)
-            return (None if rate is None else rate / share), tokens
+            return (None if rate is None else self._single_stream(target.device_id, target.model, rate, share)), tokens
 
         self.verifier = PeerVerifier(measure, on_unreachable=self._probe_unreachable, clock=clock)
+        self._best_measured: OrderedDict[tuple[str, str], float] = OrderedDict()
+        """per (peer, model): the highest decode rate measured there (verification or forwarding)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: Callable[[], None] | None = None
 
@@ -339,6 +344,19 @@ class OffloadRouter:
         snapshot = self.health.snapshot(device_id, self._clock())
         return decode_share(curve, snapshot.queue_depth_others + snapshot.in_flight + 1)
 
+    def _single_stream(self, device_id: str, model: str, rate: float, share: float) -> float:
+        """``rate`` measured at the peer with decode ``share``, as its single-stream rate (bounded by
+        the best rate measured there: see ``single_stream_rate``); remembers the best."""
+        key = (device_id, model)
+        best = self._best_measured.get(key)
+        estimate = single_stream_rate(rate, share, best)
+        if math.isfinite(rate) and rate > 0:
+            self._best_measured[key] = max(rate, best or 0.0)
+            self._best_measured.move_to_end(key)
+            while len(self._best_measured) > MAX_VERIFICATIONS:
+                self._best_measured.popitem(last=False)
+        return estimate
+
     def _probe_unreachable(self, device_id: str) -> None:
         """A probe could not reach the peer: skip it like a failed request would."""
         self.health.get(device_id).breaker.record_failure(self._clock())
@@ -382,7 +400,8 @@ class OffloadRouter:
         """A forwarded answer was closed: account for it, fill the record, log one line."""
         result = answer.result
         rate = result.outcome.decode_tok_per_s
-        self._finish_attempt(attempt, result.status, result.tokens, rate / share if rate and share > 0 else rate)
+        single = self._single_stream(peer.device_id, wire, rate, share) if rate else rate
+        self._finish_attempt(attempt, result.status, result.tokens, single)
         if request.record is not None:
             request.record.served(peer.device_id, model=wire, prompt_tokens=result.outcome.prompt_tokens,
                                   completion_tokens=result.tokens, first_token_s=result.first_byte_s,
