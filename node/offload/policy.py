@@ -39,12 +39,12 @@ __all__ = [
     "SELF_DEVICE_ID",
     "decide",
     "decode_share",
-    "single_stream_rate",
     "local_marginal_rate",
-    "peer_marginal_rate",
     "no_capable_device_body",
     "parse_offload_header",
+    "peer_marginal_rate",
     "ranking_score",
+    "single_stream_rate",
 ]
 
 SELF_DEVICE_ID = "self"
