@@ -246,6 +246,10 @@ MAX_PEER_WATCH_QUEUE = 256
 CAPABILITY_PROBE_MAX_TOKENS = 1024
 """tokens one probe may ask for; bounds how long a probe holds its model's queue."""
 
+CAPABILITY_PROBE_LEVEL_MIN_TOKENS = 8
+"""decode tokens per sequence at least when the probe measures a concurrency level above 1
+(it runs about ``probe_tokens ÷ 2`` in all per level; see ``node.capability.probe.level_tokens``)."""
+
 CAPABILITY_OBSERVED_ALPHA = 0.25
 """EWMA weight of the newest served decode rate in the local ``observed`` score: a step
 change is 90 % reflected after 8 requests (1 − 0.75⁸), while one odd request moves the
@@ -257,6 +261,12 @@ are told; smaller drifts from served traffic would only cause multicast churn.""
 
 CAPABILITY_MAX_TOK_PER_S = 100_000.0
 """tok/s above which a rate is treated as garbage (from disk or a broken timer)."""
+
+CAPABILITY_CURVE_MAX_POINTS = 8
+"""points kept from a capability curve (aggregate tok/s by concurrency) another device sends us."""
+
+CAPABILITY_CURVE_MAX_CONCURRENCY = 256
+"""highest concurrency level accepted in a capability curve."""
 
 CAPABILITY_STORE_MAX_ENTRIES = 256
 """(model id, library version) scores kept in capability.json; the oldest go first."""

@@ -152,6 +152,7 @@ class Node:
                 port=port,
                 loaded_models=tuple(s.info.id for s in registry.slots() if s.state == "ready"),
                 capability=capability.snapshot() if capability is not None and capability.enabled else {},
+                capability_curve=capability.curves() if capability is not None and capability.enabled else {},
                 queue_depth={s.info.id: s.queue_depth for s in registry.slots()},
                 addresses=() if wildcard else (config.http_bind_host,),
             )

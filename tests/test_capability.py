@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -140,8 +141,17 @@ async def test_heuristic_then_probe_over_http_and_reuse_after_restart(
         assert response.status == 200, await response.text()
         probed = await response.json()
         assert set(probed) == {"modelId", "tokPerS", "promptTokPerS", "measuredAt", "libraryVersion",
-                               "source", "samples"}
+                               "source", "samples", "curve"}
         assert probed["source"] == "probe" and probed["samples"] == PROBE_TOKENS and probed["tokPerS"] > 0
+        # The curve: aggregate tok/s at 1, 2 and 4 concurrent sequences (parallel defaults to 4).
+        curve = [(point["concurrency"], point["tokPerS"]) for point in probed["curve"]]
+        print("probed curve (aggregate tok/s by concurrency):", curve)
+        assert [level for level, _ in curve] == [1, 2, 4]
+        assert all(math.isfinite(rate) and rate > 0 for _, rate in curve)
+        assert curve[0][1] == probed["tokPerS"]
+        assert all(rate <= level * curve[0][1] + 1e-6 for level, rate in curve)  # no superlinear claim
+        health = await (await http.get(root + "/v1/dvai/health")).json()
+        assert health["models"][0]["capabilityCurve"] == probed["curve"]  # advertised to peers
 
         after = await node.get_capability("gemma3-270m")
         assert after is not None and after.source == "probe"
@@ -165,6 +175,7 @@ async def test_heuristic_then_probe_over_http_and_reuse_after_restart(
         reused = await restarted.get_capability()
         assert reused is not None and reused.source == "probe"
         assert reused.to_json()["measuredAt"] == probed["measuredAt"]
+        assert reused.to_json()["curve"] == probed["curve"] and len(reused.curve) == 3  # persisted
     assert not [r for r in caplog.records if "capability of" in r.getMessage()], "it probed again"
     assert stored(tmp_path) == record
 
@@ -186,6 +197,10 @@ def test_cli_probe_prints_and_persists(tmp_path: Path, default_model: Path) -> N
     assert record[0]["modelId"] == "gemma3-270m" and record[0]["samples"] == 12
     assert record[0]["source"] == "probe" and record[0]["modelSizeBytes"] == default_model.stat().st_size
     assert abs(float(printed.group(1)) - record[0]["tokPerS"]) < 0.06
+    curve = re.search(r"^aggregate tok/s by concurrent sequences: 1: [0-9.]+, 2: [0-9.]+, 4: [0-9.]+$",
+                      result.stdout, re.M)
+    assert curve, result.stdout
+    assert [p["concurrency"] for p in record[0]["curve"]] == [1, 2, 4]
 
 
 # --------------------------------------------------------------------------------------
@@ -350,8 +365,18 @@ async def test_probe_endpoint_rejects_bad_bodies_and_unknown_models(tmp_path: Pa
 def test_score_json_round_trip_and_garbage_rejected() -> None:
     score = CapabilityScore("m", 42.5, None, 1.5, "0.3.36", "observed", 3)
     assert score.to_json() == {"modelId": "m", "tokPerS": 42.5, "promptTokPerS": None, "measuredAt": 1.5,
-                               "libraryVersion": "0.3.36", "source": "observed", "samples": 3}
+                               "libraryVersion": "0.3.36", "source": "observed", "samples": 3,
+                               "curve": [{"concurrency": 1, "tokPerS": 42.5}]}
     assert CapabilityScore.from_json(score.to_json()) == score
+    old = {key: value for key, value in score.to_json().items() if key != "curve"}  # an older store or peer
+    assert CapabilityScore.from_json(old) == score and score.points == ((1, 42.5),)
+    curved = CapabilityScore("m", 30.0, None, 1.5, "v", "probe", 16, curve=((1, 30.0), (2, 45.0), (4, 60.0)))
+    assert curved.to_json()["curve"] == [{"concurrency": 1, "tokPerS": 30.0}, {"concurrency": 2, "tokPerS": 45.0},
+                                         {"concurrency": 4, "tokPerS": 60.0}]
+    assert CapabilityScore.from_json(curved.to_json()) == curved
+    hostile = {**curved.to_json(), "curve": [{"concurrency": 1, "tokPerS": 30}, {"concurrency": 4, "tokPerS": 5000},
+                                             {"concurrency": 2, "tokPerS": float("nan")}, "x"]}
+    assert CapabilityScore.from_json(hostile).curve == ((1, 30.0), (4, 120.0))  # bounded to linear scaling
     bad: Any
     for bad in ({**score.to_json(), "tokPerS": float("inf")}, {**score.to_json(), "tokPerS": -1},
                 {**score.to_json(), "source": "guess"}, {**score.to_json(), "modelId": ""}, [], None,

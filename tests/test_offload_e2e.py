@@ -36,6 +36,7 @@ from .conftest import NodeProcess, start_node_process
 from .offload_support import (
     PEERS_FILE_ENV,
     InconclusiveStubPeer,
+    StreamResult,
     chat,
     device_id_for,
     node_config,
@@ -498,10 +499,18 @@ async def test_a_ring_of_nodes_that_all_prefer_never_loops(tmp_path: Path) -> No
             await wait_until(ring_visible, 10)
             await asyncio.gather(*(pair(session, nodes[n].root, nodes[successor[n]].base_url) for n in names))
             # max_tokens 6: under the 8 tokens that update a node's observed speed, so each
-            # keeps believing it is slow while it serves its predecessor's requests.
-            requests = [post_stream(session, nodes[n].base_url + "/chat/completions", chat("ring", max_tokens=6))
-                        for n in names for _ in range(3)]
-            results = await asyncio.gather(*requests)
+            # keeps believing it is slow while it serves its predecessor's requests. Each node
+            # sends its three one after another (the three nodes at once): the policy ranks by
+            # the rate a new request would get, and the verification probe a node serves for its
+            # predecessor (32 tokens) lifts its own observed speed to 0.25 × 60 + 0.75 × 1 ≈ 15.8
+            # tok/s, so with three of ours already queued at the successor (60 / 4 = 15) keeping
+            # the request would be the right call, not a loop; one at a time keeps every request
+            # on the ring's path.
+            async def send_three(n: str) -> list[StreamResult]:
+                return [await post_stream(session, nodes[n].base_url + "/chat/completions",
+                                          chat("ring", max_tokens=6)) for _ in range(3)]
+
+            results = [r for batch in await asyncio.gather(*(send_three(n) for n in names)) for r in batch]
             served = [r.served_by for r in results]
             assert served == [ids[successor[n]] for n in names for _ in range(3)]
             assert all(r.status == 200 and r.text == expected_words(6) for r in results)

@@ -440,7 +440,10 @@ def qualifies(p: PeerCandidate, local_cap: float | None, model: str) -> bool:
         and NOW - p.observed_at <= SETTINGS.observed_max_age
     rate = p.observed_tok_per_s if fresh_obs else p.verified_tok_per_s
     assert rate is not None
-    return rate >= SETTINGS.min_local_capability and rate > (local_cap or 0.0)
+    # faster than local: what a new request would get there (one-point curve: the rate shared
+    # with the requests already there) beats what it would get here (idle: the local rate)
+    share = rate / (1 + p.queue_depth + p.in_flight)
+    return rate >= SETTINGS.min_local_capability and share > (local_cap or 0.0)
 
 
 @settings(max_examples=300, deadline=None)

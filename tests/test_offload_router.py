@@ -51,12 +51,13 @@ class World:
         self.router.verifier = PeerVerifier(measure, clock=lambda: self.now)
 
     def add_peer(self, *, models: tuple[str, ...] = ("sim",), claim: float | None = 30.0,
-                 proven: bool = True) -> None:
+                 proven: bool = True, queue: int = 0, curve: tuple[tuple[int, float], ...] = ()) -> None:
         url = "http://127.0.0.1:9/v1"
         capability = {m: claim for m in models} if claim is not None else {}
         self.table.observe(PeerClaim(self.peer_id, url, "static", loaded_models=models, capability=capability))
-        self.table.health_ok(self.peer_id, url, HealthReport(self.peer_id, "ok", loaded_models=models,
-                                                             queue_depth={m: 0 for m in models}, proven=proven))
+        self.table.health_ok(self.peer_id, url, HealthReport(
+            self.peer_id, "ok", loaded_models=models, queue_depth={m: queue for m in models}, proven=proven,
+            capability_curve={m: curve for m in models} if curve else {}))
 
     async def pair(self) -> None:
         await self.pairings.add(Pairing(self.peer_id, "peer", bytes(32), "lan-handshake", 0, "outbound",
@@ -149,3 +150,32 @@ async def test_a_stale_verification_is_probed_again(world: World) -> None:
     decision = world.router.decide(OffloadMode.PREFER, "sim")
     assert decision.action is OffloadAction.LOCAL and decision.checked[1].reason is Reason.VERIFICATION_STALE
     assert decision.needs_verification == (world.peer_id,)
+
+
+async def test_a_peer_reported_curve_and_load_set_its_marginal_rate(world: World) -> None:
+    # Measured by us at 40 tok/s; its health answer reports 3 requests running and a CPU-like
+    # curve (aggregate 40, 56, 64 at 1, 2, 4). A new request there would get 64 / 4 = 16 tok/s.
+    world.add_peer(queue=3, curve=((1, 40.0), (2, 56.0), (4, 64.0)))
+    await world.pair()
+    await world.router.verifier.verify([ProbeTarget(world.peer_id, "http://x/v1", world.pairings.list()[0],
+                                                    "sim")], wait=1)
+    world.router._record_report(world.table.get(world.peer_id))  # type: ignore[arg-type]
+    candidate = world.router._candidate(world.table.get(world.peer_id), "sim", world.now)  # type: ignore[arg-type]
+    assert candidate.curve == ((1, 40.0), (2, 56.0), (4, 64.0)) and candidate.queue_depth == 3
+    from node.offload.policy import peer_marginal_rate
+
+    assert peer_marginal_rate(candidate, 40.0) == 16.0  # the old rate / (1 + 3) would say 10
+    decision = world.router.decide(OffloadMode.PREFER, "sim")
+    assert decision.action is OffloadAction.FORWARD  # 16 > this device's 2 tok/s (SIMULATED)
+    # A probe or forwarded stream sent there now decodes at 64 / 4 ÷ 40 = 0.4 of the single-stream
+    # rate: measured rates are divided by that share before they are kept.
+    assert world.router._decode_share(world.peer_id, "sim") == pytest.approx(0.4)
+    # Such a measurement is lifted by the share only up to the best rate measured there before.
+    assert world.router._single_stream(world.peer_id, "sim", 16.0, 0.4) == 16.0  # nothing better measured yet
+    assert world.router._single_stream(world.peer_id, "sim", 40.0, 1.0) == 40.0  # measured idle
+    assert world.router._single_stream(world.peer_id, "sim", 16.0, 0.4) == pytest.approx(40.0)
+    # The same peer without a curve (an older node): rate / (1 + queue), as before.
+    world.add_peer(queue=3)
+    flat = world.router._candidate(world.table.get(world.peer_id), "sim", world.now)  # type: ignore[arg-type]
+    assert flat.curve == () and peer_marginal_rate(flat, 40.0) == 10.0
+    assert world.router._decode_share(world.peer_id, "sim") == 1.0

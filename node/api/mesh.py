@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from ..capability import CapabilityDisabledError, CapabilityService, check_probe_tokens
+from ..capability.curve import curve_to_json
 from ..common.errors import InvalidRequestError
 from ..constants import CAPABILITY_MODEL_ID_MAX_CHARS
 from ..context import CONTEXT, NodeContext
@@ -34,6 +35,8 @@ def health_body(context: NodeContext) -> dict[str, Any]:
         status = "loading"
     else:
         status = "failed" if len(failed) == len(registry.slots()) else "degraded"
+    service = context.capability
+    curves = service.curves() if service is not None and service.enabled else {}
     models = [
         {
             "id": slot.info.id,
@@ -45,6 +48,7 @@ def health_body(context: NodeContext) -> dict[str, Any]:
             "serves": list(slot.info.serves),
             "keepAliveLeftS": _rounded(slot.keep_alive_left(now)),
             "features": list(slot.info.features),
+            **({"capabilityCurve": curve_to_json(curves[slot.info.id])} if slot.info.id in curves else {}),
             **({"error": slot.error} if slot.error else {}),
         }
         for slot in registry.slots()

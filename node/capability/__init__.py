@@ -13,6 +13,11 @@ source:
   exponentially weighted moving average that starts from the probe figure, so the score
   follows thermal throttling and other load (``service.py``).
 
+A score also carries a *curve* (``curve.py``): the aggregate tok/s at concurrency 1, 2 and
+4 (capped at the model's ``parallel``), measured by the probe on a batching engine and
+refined per level by observed generations. ``marginal_rate(curve, running)`` is the rate a
+new request would get next to ``running`` others: what the offload router ranks by.
+
 Integration: the node builds one :class:`CapabilityService`, awaits ``start()`` after the
 model registry has started (it never waits for a probe) and ``stop()`` before the
 registry stops. With ``offload.enabled = false`` the service keeps no scores (the
@@ -22,6 +27,7 @@ explicit ``run_probe`` (``dvai-node probe``) measures.
 
 from __future__ import annotations
 
+from .curve import Curve, clean_curve, marginal_rate, scale_curve
 from .probe import PROBE_PROMPT, check_probe_tokens, probe, score_from_outcome
 from .score import (
     CapabilityDisabledError,
@@ -44,15 +50,19 @@ __all__ = [
     "CapabilityScore",
     "CapabilityService",
     "CapabilityStore",
+    "Curve",
     "ScoreListener",
     "ScoreSource",
     "changed_enough",
     "check_probe_tokens",
+    "clean_curve",
     "heuristic_tok_per_s",
     "library_version_for",
+    "marginal_rate",
     "measure_copy_bandwidth",
     "probe",
     "probe_disturbance",
+    "scale_curve",
     "prompt_rate",
     "score_from_outcome",
 ]

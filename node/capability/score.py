@@ -18,6 +18,7 @@ from ..constants import (
     PROBE_UNEVEN_RATIO,
 )
 from ..engine.base import Engine
+from .curve import Curve, curve_from_json, curve_to_json, single_point
 
 ScoreSource = Literal["probe", "heuristic", "observed"]
 
@@ -65,6 +66,14 @@ class CapabilityScore:
     source: ScoreSource
     samples: int = 0
     """tokens timed (probe), generations averaged (observed), 0 for a heuristic."""
+    curve: Curve = ()
+    """aggregate tok/s at concurrency 1, 2, 4 (capped at the model's ``parallel``); empty when
+    only one stream was measured (an older store or peer): see :attr:`points`."""
+
+    @property
+    def points(self) -> Curve:
+        """The curve, or one point at concurrency 1 (``tok_per_s``) when none was measured."""
+        return self.curve or single_point(self.tok_per_s)
 
     def to_json(self) -> dict[str, Any]:
         prompt = self.prompt_tok_per_s
@@ -76,6 +85,7 @@ class CapabilityScore:
             "libraryVersion": self.library_version,
             "source": self.source,
             "samples": self.samples,
+            "curve": curve_to_json(self.points),
         }
 
     @classmethod
@@ -94,6 +104,7 @@ class CapabilityScore:
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
             raise ValueError("samples must be a non-negative integer")
         prompt = data.get("promptTokPerS")
+        curve = curve_from_json(data.get("curve"))  # absent (an older store or peer): one point
         return cls(
             model_id=model_id,
             tok_per_s=_rate(data.get("tokPerS"), "tokPerS"),
@@ -102,6 +113,7 @@ class CapabilityScore:
             library_version=version,
             source=source,
             samples=samples,
+            curve=curve if len(curve) > 1 else (),
         )
 
 

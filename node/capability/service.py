@@ -11,13 +11,17 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from ..common.errors import DVAIError
-from ..common.ewma import ewma
 from ..config import NodeConfig
-from ..constants import CAPABILITY_OBSERVED_ALPHA, OBSERVED_MIN_TOKENS, PROBE_RETRY_DELAYS_S
+from ..constants import (
+    CAPABILITY_OBSERVED_ALPHA,
+    OBSERVED_MIN_TOKENS,
+    PROBE_RETRY_DELAYS_S,
+)
 from ..engine.base import GenerationOutcome, ModelInfo
 from ..engine.registry import ModelRegistry
 from ..engine.simulated import SimulatedEngine
 from ..engine.slot import ModelSlot, SlotState
+from .curve import Curve, curve_levels, refine_curve
 from .probe import check_probe_tokens, probe
 from .score import (
     DEFAULT_COPY_BANDWIDTH,
@@ -72,7 +76,7 @@ class CapabilityService:
         self._bandwidth: float | None = None
         self._heuristics: dict[str, CapabilityScore] = {}
         self._observed: dict[str, CapabilityScore] = {}
-        self._announced: dict[str, float] = {}
+        self._announced: dict[str, Curve] = {}
         self._listeners: list[ScoreListener] = []
         self._inflight: dict[tuple[str, int], asyncio.Task[CapabilityScore]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -95,7 +99,7 @@ class CapabilityService:
             slot.add_listener(self._on_outcome)
             score = self._current(slot)
             if score is not None:
-                self._announced[slot.info.id] = score.tok_per_s
+                self._announced[slot.info.id] = score.points
         self._listening = True
         if self.config.offload.probe_on_start:
             self._spawn(self._probe_missing(), "capability-probe-on-start")
@@ -129,6 +133,10 @@ class CapabilityService:
     def snapshot(self) -> dict[str, float]:
         """Model id → tok/s, rounded, for mDNS advertising."""
         return {model_id: round(score.tok_per_s, 2) for model_id, score in self.scores().items()}
+
+    def curves(self) -> dict[str, Curve]:
+        """Model id → capability curve (one point when only a single stream was measured)."""
+        return {model_id: score.points for model_id, score in self.scores().items()}
 
     def subscribe(self, listener: ScoreListener) -> Callable[[], None]:
         """Call ``listener`` when a score changes materially; returns the unsubscribe function."""
@@ -183,8 +191,9 @@ class CapabilityService:
         self.store.put(score, slot.info.size_bytes)
         self._observed.pop(slot.info.id, None)  # a fresh probe restarts the observed average
         await self._save()
-        log.info("capability of %s: %.1f tok/s (probe of %d tokens)", score.model_id, score.tok_per_s,
-                 score.samples)
+        log.info("capability of %s: %.1f tok/s (probe of %d tokens); aggregate by concurrency: %s",
+                 score.model_id, score.tok_per_s, score.samples,
+                 ", ".join(f"{level}: {rate:.1f}" for level, rate in score.points))
         self._announce(score, force=True)
 
     async def _probe_missing(self) -> None:
@@ -235,23 +244,36 @@ class CapabilityService:
 
     # -- served traffic ------------------------------------------------------------
     def _on_outcome(self, info: ModelInfo, outcome: GenerationOutcome) -> None:
-        """Slot listener (event loop): fold a served generation's decode rate into the EWMA."""
+        """Slot listener (event loop): fold a served generation's decode rate into the curve.
+
+        The generation is attributed to the concurrency level equal to the sequences running
+        on the model when it finished (its own included): its rate times that count is a
+        sample of the aggregate rate there, folded into that point's EWMA (which starts from
+        the probe's figure). Levels the probe does not measure (3, or past 4) are not used.
+        """
         if not self._listening or outcome.completion_tokens < OBSERVED_MIN_TOKENS:
             return
         rate = outcome.decode_tok_per_s
         if rate is None or not plausible_rate(rate):
             return
+        try:
+            slot = self.registry.resolve(info.id)
+        except DVAIError:
+            return
+        level = max(1, slot.active_sequences)
+        if level not in curve_levels(slot.parallel):
+            return
         previous = self._observed.get(info.id)
-        if previous is None:
-            base = self.store.get(info.id, self._version(info.id), info.size_bytes)
-            value = ewma(None if base is None else base.tok_per_s, rate, CAPABILITY_OBSERVED_ALPHA)
-            prompt, samples = (None if base is None else base.prompt_tok_per_s), 1
-        else:
-            value = ewma(previous.tok_per_s, rate, CAPABILITY_OBSERVED_ALPHA)
-            prompt, samples = previous.prompt_tok_per_s, previous.samples + 1
+        base = previous if previous is not None else self.store.get(info.id, self._version(info.id), info.size_bytes)
+        updated = refine_curve(base.points if base is not None else (), level, rate, CAPABILITY_OBSERVED_ALPHA)
+        if not updated:
+            return  # a concurrent sample with no single-stream figure to anchor it to
         score = CapabilityScore(
-            model_id=info.id, tok_per_s=value, prompt_tok_per_s=prompt, measured_at=self._now(),
-            library_version=self._version(info.id), source="observed", samples=samples,
+            model_id=info.id, tok_per_s=updated[0][1],
+            prompt_tok_per_s=None if base is None else base.prompt_tok_per_s, measured_at=self._now(),
+            library_version=self._version(info.id), source="observed",
+            samples=1 if previous is None else previous.samples + 1,
+            curve=updated if len(updated) > 1 else (),
         )
         self._observed[info.id] = score
         self._announce(score)
@@ -318,9 +340,9 @@ class CapabilityService:
                 log.warning("could not save %s: %s", self.store.path, exc)
 
     def _announce(self, score: CapabilityScore, *, force: bool = False) -> None:
-        if not force and not changed_enough(self._announced.get(score.model_id), score.tok_per_s):
+        if not force and not _curve_changed(self._announced.get(score.model_id), score.points):
             return
-        self._announced[score.model_id] = score.tok_per_s
+        self._announced[score.model_id] = score.points
         for listener in list(self._listeners):
             try:
                 listener(score)
@@ -337,3 +359,11 @@ class CapabilityService:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.debug("%s ended with %r", task.get_name(), task.exception())
+
+
+def _curve_changed(old: Curve | None, new: Curve) -> bool:
+    """True when a level appeared or any point moved by more than the announce threshold."""
+    if not old:
+        return True
+    before = dict(old)
+    return any(level not in before or changed_enough(before[level], rate) for level, rate in new)

@@ -59,8 +59,12 @@ def describe(score: CapabilityScore) -> str:
     prompt = "" if score.prompt_tok_per_s is None else f", prompt {score.prompt_tok_per_s:.1f} tok/s"
     library = "SIMULATED engine" if score.library_version == "simulated" else (
         f"llama-cpp-python {score.library_version}")
-    return (f"{score.model_id}: {score.tok_per_s:.1f} tok/s decode{prompt} "
+    line = (f"{score.model_id}: {score.tok_per_s:.1f} tok/s decode{prompt} "
             f"({score.source} of {score.samples} tokens, {library})")
+    if len(score.curve) > 1:
+        points = ", ".join(f"{level}: {rate:.1f}" for level, rate in score.curve)
+        line += f"\naggregate tok/s by concurrent sequences: {points}"
+    return line
 
 
 async def probe_command(config: NodeConfig, *, model: str | None = None, tokens: int | None = None,

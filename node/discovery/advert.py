@@ -14,6 +14,8 @@ app   app id (optional)
 m     loaded model ids, comma-separated (as many as fit in 255 bytes)
 c     decode tok/s per model in ``m``, same order, empty when unknown (advisory)
 q     queue depth per model in ``m``, same order
+cc    capability curve per model in ``m``, same order (``1:33.1/2:45/4:58.2``: aggregate
+      tok/s by concurrency; empty for a one-point curve); only when it fits (advisory)
 mx    ``1`` when ``m`` had to be cut short; ``GET /v1/dvai/health`` has the full list
 ====  ========================================================================
 """
@@ -24,6 +26,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..capability.curve import Curve, decode_curve_text, encode_curve_text
 from ..common.device_ids import is_valid_device_id
 from ..constants import (
     MAX_API_PATH_CHARS,
@@ -60,6 +63,8 @@ class AdvertisedInfo:
     """model id → measured decode tok/s."""
     queue_depth: Mapping[str, int] = field(default_factory=dict)
     """model id → requests waiting."""
+    capability_curve: Mapping[str, Curve] = field(default_factory=dict)
+    """model id → aggregate tok/s by concurrency (the ``cc`` key, when it fits)."""
     app_id: str | None = None
     addresses: tuple[str, ...] = ()
     """IP addresses to advertise; empty: those of the discovery interfaces (all if unset)."""
@@ -86,6 +91,11 @@ def encode_txt(identity: NodeIdentity, info: AdvertisedInfo) -> dict[str, str]:
         depth = info.queue_depth.get(model_id, 0)
         rows.append((model_id, f"{rate:.4g}" if believable else "", str(max(0, int(depth)))))
     txt.update(_model_lists(rows, MAX_TXT_BYTES - _size(txt) - 8))
+    curves = [info.capability_curve.get(model_id, ()) for model_id in _split(txt.get("m", ""))]
+    if any(len(curve) > 1 for curve in curves):
+        value = ",".join(encode_curve_text(curve) if len(curve) > 1 else "" for curve in curves)
+        if len(f"cc={value}".encode()) <= MAX_TXT_ITEM_BYTES and _size({**txt, "cc": value}) <= MAX_TXT_BYTES:
+            txt["cc"] = value  # else left out: peers then assume no gain from concurrency
     return txt
 
 
@@ -152,6 +162,17 @@ def claim_from_txt(
         depth = clean_queue_depth_value(model_id, depth_text, problems)
         if depth is not None:
             queue_depth[model_id] = depth
+    curve_texts = _split(txt.get("cc", ""))
+    curves: dict[str, Curve] = {}
+    if len(curve_texts) not in (0, len(models)):
+        problems.append("TXT 'cc' list does not match 'm'; capability curves ignored")
+        curve_texts = []
+    for model_id, curve_text in zip(models, curve_texts, strict=False):
+        curve = decode_curve_text(curve_text) if curve_text else ()
+        if curve_text and not curve:
+            problems.append(f"unusable capability curve {curve_text[:40]!r} for {model_id!r} ignored")
+        elif len(curve) > 1:
+            curves[model_id] = curve
     instance_id = clean_text(txt.get("in", ""), MAX_INSTANCE_ID_CHARS) or None
     return PeerClaim(
         device_id=device_id,
@@ -164,6 +185,7 @@ def claim_from_txt(
         capability=capability,
         queue_depth=queue_depth,
         instance_id=instance_id,
+        capability_curve=curves,
     )
 
 

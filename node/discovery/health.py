@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import aiohttp
 
+from ..capability.curve import curve_from_json
 from ..common.device_ids import is_valid_device_id
 from ..constants import (
     HEALTH_CHECK_TIMEOUT_S,
@@ -73,6 +74,8 @@ def parse_health_report(body: object, challenge: str | None = None) -> HealthRep
                 queue_depth[str(model_id)] = depth
     features = {str(m["id"]): _features(m.get("features")) for m in entries
                 if m.get("id") in loaded and "features" in m}
+    curves = {str(m["id"]): curve for m in entries if m.get("id") in loaded and "capabilityCurve" in m
+              for curve in (curve_from_json(m["capabilityCurve"]),) if len(curve) > 1}
     instance_id = clean_text(body.get("instanceId"), MAX_INSTANCE_ID_CHARS) or None
     proof = body.get("identityProof")
     proven = challenge is not None and proof is not None and check_health_proof(
@@ -88,6 +91,7 @@ def parse_health_report(body: object, challenge: str | None = None) -> HealthRep
         instance_id=instance_id,
         proven=proven,
         features=features,
+        capability_curve=curves,
     )
 
 

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ..capability.curve import Curve
 from .model import HealthReport, Peer, PeerClaim, PeerState
 from .validate import VIA_VALUES, Via, address_of
 
@@ -202,8 +203,12 @@ def to_peer(entry: PeerEntry) -> Peer:
     claims = [entry.claims[v] for v in (entry.via, *VIA_VALUES) if v in entry.claims]
     health = entry.health
     capability: dict[str, float] = {}
+    curves: dict[str, Curve] = {}
     for claim in reversed(claims):
         capability.update(claim.capability)
+        curves.update(claim.capability_curve)
+    if health is not None:
+        curves.update(health.capability_curve)  # the freshest word, and it reaches rendezvous peers too
     first = claims[0]
     return Peer(
         device_id=entry.device_id,
@@ -228,6 +233,7 @@ def to_peer(entry: PeerEntry) -> Peer:
         identity_verified=bool(health and health.proven and entry.state is PeerState.REACHABLE),
         flag=entry.flag,
         features=dict(health.features) if health else {},
+        capability_curve=curves,
     )
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from ..capability.curve import Curve, curve_to_json
 from .validate import Via
 
 
@@ -40,6 +41,8 @@ class PeerClaim:
     """model id → decode tok/s, as claimed by the peer: advisory."""
     queue_depth: Mapping[str, int] = field(default_factory=dict)
     instance_id: str | None = None
+    capability_curve: Mapping[str, Curve] = field(default_factory=dict)
+    """model id → claimed aggregate tok/s by concurrency (already cleaned): advisory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,8 @@ class HealthReport:
     features: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """loaded model id → what requests for it may ask for (``tools``, ``structured_outputs``…);
     absent for nodes older than the field."""
+    capability_curve: Mapping[str, Curve] = field(default_factory=dict)
+    """loaded model id → claimed aggregate tok/s by concurrency (``capabilityCurve``, cleaned)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +94,9 @@ class Peer:
     """why the peer is ignored, when ``state`` is ``flagged``."""
     features: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """model id → features from its last health answer (empty: an older node, plain chat only)."""
+    capability_curve: Mapping[str, Curve] = field(default_factory=dict)
+    """peer-claimed model id → aggregate tok/s by concurrency (its health answer, else mDNS);
+    only its shape is used, anchored at our own measurement. Absent: one point."""
 
     @property
     def reachable(self) -> bool:
@@ -114,6 +122,7 @@ class Peer:
             "identityVerified": self.identity_verified,
             "flag": self.flag,
             "features": {model: list(values) for model, values in self.features.items()},
+            "capabilityCurve": {model: curve_to_json(curve) for model, curve in self.capability_curve.items()},
         }
 
 

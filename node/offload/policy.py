@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from node.capability.curve import Curve, clean_curve, marginal_rate, scale_curve, single_point
 from node.common.errors import InvalidRequestError, ServiceUnavailableError
 from node.constants import (
     NO_CAPABLE_DEVICE_RETRY_AFTER,
@@ -37,9 +38,13 @@ __all__ = [
     "Reason",
     "SELF_DEVICE_ID",
     "decide",
+    "decode_share",
+    "local_marginal_rate",
     "no_capable_device_body",
     "parse_offload_header",
+    "peer_marginal_rate",
     "ranking_score",
+    "single_stream_rate",
 ]
 
 SELF_DEVICE_ID = "self"
@@ -108,7 +113,11 @@ class LocalState:
     capability_source: str = "probe"
     """where ``capability`` came from: "probe", "heuristic" or "none"."""
     queue_depth: int = 0
+    """requests waiting or running on the model here (this one not included)."""
     in_flight: int = 0
+    curve: Curve = ()
+    """aggregate tok/s by concurrency for ``model_id`` (its shape is anchored at ``capability``);
+    empty means one point: ``capability`` for one stream, no gain from running more."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +147,10 @@ class PeerCandidate:
     via: str
     observed_at: float | None = None
     """when ``observed_tok_per_s`` was last updated; None means "treat as stale"."""
+    curve: Curve = ()
+    """the peer's claimed capability curve (aggregate tok/s by concurrency, from discovery or
+    its health report). Only its *shape* is used, bounded by ``clean_curve`` and anchored at
+    our own measured rate; empty means one point."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,20 +212,63 @@ def effective_tok_per_s(peer: PeerCandidate, settings: PolicySettings, now: floa
     return _clean_rate(peer.verified_tok_per_s)
 
 
-def ranking_score(rate: float, queue_depth: int, in_flight: int) -> float:
+def ranking_score(rate: float, queue_depth: int, in_flight: int, curve: Curve = ()) -> float:
     """Expected tok/s a new request gets from a device, given the work ahead of it.
 
-    A llama.cpp engine serves one request per model at a time, so a request
-    sent now waits for the ``n = queue_depth + in_flight`` requests ahead of it
-    and then decodes at ``rate``: with requests of similar length it finishes
-    after about ``(n + 1) * L / rate`` seconds, i.e. it sees ``rate / (n + 1)``
-    tok/s end to end.  Picking the maximum minimises expected completion time
-    (a 40 tok/s device with 3 ahead equals an idle 10 tok/s device).  If the
-    engine instead shared its rate among concurrent requests, each would get
-    ``rate / (n + 1)`` too, so the formula holds for either serving model.
+    ``marginal_rate`` of the device's curve (``curve``'s shape anchored at ``rate``, one
+    point when empty) with ``n = queue_depth + in_flight`` requests already there: the
+    aggregate rate with ``n + 1`` sequences, shared among them. A batching engine decodes
+    the ``n + 1`` together and its aggregate grows with concurrency up to its last measured
+    point; past that (or with a one-point curve) the aggregate stays flat, and each
+    request sees ``rate / (n + 1)``: the same whether it waits for the ``n`` ahead of it
+    or shares the steps with them. Picking the maximum minimises expected completion time.
     """
     load = max(0, queue_depth) + max(0, in_flight)
-    return rate / (1 + load)
+    return marginal_rate(_anchored(curve, rate), load)
+
+
+def decode_share(curve: Curve, concurrency: int) -> float:
+    """Each sequence's decode rate with ``concurrency`` requests at a device, relative to its
+    rate alone, from the (untrusted) curve's shape: how a rate observed there under load maps
+    back to the single-stream rate the curve is anchored at.
+
+    Only the sequences a batching engine decodes together share the steps; requests past its
+    seats wait and then decode at their own full share, so the count is capped at the curve's
+    last level (the seats are at least that many; capping errs toward a lower estimate).
+    A one-point curve (an engine serving one request at a time, or an older peer) gives 1:
+    its decode rate does not depend on the queue.
+    """
+    cleaned = clean_curve(curve) if curve else ()
+    if len(cleaned) < 2:
+        return 1.0
+    sequences = min(max(1, concurrency), cleaned[-1][0])
+    return marginal_rate(cleaned, sequences - 1) / cleaned[0][1]
+
+
+def single_stream_rate(measured: float, share: float, best_measured: float | None) -> float:
+    """The single-stream rate a peer's curve is anchored at, from a rate ``measured`` there while
+    this request's decode ``share`` was below 1 (``decode_share``), never above the best rate
+    actually measured there (``best_measured``, this one included).
+
+    ``share`` comes from the peer's own claims (its curve and its reported load), so it may
+    only explain a low measurement, never lift a peer above what it has delivered to us: a
+    peer claiming to be busy with a flat curve gains nothing."""
+    if not (share > 0 and math.isfinite(measured)):
+        return measured
+    return min(measured / share, max(measured, best_measured or 0.0))
+
+
+def local_marginal_rate(local: LocalState) -> float | None:
+    """What a new request would get here: this device's curve with its own running count."""
+    rate = _clean_rate(local.capability)
+    if rate is None:
+        return None
+    return ranking_score(rate, local.queue_depth, local.in_flight, local.curve)
+
+
+def peer_marginal_rate(peer: PeerCandidate, rate: float) -> float:
+    """What a new request would get at ``peer`` measured at ``rate`` (its claimed curve's shape)."""
+    return ranking_score(rate, peer.queue_depth, peer.in_flight, peer.curve)
 
 
 def decide(
@@ -228,8 +284,9 @@ def decide(
     mode = OffloadMode(mode)
     threshold = settings.min_local_capability
     local_rate = _clean_rate(local.capability)
-    local_ok = local_rate is not None and local_rate >= threshold
-    evaluated = _evaluate_peers(local, candidates, model, settings, now, local_rate or 0.0)
+    local_marginal = local_marginal_rate(local)
+    local_ok = local_marginal is not None and local_marginal >= threshold
+    evaluated = _evaluate_peers(local, candidates, model, settings, now, local_marginal or 0.0)
     qualified = [e for e in evaluated if e.reason is Reason.QUALIFIED]
     ranked = sorted(qualified, key=_rank_key)
 
@@ -244,7 +301,8 @@ def decide(
     if ranked:
         chosen = ranked[: max(1, settings.max_forward_attempts)]
         selected_id = chosen[0].peer.device_id
-        checked = [_self_checked(local_rate, Reason.NO_CAPABILITY if local_rate is None
+        # self is shown with the rate it was judged by: its marginal rate at its current load
+        checked = [_self_checked(local_marginal, Reason.NO_CAPABILITY if local_rate is None
                                  else Reason.BELOW_THRESHOLD)]
         for e in evaluated:
             reason = Reason.SELECTED if e.peer.device_id == selected_id and e.reason is Reason.QUALIFIED \
@@ -256,8 +314,12 @@ def decide(
         )
     if mode is OffloadMode.PREFER:
         return _local(mode, local_rate, evaluated, "no qualified peer: running locally anyway", pending)
+    if local_rate is not None and local_rate >= threshold:
+        # Capable but busy: its queue, not its speed, put the marginal rate below the threshold.
+        return _local(mode, local_rate, evaluated, "local capability meets the threshold (busy; no faster peer)",
+                      pending)
     reason = Reason.NO_CAPABILITY if local_rate is None else Reason.BELOW_THRESHOLD
-    checked = [_self_checked(local_rate, reason)]
+    checked = [_self_checked(local_marginal, reason)]
     checked += [CheckedDevice(e.peer.device_id, e.score, e.reason) for e in evaluated]
     return OffloadDecision(
         OffloadAction.REFUSE, mode, (), tuple(checked), pending, "require: no device meets the threshold",
@@ -339,6 +401,8 @@ class _Evaluated:
     score: float | None
     """our measured tok/s (shown as ``capabilityScore``), never the claim."""
     needs_verification: bool = False
+    marginal: float = 0.0
+    """what a new request would get there (``peer_marginal_rate``): the ranking key."""
 
 
 def _evaluate_peers(
@@ -367,6 +431,7 @@ def _evaluate_peer(
     now: float,
     local_rate: float,
 ) -> _Evaluated:
+    """``local_rate``: this device's marginal rate (its curve at its own load)."""
     threshold = settings.min_local_capability
     score = effective_tok_per_s(peer, settings, now)
     if peer.device_id in (local.device_id, SELF_DEVICE_ID):
@@ -388,9 +453,10 @@ def _evaluate_peer(
     assert score is not None  # verified is set, so the effective rate is too
     if score < threshold:
         return _Evaluated(peer, Reason.BELOW_THRESHOLD, score)
-    if score <= local_rate:
-        return _Evaluated(peer, Reason.NOT_FASTER, score)
-    return _Evaluated(peer, Reason.QUALIFIED, score)
+    marginal = peer_marginal_rate(peer, score)
+    if marginal <= local_rate:
+        return _Evaluated(peer, Reason.NOT_FASTER, score, marginal=marginal)
+    return _Evaluated(peer, Reason.QUALIFIED, score, marginal=marginal)
 
 
 def _worth_probing(peer: PeerCandidate, last_verified: float | None, threshold: float, local_rate: float) -> bool:
@@ -402,9 +468,13 @@ def _worth_probing(peer: PeerCandidate, last_verified: float | None, threshold: 
 
 
 def _rank_key(e: _Evaluated) -> tuple[float, int, str]:
-    assert e.score is not None
-    score = ranking_score(e.score, e.peer.queue_depth, e.peer.in_flight)
-    return (-score, max(0, e.peer.in_flight), e.peer.device_id)
+    return (-e.marginal, max(0, e.peer.in_flight), e.peer.device_id)
+
+
+def _anchored(curve: Curve, rate: float) -> Curve:
+    """``curve`` (untrusted: cleaned first) with its shape anchored at ``rate`` for one stream."""
+    cleaned = clean_curve(curve) if curve else ()
+    return scale_curve(cleaned, rate) if cleaned else single_point(rate)
 
 
 def _local(

@@ -31,14 +31,16 @@ import contextlib
 import inspect
 import json
 import logging
+import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from node.common.errors import DVAIError
 from node.config import NodeConfig
-from node.constants import VERIFY_REFRESH_FRACTION
+from node.constants import MAX_VERIFICATIONS, VERIFY_REFRESH_FRACTION
 from node.discovery.peers import Peer, PeerChange, PeerChangeKind, PeerTable
 from node.engine.record import RequestRecord
 from node.engine.registry import ModelRegistry
@@ -64,6 +66,8 @@ from .policy import (
     PeerCandidate,
     PolicySettings,
     decide,
+    decode_share,
+    single_stream_rate,
 )
 from .verify import PeerVerifier, ProbeTarget, measure_decode_rate
 
@@ -172,12 +176,19 @@ class OffloadRouter:
         self._forwarder = Forwarder(device_id=device_id, settings=ForwardSettings.from_config(config))
 
         async def measure(target: ProbeTarget) -> tuple[float | None, int]:
-            return await measure_decode_rate(target, self_device_id=device_id,
-                                             time_limit=offload.verify_timeout,
-                                             connect_timeout=offload.forward_connect_timeout,
-                                             give_up_below=offload.min_local_capability or None)
+            # A batching peer decodes the probe alongside the requests it is running: the rate
+            # measured is its share at that concurrency, mapped back to the single-stream rate.
+            share = self._decode_share(target.device_id, target.model)
+            threshold = offload.min_local_capability * share
+            rate, tokens = await measure_decode_rate(target, self_device_id=device_id,
+                                                     time_limit=offload.verify_timeout,
+                                                     connect_timeout=offload.forward_connect_timeout,
+                                                     give_up_below=threshold or None)
+            return (None if rate is None else self._single_stream(target.device_id, target.model, rate, share)), tokens
 
         self.verifier = PeerVerifier(measure, on_unreachable=self._probe_unreachable, clock=clock)
+        self._best_measured: OrderedDict[tuple[str, str], float] = OrderedDict()
+        """per (peer, model): the highest decode rate measured there (verification or forwarding)."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._unsubscribe: Callable[[], None] | None = None
 
@@ -241,7 +252,7 @@ class OffloadRouter:
         if score is None:
             return LocalState(self._device_id, slot.info.id, None, "none", queue_depth=slot.queue_depth)
         return LocalState(self._device_id, slot.info.id, score.tok_per_s, score.source,
-                          queue_depth=slot.queue_depth)
+                          queue_depth=slot.queue_depth, curve=score.points)
 
     def _candidate(self, peer: Peer, model: str, now: float, needs: frozenset[str] = frozenset()) -> PeerCandidate:
         wire = self._wire_model(model, peer)
@@ -265,6 +276,7 @@ class OffloadRouter:
             in_flight=0,
             circuit_open_until=None,
             via=peer.via,
+            curve=peer.capability_curve.get(wire or model, ()),
         )
         return apply_health(candidate, self.health.snapshot(peer.device_id, now))
 
@@ -325,6 +337,26 @@ class OffloadRouter:
             for target in targets:
                 self.verifier.start(target)
 
+    def _decode_share(self, device_id: str, model: str) -> float:
+        """A new request's decode share at the peer now (its claimed curve, its known load)."""
+        peer = self._peers.get(device_id)
+        curve = peer.capability_curve.get(model, ()) if peer is not None else ()
+        snapshot = self.health.snapshot(device_id, self._clock())
+        return decode_share(curve, snapshot.queue_depth_others + snapshot.in_flight + 1)
+
+    def _single_stream(self, device_id: str, model: str, rate: float, share: float) -> float:
+        """``rate`` measured at the peer with decode ``share``, as its single-stream rate (bounded by
+        the best rate measured there: see ``single_stream_rate``); remembers the best."""
+        key = (device_id, model)
+        best = self._best_measured.get(key)
+        estimate = single_stream_rate(rate, share, best)
+        if math.isfinite(rate) and rate > 0:
+            self._best_measured[key] = max(rate, best or 0.0)
+            self._best_measured.move_to_end(key)
+            while len(self._best_measured) > MAX_VERIFICATIONS:
+                self._best_measured.popitem(last=False)
+        return estimate
+
     def _probe_unreachable(self, device_id: str) -> None:
         """A probe could not reach the peer: skip it like a failed request would."""
         self.health.get(device_id).breaker.record_failure(self._clock())
@@ -345,9 +377,12 @@ class OffloadRouter:
             _safely(self._metrics.offload_started, peer.device_id)
         target = ForwardTarget(peer.device_id, self._links(peer), pairing)
         call = ForwardCall(request.path, body, request.stream, request.request_id or None)
+        # This request's decode share there (it joins the requests queued or running): the
+        # observed rate is folded in as the single-stream rate its curve is anchored at.
+        share = decode_share(candidate.curve, candidate.queue_depth + candidate.in_flight + 1)
         try:
             answer = await self._forwarder.open(
-                target, call, on_finished=lambda done: self._finished(done, attempt, peer, wire, request))
+                target, call, on_finished=lambda done: self._finished(done, attempt, peer, wire, request, share))
         except ForwardFailed as exc:
             self._finish_attempt(attempt, ForwardStatus.FAILED, 0, None)
             log.warning("offload of %s to %s failed before the first byte (%s); trying elsewhere",
@@ -361,11 +396,12 @@ class OffloadRouter:
         return answer
 
     def _finished(self, answer: PeerAnswer, attempt: PeerAttempt, peer: Peer, wire: str,
-                  request: RoutedRequest) -> None:
+                  request: RoutedRequest, share: float = 1.0) -> None:
         """A forwarded answer was closed: account for it, fill the record, log one line."""
         result = answer.result
         rate = result.outcome.decode_tok_per_s
-        self._finish_attempt(attempt, result.status, result.tokens, rate)
+        single = self._single_stream(peer.device_id, wire, rate, share) if rate else rate
+        self._finish_attempt(attempt, result.status, result.tokens, single)
         if request.record is not None:
             request.record.served(peer.device_id, model=wire, prompt_tokens=result.outcome.prompt_tokens,
                                   completion_tokens=result.tokens, first_token_s=result.first_byte_s,

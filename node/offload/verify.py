@@ -7,6 +7,9 @@ marker, so the peer runs it itself) and times the arrival of the generated token
 *this* end: ``(n - 1) / (t_last - t_first)``. Prompt processing and the peer's queue are
 left out on purpose (the ranking accounts for queues separately); what remains is the
 decode rate as seen through the network, which is what a forwarded stream will get.
+(A batching peer decodes the probe together with the requests it runs: the router divides
+the rate by the probe's decode share from the peer's capability curve, so the figure
+kept is the single-stream rate the curve is anchored at.)
 
 Results are cached per (peer, model) with their time; the policy treats them as stale
 after ``verify_max_age``. Probes are single-flight per (peer, model), at most
