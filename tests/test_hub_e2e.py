@@ -1,11 +1,13 @@
-"""The hub's acceptance test with real node processes: 30 devices × 3 apps, keys, signatures,
-quotas, revocation, fairness under a flood, and a restart.
+"""The hub's acceptance test with real node processes: 30 devices × 3 apps, per-app pairing, keys,
+signatures, quotas, revocation, fairness under a flood, and a restart.
 
 Load runs on SIMULATED engines (``engine = "simulated"``: filler tokens at a set rate; this is
 about admission, attribution, scheduling and accounting, not generation); one request path runs
-on the real engine with the default model. Devices that sign are paired through the real
-handshake (allowlist policy); the others call with per-device API keys (``Authorization: Bearer``)
-minted through the admin API.
+on the real engine with the default model. Ten devices pair each of the three apps through the
+real LAN handshake (allowlist policy; one handshake and one key per (device, app)) and sign every
+request with that app's key; the other twenty call with per-(device, app) API keys
+(``Authorization: Bearer``) minted through the admin API. Signed and Bearer requests run
+concurrently.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import aiohttp
 import openai
 import pytest
 
+from node.common.errors import RateLimitedError
 from node.identity import DeviceIdentity
 from node.pairing.handshake import pair_with
 from node.pairing.store import Pairing, PairingStore
@@ -35,9 +38,12 @@ pytestmark = pytest.mark.slow
 APPS = ("com.acme.chat", "com.acme.notes", "com.acme.mail")
 CHAT, NOTES, MAIL = APPS
 DEVICES = 30
-SIGNERS = 9
-"""devices 0..8 are paired and sign for one app each (several apps paired on one device, each with
-its own key: tests/test_hub_apps_e2e.py); every other (device, app) calls with an API key minted for it."""
+SIGNERS = 10
+"""devices 0..9 pair all three apps (a handshake and a key per (device, app)) and sign; every
+(device, app) of devices 10..29 calls with an API key minted for it."""
+HANDSHAKE_RATE_PER_MINUTE = 6000
+"""the node's handshake rate per address (every device here is 127.0.0.1): 100 a second after a
+burst of 5, so the 30 handshakes run at once, paced and retried on 429."""
 RPM_PER_DEVICE = 4
 """notes: requests per minute, per device."""
 MAIL_TOKENS_PER_DAY = 40
@@ -64,7 +70,7 @@ threads = 1
 require_pairing = true
 pairing_policy = "allowlist"
 pairing_allowlist = {json.dumps(allowlist)}
-handshake_rate_per_minute = 600
+handshake_rate_per_minute = {HANDSHAKE_RATE_PER_MINUTE}
 
 [[hub.quotas]]
 app_id = "{NOTES}"
@@ -80,7 +86,7 @@ tokens_per_day = {MAIL_TOKENS_PER_DAY}
 
 @dataclass
 class Caller:
-    """One (device, app): signs with its device's pairing, or calls with its own API key."""
+    """One (device, app): signs with the pairing of that app on its device, or calls with its own API key."""
 
     device: int
     app: str
@@ -94,10 +100,12 @@ class Caller:
         return self.device_id if self.pairing is not None else f"apikey:{self.key_id}"
 
     def headers(self, path: str, body: bytes, *, app: str | None = None) -> dict[str, str]:
+        """Signed or Bearer headers; ``app`` claims another app with this caller's credential."""
         headers = {"Content-Type": "application/json", "X-Request-Id": f"req-{uuid.uuid4().hex}"}
         if self.pairing is not None:
-            headers.update(sign_with_pairing(self.pairing, self.device_id, "POST", path, body))
-            if app is not None:  # claim another app: the signature covers the headers' app id
+            if app is None:
+                headers.update(sign_with_pairing(self.pairing, self.device_id, "POST", path, body))
+            else:  # this app's key signs headers that name another app
                 headers.update(sign_request_headers(self.pairing.key, self.device_id, app, "POST", path, body))
         else:
             headers["Authorization"] = f"Bearer {self.key}"
@@ -106,9 +114,12 @@ class Caller:
         return headers
 
 
+Answer = tuple[int, dict[str, Any], str, dict[str, str]]
+"""status, JSON body, the request's X-Request-Id, response headers."""
+
+
 async def post(session: aiohttp.ClientSession, node: NodeProcess, caller: Caller, body: dict[str, Any], *,
-               path: str = "/v1/chat/completions", app: str | None = None) -> tuple[int, dict[str, Any], str,
-                                                                                   dict[str, str]]:
+               path: str = "/v1/chat/completions", app: str | None = None) -> Answer:
     raw = json.dumps(body).encode()
     headers = caller.headers(path, raw, app=app)
     async with session.post(node.root + path, data=raw, headers=headers) as response:
@@ -117,6 +128,35 @@ async def post(session: aiohttp.ClientSession, node: NodeProcess, caller: Caller
 
 def chat(model: str = "sim", max_tokens: int = 2) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
+
+
+def assert_refused(answer: Answer, status: int, code: str) -> None:
+    """An OpenAI-shaped error with this status and code."""
+    got, body, _, _ = answer
+    assert got == status, body
+    error = body["error"]
+    assert error["code"] == code and error["type"] and error["message"], body
+
+
+async def pair_app(session: aiohttp.ClientSession, node: NodeProcess, identity: DeviceIdentity,
+                   store: PairingStore, app: str, *, delay_s: float) -> Pairing:
+    """The real LAN handshake of ``app`` on the device ``identity``, started after ``delay_s``;
+    retried shortly when the node's handshake rate refuses it (its Retry-After is whole seconds)."""
+    await asyncio.sleep(delay_s)
+    for _ in range(100):
+        try:
+            return await pair_with(session, node.root, identity=identity, my_device_name=f"device {identity.device_id}",
+                                   app_id=app, store=store)
+        except RateLimitedError:
+            await asyncio.sleep(0.02)
+    raise AssertionError(f"the handshake of {app} never got under the node's handshake rate")
+
+
+async def mint_key(session: aiohttp.ClientSession, node: NodeProcess, device: int, app: str) -> Caller:
+    async with session.post(node.root + "/v1/dvai/keys", json={"appId": app, "name": f"device-{device}"}) as response:
+        assert response.status == 201
+        minted = await response.json()
+    return Caller(device, app, key=minted["key"], key_id=minted["id"])
 
 
 @pytest.mark.engine
@@ -128,38 +168,42 @@ async def test_thirty_devices_three_apps_attribution_isolation_quotas_revocation
     callers: dict[tuple[int, str], Caller] = {}
     try:
         async with aiohttp.ClientSession() as session:
-            # -- pairing (real handshakes) and keys (admin API) -------------------------------
-            for d in range(SIGNERS):
-                store = PairingStore(tmp_path / f"device{d}" / "pairings.json")
-                await asyncio.sleep(0.15)  # under the handshake rate (a burst of 5 per address)
-                pairing = await pair_with(session, node.root, identity=identities[d], my_device_name=f"device {d}",
-                                          app_id=APPS[d % 3], store=store)
-                callers[(d, APPS[d % 3])] = Caller(d, APPS[d % 3], pairing, identities[d].device_id)
-            for d in range(DEVICES):
-                for app in APPS:
-                    if (d, app) in callers:
-                        continue
-                    async with session.post(node.root + "/v1/dvai/keys",
-                                            json={"appId": app, "name": f"device-{d}"}) as response:
-                        assert response.status == 201
-                        minted = await response.json()
-                    callers[(d, app)] = Caller(d, app, key=minted["key"], key_id=minted["id"])
+            # -- pairing (a real handshake per (device, app), all at once) and keys (admin API) --
+            stores = [PairingStore(tmp_path / f"device{d}" / "pairings.json") for d in range(SIGNERS)]
+            paired = [(d, app) for d in range(SIGNERS) for app in APPS]
+            pairings = await asyncio.gather(*(
+                pair_app(session, node, identities[d], stores[d], app, delay_s=0.01 * i)
+                for i, (d, app) in enumerate(paired)))
+            for (d, app), pairing in zip(paired, pairings, strict=True):
+                assert pairing.our_app_id == app
+                callers[(d, app)] = Caller(d, app, pairing, identities[d].device_id)
+            assert len({p.key for p in pairings}) == len(paired)  # one key per (device, app)
+            minted = await asyncio.gather(*(mint_key(session, node, d, app)
+                                            for d in range(SIGNERS, DEVICES) for app in APPS))
+            callers.update(((c.device, c.app), c) for c in minted)
+            signed = [c for c in callers.values() if c.pairing is not None]
 
-            # -- 90 concurrent requests, each attributed to its app and device ---------------
+            # -- 90 concurrent requests, signed and Bearer, each attributed to its app and device --
             results = await asyncio.gather(*(post(session, node, c, chat()) for c in callers.values()))
             assert [status for status, *_ in results] == [200] * len(callers)
-            expected = {rid: (c.app, c.audit_peer) for c, (_, _, rid, _) in zip(callers.values(), results,
-                                                                                 strict=True)}
+            request_of = {(c.device, c.app): rid for c, (_, _, rid, _) in zip(callers.values(), results, strict=True)}
+            expected = {request_of[(c.device, c.app)]: (c.app, c.audit_peer) for c in callers.values()}
             rows = await audit(session, node)
             seen = {r["requestId"]: (r["appId"], r["peerDeviceId"]) for r in rows if r["requestId"] in expected}
             assert seen == expected
 
             # -- one app's credentials never act for another ---------------------------------
-            signer = callers[(0, CHAT)]
-            status, body, _, _ = await post(session, node, signer, chat(), app=NOTES)
-            assert status == 401, body  # device 0 is paired for chat only
+            # notes' pairing key on device 0 signs as chat, which device 0 has paired too
+            chat_signer = callers[(0, CHAT)]
+            refused = await post(session, node, callers[(0, NOTES)], chat(), app=CHAT)
+            assert_refused(refused, 401, "bad_signature")
+            rows = await audit(session, node)
+            row = next(r for r in rows if r["requestId"] == refused[2])
+            assert row["status"] == 401 and (row["appId"], row["peerDeviceId"]) != (CHAT, chat_signer.device_id)
+            as_chat = [r["requestId"] for r in rows if (r["appId"], r["peerDeviceId"]) == (CHAT, chat_signer.device_id)]
+            assert as_chat == [request_of[(0, CHAT)]]  # the refused claim left no row for chat on device 0
             notes_key = callers[(SIGNERS, NOTES)]
-            status, body, rid, _ = await post(session, node, notes_key, chat(), app=CHAT)  # notes' key claims chat
+            status, body, rid, _ = await post(session, node, notes_key, chat(), app=CHAT)  # notes' API key claims chat
             assert status == 401 and body["error"]["code"] == "incomplete_signature_headers"
             row = next(r for r in await audit(session, node) if r["requestId"] == rid)
             assert row["appId"] != CHAT and row["status"] == 401
@@ -185,7 +229,16 @@ async def test_thirty_devices_three_apps_attribution_isolation_quotas_revocation
             assert status == 429 and body["error"]["code"] == "insufficient_quota" and int(headers["Retry-After"]) > 0
             assert (await post(session, node, mail, chat("sim")))[0] == 200  # the rule is for "metered" only
 
-            # -- revoking one app's key leaves the device's other apps working ----------------
+            # -- revoking one app (its pairing, or its key) leaves the device's other apps working --
+            unpaired = callers[(1, NOTES)]
+            async with session.delete(f"{node.root}/v1/dvai/pairings/{unpaired.device_id}",
+                                      params={"appId": NOTES}) as response:
+                assert response.status == 200
+                assert [p["peerAppId"] for p in (await response.json())["pairings"]] == [NOTES]
+            answers = dict(zip(APPS, await asyncio.gather(*(post(session, node, callers[(1, app)], chat())
+                                                           for app in APPS)), strict=True))
+            assert_refused(answers[NOTES], 401, "app_id_mismatch")
+            assert answers[CHAT][0] == answers[MAIL][0] == 200
             revoked = callers[(SIGNERS + 4, CHAT)]
             async with session.delete(node.root + f"/v1/dvai/keys/{revoked.key_id}") as response:
                 assert response.status == 200
@@ -205,25 +258,38 @@ async def test_thirty_devices_three_apps_attribution_isolation_quotas_revocation
             usage_before = await usage(session, node)
             real_row = usage_before[(CHAT, real.audit_peer, "gemma3-270m")]
             assert real_row["completionTokens"] == reply.usage.completion_tokens
-            async with session.get(node.root + "/v1/dvai/pairings") as response:
-                pairings_before = sorted(p["peerDeviceId"] for p in (await response.json())["data"])
-            assert len(pairings_before) == SIGNERS
+            pairings_before = await app_pairings(session, node)
+            assert pairings_before == sorted((c.device_id, c.app) for c in signed if c is not unpaired)
     finally:
         node.stop()
 
-    # -- a restart keeps usage, pairings, revocations and the day's token budget --------------
+    # -- a restart keeps usage, per-app pairings, revocations and the day's token budget ------
     again = start_node_process(tmp_path / "hub", config_text=config)
     try:
         async with aiohttp.ClientSession() as session:
             assert await usage(session, again) == usage_before
-            async with session.get(again.root + "/v1/dvai/pairings") as response:
-                assert sorted(p["peerDeviceId"] for p in (await response.json())["data"]) == pairings_before
-            assert (await post(session, again, callers[(0, CHAT)], chat()))[0] == 200  # its pairing still signs
+            assert await app_pairings(session, again) == pairings_before
+            after = dict(zip(((c.device, c.app) for c in signed),
+                             await asyncio.gather(*(post(session, again, c, chat()) for c in signed)), strict=True))
+            assert_refused(after.pop((unpaired.device, unpaired.app)), 401, "app_id_mismatch")
+            assert [status for status, *_ in after.values()] == [200] * len(after)  # each app's key still signs
+            expected = {rid: (app, identities[d].device_id) for (d, app), (_, _, rid, _) in after.items()}
+            seen = {r["requestId"]: (r["appId"], r["peerDeviceId"])
+                    for r in await audit(session, again) if r["requestId"] in expected}
+            assert seen == expected
             assert (await post(session, again, revoked, chat()))[0] == 401
             status, body, _, _ = await post(session, again, mail, chat("metered", 5))
             assert status == 429 and body["error"]["code"] == "insufficient_quota"
     finally:
         again.stop()
+
+
+async def app_pairings(session: aiohttp.ClientSession, node: NodeProcess) -> list[tuple[str, str]]:
+    """(device, app) of every pairing that lets an app on a device call the node."""
+    async with session.get(node.root + "/v1/dvai/pairings") as response:
+        assert response.status == 200
+        return sorted((p["peerDeviceId"], p["peerAppId"]) for p in (await response.json())["data"]
+                      if p["peerAppId"] is not None)
 
 
 async def audit(session: aiohttp.ClientSession, node: NodeProcess) -> list[dict[str, Any]]:

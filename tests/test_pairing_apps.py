@@ -9,16 +9,20 @@ import asyncio
 import json
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from node.common.errors import (
     AuthenticationError,
     ConfigError,
     ConflictError,
+    DVAIError,
     NotFoundError,
     PermissionDeniedError,
 )
@@ -27,7 +31,7 @@ from node.hub.directory import apps_json, devices_json, quota_rules_json
 from node.hub.keys import ApiKey
 from node.identity import DeviceIdentity
 from node.pairing.approval import PairingApprover, PairingRequest
-from node.pairing.handshake import handle_handshake, make_handshake_proof
+from node.pairing.handshake import handle_handshake, make_handshake_proof, pair_with
 from node.pairing.store import PAIRINGS_FILE, STORE_FORMAT_VERSION, Pairing, PairingStore, encode_key
 from node.security.signing import NonceCache, sign_request_headers, sign_with_pairing, verify_signed_request
 
@@ -256,6 +260,38 @@ async def test_the_hook_manages_one_key_per_app(store: PairingStore) -> None:
     assert [(r.peer_device_id, r.app_id) for r in seen] == [(PHONE.device_id, CHAT), (PHONE.device_id, NOTES)]
     assert verify(store, b"C" * 32, CHAT).app_id == CHAT and verify(store, b"N" * 32, NOTES).app_id == NOTES
     assert auth_code(store, b"C" * 32, NOTES) == "bad_signature"
+
+
+async def test_the_client_pairs_several_apps_of_one_device_at_once(aiohttp_server: Any, tmp_path: Path) -> None:
+    """``pair_with`` for three apps of one device in the same millisecond: a proof does not cover
+    ``appId`` and a node accepts each proof once, so each handshake needs its own timestamp."""
+    approver = PairingApprover(policy="allowlist", allowlist=[PHONE.device_id], rate_per_minute=600)
+    node_store = PairingStore(tmp_path / "node" / PAIRINGS_FILE)
+    app = web.Application()
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "deviceId": NODE_ID, "deviceName": "Hub"})
+
+    async def handshake_handler(request: web.Request) -> web.Response:
+        try:
+            answer = await handle_handshake(await request.json(), remote="192.168.1.30", approver=approver,
+                                            store=node_store, node_device_id=NODE_ID)
+        except DVAIError as exc:
+            return web.json_response(exc.to_body(), status=exc.status, headers=exc.headers)
+        return web.json_response(answer)
+
+    app.router.add_get("/v1/dvai/health", health)
+    app.router.add_post("/v1/dvai/handshake", handshake_handler)
+    server = await aiohttp_server(app)
+    phone_store = PairingStore(tmp_path / "phone" / PAIRINGS_FILE)
+    now_ms = time.time_ns() // 1_000_000
+    apps = (CHAT, NOTES, "com.acme.mail")
+    async with aiohttp.ClientSession() as session:
+        pairings = await asyncio.gather(*(
+            pair_with(session, str(server.make_url("")), identity=PHONE, my_device_name="Phone", app_id=app_id,
+                      store=phone_store, now=lambda: now_ms) for app_id in apps))
+    assert [p.our_app_id for p in pairings] == list(apps) and len({p.key for p in pairings}) == 3
+    assert [node_store.credential_for(PHONE.device_id, a).key for a in apps] == [p.key for p in pairings]  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------------

@@ -201,6 +201,23 @@ async def handle_handshake(
     }
 
 
+class _ProofTimestamps:
+    """Hands each outgoing handshake proof its own ``proofTimestamp`` (unix ms), never behind the
+    clock: a proof does not cover ``appId`` and a node accepts each proof once, so two apps of one
+    device pairing in the same millisecond would send the same proof and the second would be
+    refused as a replay (``device_proof_replayed``)."""
+
+    def __init__(self) -> None:
+        self._last_ms = 0
+
+    def next(self, now_ms: int) -> int:
+        self._last_ms = max(now_ms, self._last_ms + 1)
+        return self._last_ms
+
+
+_PROOF_TIMESTAMPS = _ProofTimestamps()
+
+
 async def pair_with(
     session: aiohttp.ClientSession,
     base_url: str,
@@ -231,7 +248,8 @@ async def pair_with(
     my_device_id = identity.device_id
     bound_app_id = app_id or my_device_id
     request = {"peerDeviceId": my_device_id, "peerDeviceName": my_device_name,
-               "appId": bound_app_id, "via": LAN_HANDSHAKE, **make_handshake_proof(identity, peer_id, now())}
+               "appId": bound_app_id, "via": LAN_HANDSHAKE,
+               **make_handshake_proof(identity, peer_id, _PROOF_TIMESTAMPS.next(now()))}
     answer = await _request_json(session, "POST", base + HANDSHAKE_PATH, request, timeout_s)
     if answer.get("paired") is not True or answer.get("peerDeviceId") != my_device_id:
         raise UpstreamError(f"{base} answered the handshake without pairing this device")
