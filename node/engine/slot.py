@@ -200,7 +200,10 @@ class _Handoff:
             items, self._items = self._items, []
             self._scheduled = False
         for callback, arg in items:
-            callback(arg)
+            try:
+                callback(arg)
+            except Exception:  # noqa: BLE001 - one report's failure never drops the others
+                log.exception("a worker report failed on the event loop")
 
 
 def _log_runner_failure(future: asyncio.Future[None]) -> None:
