@@ -136,7 +136,9 @@ async def main() -> None:
     server = None if args.node_only else start_llama_server(
         build(), model, port, args.threads, args.parallel, args.ctx)
     state = Path(tempfile.mkdtemp(prefix="engine-bench-"))
-    config = (f"[models.gemma3-270m]\nparallel = {args.parallel}\nctx_size = {args.ctx}\n"
+    # generation_timeout: on a loaded machine a 128-token stream may take longer than the default
+    # 60 s; cut short, it would count as incomplete rather than slow.
+    config = (f"generation_timeout = 600\n[models.gemma3-270m]\nparallel = {args.parallel}\nctx_size = {args.ctx}\n"
               f"threads = {args.threads}\nqueue_depth = 16\n")
     node = start_node_process(state, config_text=config)
     try:

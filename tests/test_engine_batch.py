@@ -20,8 +20,9 @@ import openai
 import pytest
 
 from node.common.errors import InvalidRequestError, QueueFullError
+from node.engine import llama as llama_module
 from node.engine.base import Delta, GenerationOutcome, ModelInfo, SamplingParams, SequenceRequest
-from node.engine.llama import LlamaEngine
+from node.engine.llama import LlamaEngine, _StepLoop
 from node.engine.slot import GenerationJob, ModelSlot, SlotState
 
 from .conftest import NodeProcess, start_node_process
@@ -249,6 +250,30 @@ async def test_seeded_requests_repeat_when_served_alone(slot: ModelSlot) -> None
     other = (await run(slot, PROMPTS[2], replace(params, seed=99)))[0][0]
     assert first == second
     assert other != first
+
+
+async def test_greedy_reads_the_token_the_native_greedy_chain_picks(
+    slot: ModelSlot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # temperature 0 without penalties takes the argmax of the logits in place (_StepLoop._argmax);
+    # the native greedy chain must pick the same tokens. Seeded: the whole prompt is evaluated
+    # both times, so the logits are the same.
+    params = SamplingParams(max_tokens=40, temperature=0.0, seed=5)
+    calls: list[int] = []
+    original = _StepLoop._argmax
+
+    def counted(self: _StepLoop, index: int) -> int:
+        calls.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(_StepLoop, "_argmax", counted)
+    fast = (await run(slot, PROMPTS[2], params))[0][0]
+    assert len(calls) >= 39, "the greedy request did not take the argmax path"
+    monkeypatch.setattr(llama_module, "_plain_greedy", lambda _params: False)
+    calls.clear()
+    native = (await run(slot, PROMPTS[2], params))[0][0]
+    assert not calls
+    assert fast and fast == native
 
 
 async def test_a_grammar_constrains_the_output(slot: ModelSlot) -> None:

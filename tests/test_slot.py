@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+from typing import Any
 
 import pytest
 
@@ -16,7 +18,7 @@ from node.common.errors import (
 from node.engine.base import GenerationOutcome, ModelInfo, SamplingParams
 from node.engine.queue import ModelQueue
 from node.engine.simulated import SimulatedEngine
-from node.engine.slot import GenerationJob, ModelSlot, SlotState
+from node.engine.slot import GenerationJob, ModelSlot, SlotState, _Handoff
 
 
 def simulated_slot(tok_per_s: float = 500.0, depth: int = 4) -> ModelSlot:
@@ -214,3 +216,44 @@ async def test_model_queue_seats_run_requests_together_and_keep_arrival_order() 
     release["small"].set()
     await asyncio.gather(*tasks)
     assert (queue.depth, queue.seats_taken, queue.busy) == (0, 0, False)
+
+
+async def test_the_handoff_wakes_the_loop_once_per_burst_keeps_order_and_survives_a_failing_report(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    handoff = _Handoff(loop)
+    wakeups: list[object] = []
+    original = loop.call_soon_threadsafe
+
+    def counting(callback: Any, *args: Any, **kwargs: Any) -> asyncio.Handle:
+        wakeups.append(callback)
+        return original(callback, *args, **kwargs)
+
+    received: list[int] = []
+
+    def report(value: int) -> None:
+        if value == 3:
+            raise RuntimeError("a broken consumer")
+        received.append(value)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        # A step's burst: posted from the worker thread while the loop is busy (blocked here).
+        worker = threading.Thread(target=lambda: [handoff.post(report, i) for i in range(8)])
+        worker.start()
+        worker.join()
+        assert len(wakeups) == 1 and received == []
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert received == [0, 1, 2, 4, 5, 6, 7]
+        assert "a worker report failed" in caplog.text
+        # The next burst wakes the loop again.
+        worker = threading.Thread(target=lambda: handoff.post(report, 8))
+        worker.start()
+        worker.join()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(wakeups) == 2 and received[-1] == 8
+    finally:
+        del loop.call_soon_threadsafe

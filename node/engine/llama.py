@@ -438,6 +438,14 @@ class LlamaEngine:
             embedder.run()
 
 
+def _plain_greedy(params: SamplingParams) -> bool:
+    """Whether ``_StepLoop._sampler`` would build a greedy chain without penalties (params with
+    the model's defaults filled in; an ``ignore_eos`` ban only matters when it picks one)."""
+    return (params.temperature is not None and params.temperature <= 0
+            and params.repeat_penalty in (None, 1.0) and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0)
+
+
 def _embedding_only(model_id: str) -> InvalidRequestError:
     return InvalidRequestError(
         f"model '{model_id}' is loaded in embedding mode and cannot generate text", param="model"
@@ -465,6 +473,8 @@ class _Choice:
     limit: int
     grammar: GrammarCheckedSampler | None = None
     """the request's grammar, checked after the chain samples (None: unconstrained)."""
+    greedy: bool = False
+    """the chain would only take the most likely token: read it off the logits instead."""
     pending: list[int] = field(default_factory=list)
     pos: int = 0
     decoding: bool = False
@@ -496,6 +506,7 @@ class _StepLoop:
 
     def __init__(self, model: Any, *, ctx_size: int, parallel: int, threads: int) -> None:
         import llama_cpp
+        import numpy as np
         from llama_cpp import _internals
 
         self._llama = llama_cpp
@@ -524,6 +535,8 @@ class _StepLoop:
         self.free: list[_Seat] = list(self.seats)
         self.groups: list[_Group] = []
         self._piece = ctypes.create_string_buffer(256)
+        self._np: Any = np
+        self._logit_row = ctypes.c_float * self.n_vocab
         self._eog_bias: Any = None
         self._close_tokens: list[int] | None = None
         self._stats: dict[str, float] = dict.fromkeys(
@@ -565,7 +578,7 @@ class _StepLoop:
                         grammar.close()
                     raise
                 choice = _Choice(group=group, index=index, seat=seat, sampler=sampler, limit=limit,
-                                 grammar=grammar)
+                                 grammar=grammar, greedy=grammar is None and _plain_greedy(params))
                 choice.stops = StopMatcher(params.stop)
                 choice.reasoning = engine.new_reasoning()
                 choice.outcome = GenerationOutcome(prompt_tokens=len(prompt), finish_reason="length")
@@ -700,6 +713,14 @@ class _StepLoop:
             return buffer.raw[:n]
         return self._piece.raw[:n]
 
+    def _argmax(self, index: int) -> int:
+        """The most likely token of output ``index`` (the first of equals, as the greedy sampler
+        picks it), read in place: the chain would first copy every logit into a 262,144-entry
+        candidate array, ten times the work."""
+        pointer = self._llama.llama_get_logits_ith(self.ctx, index)
+        row = self._logit_row.from_address(ctypes.addressof(pointer.contents))
+        return int(self._np.frombuffer(row, dtype=self._np.float32).argmax())
+
     def _logprobs(self, index: int, token: int, top: int) -> TokenLogprob:
         import numpy as np
 
@@ -804,10 +825,13 @@ class _StepLoop:
     def _sample(self, choice: _Choice, index: int) -> None:
         llama = self._llama
         params = choice.group.params
-        if choice.grammar is not None:
-            token = choice.grammar.sample(choice.sampler, self.ctx, index)
-        else:
-            token = int(llama.llama_sampler_sample(choice.sampler, self.ctx, index))
+        token = self._argmax(index) if choice.greedy else None
+        if token is None or (params.ignore_eos and llama.llama_vocab_is_eog(self.vocab, token)):
+            # the chain samples (with ignore_eos: finds the most likely token it does not ban)
+            if choice.grammar is not None:
+                token = choice.grammar.sample(choice.sampler, self.ctx, index)
+            else:
+                token = int(llama.llama_sampler_sample(choice.sampler, self.ctx, index))
         logprob = None
         if params.logprobs is not None:
             logprob = self._logprobs(index, token, min(params.logprobs, MAX_TOP_LOGPROBS))

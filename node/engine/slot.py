@@ -3,10 +3,11 @@
 A batching engine serves ``parallel`` sequences at once (one step loop on the
 worker thread decodes a token for each of them per step); requests beyond the
 free seats wait their turn in the model's ``ModelQueue`` (``queue.py``: bounded,
-fair across apps, each app's requests in arrival order). Tokens travel from the worker thread to the
-event loop with ``call_soon_threadsafe`` as they are produced; cancelling the
-consuming task stops that sequence at the next step. The
-slot's ``SlotState`` changes only through ``ModelSlot._set_state``, which logs
+fair across apps, each app's requests in arrival order). Tokens travel from the worker
+thread to the event loop as they are produced, a step's worth in one
+``call_soon_threadsafe`` (``_Handoff``); cancelling the consuming task stops that
+sequence at the next step. The slot's ``SlotState`` changes only through
+``ModelSlot._set_state``, which logs
 ``old -> new``.
 """
 
@@ -21,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Any
 
 from ..common.errors import (
     DVAIError,
@@ -129,21 +131,14 @@ class Generation:
             queue: asyncio.Queue[Delta | None] = asyncio.Queue()
             cancel = threading.Event()
             future = slot.start(job, queue, cancel)
-            deadline = loop.time() + self._timeout
+            # One timer for the whole generation (not a ``wait_for`` per token): like max_tokens,
+            # the engine stops at the next token, the text so far is kept, and the outcome's
+            # finish_reason stays "length".
+            timer = loop.call_later(self._timeout, _time_out, slot.info.id, self._timeout, cancel)
             blank = [0] * job.n
             try:
                 while True:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0 and not cancel.is_set():
-                        # Like max_tokens: the engine stops at the next token, the text so far is
-                        # kept, and the outcome's finish_reason stays "length".
-                        log.info("generation on %s reached generation_timeout (%g s); ending it",
-                                 slot.info.id, self._timeout)
-                        cancel.set()
-                    try:
-                        delta = await (queue.get() if cancel.is_set() else asyncio.wait_for(queue.get(), remaining))
-                    except TimeoutError:
-                        continue
+                    delta = await queue.get()
                     if delta is None:
                         break
                     if not delta.text and not delta.logprobs:
@@ -161,10 +156,54 @@ class Generation:
                 for outcome in self.outcomes:
                     slot.notify(outcome)
             finally:
+                timer.cancel()
                 cancel.set()
                 if not future.done():
                     with contextlib.suppress(BaseException):
                         await asyncio.shield(future)
+
+
+def _time_out(model_id: str, timeout: float, cancel: threading.Event) -> None:
+    if not cancel.is_set():
+        log.info("generation on %s reached generation_timeout (%g s); ending it", model_id, timeout)
+        cancel.set()
+
+
+class _Handoff:
+    """The worker thread's reports (deltas, results) to the event loop, in bursts.
+
+    A step of the batching engine reports a token for every running sequence: each report
+    is queued here, and only the first of a burst wakes the event loop
+    (``call_soon_threadsafe``: a lock, a self-pipe write, a wake-up); the rest ride along with it.
+    Reports run on the loop in the order they were posted.
+    """
+
+    __slots__ = ("_items", "_lock", "_scheduled", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: list[tuple[Callable[[Any], None], Any]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, callback: Callable[[Any], None], arg: Any) -> None:
+        """On any thread: run ``callback(arg)`` on the loop soon."""
+        with self._lock:
+            self._items.append((callback, arg))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for callback, arg in items:
+            try:
+                callback(arg)
+            except Exception:  # noqa: BLE001 - one report's failure never drops the others
+                log.exception("a worker report failed on the event loop")
 
 
 def _log_runner_failure(future: asyncio.Future[None]) -> None:
@@ -209,6 +248,7 @@ class ModelSlot:
         self.last_used = time.monotonic()
         self._load_lock = asyncio.Lock()
         self._listeners: list[OutcomeListener] = []
+        self._handoff: _Handoff | None = None
 
     # -- state -------------------------------------------------------------
     def _set_state(self, new: SlotState, *, error: str | None = None) -> None:
@@ -316,8 +356,13 @@ class ModelSlot:
         loop = asyncio.get_running_loop()
         engine = self.engine
 
+        handoff = self._handoff
+        if handoff is None or handoff.loop is not loop:
+            handoff = self._handoff = _Handoff(loop)
+        put = queue.put_nowait
+
         def on_delta(delta: Delta) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, delta)
+            handoff.post(put, delta)
 
         if isinstance(engine, BatchEngine):
             future: asyncio.Future[list[GenerationOutcome]] = loop.create_future()
@@ -331,7 +376,7 @@ class ModelSlot:
                 queue.put_nowait(None)
 
             def on_done(result: list[GenerationOutcome] | BaseException) -> None:
-                loop.call_soon_threadsafe(settle, result)
+                handoff.post(settle, result)
 
             request = SequenceRequest(
                 params=job.params, on_delta=on_delta, on_done=on_done, cancel=cancel,
