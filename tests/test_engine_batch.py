@@ -471,7 +471,8 @@ async def test_a_zero_budget_keeps_the_cells_in_the_seat_instead(
     text, outcomes, _ = await run(slot, history, replace(GREEDY, max_tokens=8))
     assert not cache.entries and engine.stats()["prompt_cache_saves"] == saves
     assert sum(cells_held(engine)) >= outcomes[0].prompt_tokens  # the idle seat keeps its cells
-    assert max(seat["cachedTokens"] for seat in engine.seat_states()) >= outcomes[0].prompt_tokens
+    assert any(isinstance(held := seat["cachedTokens"], int) and held >= outcomes[0].prompt_tokens
+               for seat in engine.seat_states())
     _, again, _ = await run(slot, history + text[0] + "\nUser: another.\nAssistant:", replace(GREEDY, max_tokens=8))
     assert again[0].cached_tokens >= outcomes[0].prompt_tokens - 1  # reused in the context
     assert not cache.entries
