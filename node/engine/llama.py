@@ -671,7 +671,7 @@ class _StepLoop:
             return
         started = time.perf_counter()
         if int(self._llama.llama_state_seq_set_data(self.ctx, entry.data, entry.size, seat.seq_id)) != entry.size:
-            # no contiguous room for its cells in the context now: evaluate the prompt instead
+            # no room for its cells in the context now (or a state it refuses): evaluate the prompt instead
             log.debug("could not restore %d cached tokens into sequence %d", len(entry.tokens), seat.seq_id)
             self._clear(seat)
             return
