@@ -24,6 +24,7 @@ from .constants import (
     DEFAULT_MAX_BLANK_CHUNKS,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_PARALLEL,
+    DEFAULT_PROMPT_CACHE_MIB,
     DEFAULT_QUEUE_DEPTH,
 )
 from .engine.default_model import DEFAULT_CHAT_MODEL_ID, GEMMA3_ID
@@ -59,6 +60,9 @@ class ModelConfig:
     queue_depth: int = DEFAULT_QUEUE_DEPTH
     parallel: int = DEFAULT_PARALLEL
     """sequences decoded together in one context (each gets ``ctx_size`` tokens of KV cache)."""
+    prompt_cache_mib: int = DEFAULT_PROMPT_CACHE_MIB
+    """MiB of host memory for finished sequences' KV state (the prompt cache); 0: idle seats keep
+    their KV in the context instead."""
     aliases: tuple[str, ...] = ()
     seed: int | None = None
 
@@ -382,6 +386,8 @@ def _check(config: NodeConfig) -> None:
         for key in ("ctx_size", "queue_depth", "parallel"):
             if getattr(model, key) < 1:
                 raise ConfigError(f"models.{model.id}.{key}: expected a positive integer")
+        if model.prompt_cache_mib < 0:
+            raise ConfigError(f"models.{model.id}.prompt_cache_mib: expected 0 or more")
     rules: set[str] = set()
     for rule in config.security.app_pairing:
         if not rule.app_id or rule.app_id in rules:

@@ -25,6 +25,9 @@ DEFAULT_QUEUE_DEPTH = 16
 DEFAULT_PARALLEL = 4
 """sequences a generative model decodes together (its context holds ctx_size × parallel tokens)."""
 
+DEFAULT_PROMPT_CACHE_MIB = 256
+"""MiB of host memory a generative model keeps finished sequences' KV state in (the RAM prompt cache)."""
+
 MAX_CHOICES = 16
 """``n`` a request may ask for; a model serves at most its ``parallel`` choices per request."""
 

@@ -59,6 +59,9 @@ def test_env_names_reach_model_ids_with_dashes(tmp_path: Path) -> None:
     file = write(tmp_path, "[models.my-chat]\nctx_size = 1024\n")
     config = load_config(file, env={"DVAI_MODELS__MY_CHAT__CTX_SIZE": "2048"})
     assert [(m.id, m.ctx_size) for m in config.models] == [("my-chat", 2048)]
+    assert config.models[0].prompt_cache_mib == 256  # the RAM prompt cache's default budget
+    zero = load_config(file, env={"DVAI_MODELS__MY_CHAT__PROMPT_CACHE_MIB": "0"})
+    assert zero.models[0].prompt_cache_mib == 0
 
 
 def test_model_flag_replaces_the_model_table(tmp_path: Path) -> None:
@@ -95,6 +98,7 @@ def test_model_tables_and_lists(tmp_path: Path) -> None:
         ("", {"DVAI_OFFLOAD__MIN_LOCAL_CAPABILITY": "fast"}, "offload.min_local_capability: expected a number"),
         ('[security]\npairing_policy = "open"\n', {}, "security.pairing_policy: expected one of"),
         ("[models.a]\nctx_size = 0\n", {}, "models.a.ctx_size"),
+        ("[models.a]\nprompt_cache_mib = -1\n", {}, "models.a.prompt_cache_mib"),
         ("[models.a]\nturbo = true\n", {}, "models.a.turbo"),
         ('default_model = "zzz"\n', {}, "default_model"),
         ("this is = not toml", {}, "not valid TOML"),

@@ -13,9 +13,13 @@ step loop built on llama-cpp-python's low-level API (see docs/engine.md):
   vocabulary's logits into Python (only when log-probabilities are asked for,
   or a grammar refuses the sampled token: ``grammar_sampler.py``);
 * ``n`` choices evaluate their prompt once and copy its KV with ``seq_cp``;
-* a finished or cancelled sequence gives its seat back at once; its KV stays as
-  a prompt cache that the next request with the same prefix (a chat's next
-  turn) reuses, until the seat is taken by a request that shares less of it.
+* a finished or cancelled sequence gives its seat back at once; its KV state
+  is copied to the RAM prompt cache (``prompt_cache.py``, within the model's
+  ``prompt_cache_mib``) and its cells leave the context, so running sequences
+  never attend over idle ones' cells; the next request with the same prefix (a
+  chat's next turn) restores it and evaluates only the rest. With no RAM cache
+  (``prompt_cache_mib = 0``) the cells stay in the idle seat instead, reused
+  until the seat is taken by a request that shares less of them.
 
 An embedding model gets its own context in embedding mode and a collector
 that decodes the inputs of several requests in one batch
@@ -47,7 +51,7 @@ from typing import Any
 
 from ..common.errors import EngineError, InvalidRequestError, embeddings_not_enabled
 from ..config import env_model_name
-from ..constants import DEFAULT_PARALLEL, MAX_TOP_LOGPROBS
+from ..constants import DEFAULT_PARALLEL, DEFAULT_PROMPT_CACHE_MIB, MAX_TOP_LOGPROBS
 from .base import (
     ChatMessage,
     Delta,
@@ -65,6 +69,7 @@ from .base import (
 from .chat_format import known_chat_formats, render_gemma, render_named_format, render_template
 from .embedding import EmbeddingBatcher, EmbeddingJob
 from .grammar_sampler import GrammarCheckedSampler
+from .prompt_cache import PromptCache, common_prefix
 from .textstream import ReasoningBudget, StopMatcher
 from .tools import FunctionTool, fallback_messages
 
@@ -159,6 +164,7 @@ class LlamaEngine:
         reasoning_budget: int | None = None,
         seed: int | None = None,
         parallel: int = DEFAULT_PARALLEL,
+        prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_MIB * 1024 * 1024,
         unavailable: str | None = None,
         defaults: SamplingDefaults | None = None,
     ) -> None:
@@ -167,6 +173,8 @@ class LlamaEngine:
         self.info = info
         self.parallel = parallel
         """sequence seats; for an embedding model, the requests its collector batches together."""
+        self.prompt_cache_bytes = max(0, prompt_cache_bytes)
+        """host memory for finished sequences' KV state; 0: idle seats keep their cells instead."""
         self._unavailable = unavailable
         self.defaults = defaults or SamplingDefaults()
         self._threads = threads or max(1, os.cpu_count() or 1)
@@ -205,7 +213,8 @@ class LlamaEngine:
             raise EngineError(f"could not load model '{self.info.id}': {exc}") from exc
         try:
             self._loop = _StepLoop(
-                self._model, ctx_size=self.info.ctx_size, parallel=self.parallel, threads=self._threads
+                self._model, ctx_size=self.info.ctx_size, parallel=self.parallel, threads=self._threads,
+                prompt_cache_bytes=self.prompt_cache_bytes,
             )
             self._choose_chat_mode(self._model.metadata())
         except BaseException:
@@ -504,7 +513,8 @@ class _Group:
 class _StepLoop:
     """The context, its batch and its seats. Only ever touched on the worker thread."""
 
-    def __init__(self, model: Any, *, ctx_size: int, parallel: int, threads: int) -> None:
+    def __init__(self, model: Any, *, ctx_size: int, parallel: int, threads: int,
+                 prompt_cache_bytes: int = 0) -> None:
         import llama_cpp
         import numpy as np
         from llama_cpp import _internals
@@ -539,9 +549,12 @@ class _StepLoop:
         self._logit_row = ctypes.c_float * self.n_vocab
         self._eog_bias: Any = None
         self._close_tokens: list[int] | None = None
+        self.cache = PromptCache(prompt_cache_bytes)
+        """finished sequences' KV state in host memory (disabled: idle seats keep their cells)."""
         self._stats: dict[str, float] = dict.fromkeys(
             ("steps", "prefill_tokens", "decode_tokens", "prefill_seconds", "decode_seconds",
-             "prompt_cache_hit_tokens"), 0.0)
+             "prompt_cache_hit_tokens", "prompt_cache_saves", "prompt_cache_restores",
+             "prompt_cache_save_seconds", "prompt_cache_restore_seconds"), 0.0)
 
     # -- seats -----------------------------------------------------------------
     @property
@@ -592,7 +605,9 @@ class _StepLoop:
             request.on_done(exc)
             return
         first = group.choices[0]
-        cached = self._common_prefix(first.seat.history, prompt) if reuse else 0
+        if reuse and self.cache.enabled:
+            self._restore(first.seat, prompt)
+        cached = common_prefix(first.seat.history, prompt) if reuse else 0
         cached = min(cached, len(prompt) - 1)  # the last prompt token is evaluated for its logits
         if cached > 0 and self._reusable(first.seat, cached) and self._llama.llama_memory_seq_rm(
             self.memory, first.seat.seq_id, cached, -1
@@ -623,26 +638,46 @@ class _StepLoop:
 
     def _take_seats(self, prompt: list[int], n: int) -> list[_Seat]:
         """The free seat whose cache shares most of ``prompt`` (least recently used on ties), then others."""
-        ranked = sorted(
-            self.free, key=lambda s: (-self._common_prefix(s.history, prompt), s.released_at)
-        )
+        ranked = sorted(self.free, key=lambda s: (-common_prefix(s.history, prompt), s.released_at))
         chosen = ranked[:n]
         for seat in chosen:
             self.free.remove(seat)
         return chosen
 
-    @staticmethod
-    def _common_prefix(a: list[int], b: list[int]) -> int:
-        count = 0
-        for x, y in zip(a, b, strict=False):
-            if x != y:
-                break
-            count += 1
-        return count
-
     def _clear(self, seat: _Seat) -> None:
         self._llama.llama_memory_seq_rm(self.memory, seat.seq_id, -1, -1)
         seat.history.clear()
+
+    # -- the RAM prompt cache --------------------------------------------------
+    def _save(self, seat: _Seat) -> None:
+        """Copy the seat's KV state into the RAM cache (when worth keeping)."""
+        llama = self._llama
+        started = time.perf_counter()
+        size = int(llama.llama_state_seq_get_size(self.ctx, seat.seq_id))
+        if not self.cache.wants(seat.history, size):
+            return
+        data = (ctypes.c_uint8 * size)()
+        if int(llama.llama_state_seq_get_data(self.ctx, data, size, seat.seq_id)) != size:
+            log.warning("could not save sequence %d's KV state (%d bytes)", seat.seq_id, size)
+            return
+        self.cache.put(seat.history, data, size)
+        self._stats["prompt_cache_saves"] += 1
+        self._stats["prompt_cache_save_seconds"] += time.perf_counter() - started
+
+    def _restore(self, seat: _Seat, prompt: list[int]) -> None:
+        """Fill the (empty) seat with the cached entry sharing most of ``prompt``, if any."""
+        entry, shared = self.cache.match(prompt)
+        if entry is None or shared == 0 or seat.history:
+            return
+        started = time.perf_counter()
+        if int(self._llama.llama_state_seq_set_data(self.ctx, entry.data, entry.size, seat.seq_id)) != entry.size:
+            # no room for its cells in the context now (or a state it refuses): evaluate the prompt instead
+            log.debug("could not restore %d cached tokens into sequence %d", len(entry.tokens), seat.seq_id)
+            self._clear(seat)
+            return
+        seat.history = list(entry.tokens)
+        self._stats["prompt_cache_restores"] += 1
+        self._stats["prompt_cache_restore_seconds"] += time.perf_counter() - started
 
     # -- sampling --------------------------------------------------------------
     def _sampler(self, params: SamplingParams, seed: int) -> Any:
@@ -894,8 +929,15 @@ class _StepLoop:
         seat = choice.seat
         if choice.waiting_for_prompt:
             self._clear(seat)
+        elif self.cache.enabled:
+            if not choice.group.failed:
+                try:
+                    self._save(seat)
+                except Exception:  # noqa: BLE001 - a lost cache entry only costs a prefill
+                    log.exception("could not save sequence %d to the prompt cache", seat.seq_id)
+            self._clear(seat)  # an idle seat holds no cells: running sequences attend over fewer
         seat.released_at = time.monotonic()
-        self.free.append(seat)  # its KV stays: the prompt cache for a following request
+        self.free.append(seat)  # without a RAM cache its KV stays: the prompt cache for a following request
 
     def _fail(self, group: _Group, error: BaseException) -> None:
         group.failed = True
@@ -916,8 +958,14 @@ class _StepLoop:
         values = dict(self._stats)
         values["active_sequences"] = sum(1 for g in self.groups for c in g.choices if not c.done)
         values["slots"] = len(self.seats)
+        cache = self.cache
+        values["prompt_cache_entries"] = len(cache.entries)
+        values["prompt_cache_tokens"] = cache.tokens
+        values["prompt_cache_bytes"] = cache.bytes
+        values["prompt_cache_budget_bytes"] = cache.budget
         return values
 
     def close(self) -> None:
+        self.cache.clear()
         self._llama.llama_batch_free(self.batch)
         self.context.close()

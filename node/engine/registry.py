@@ -61,7 +61,7 @@ def build_engine(model: ModelConfig, *, cache_dir: Path | None = None) -> Engine
     return LlamaEngine(
         info, threads=threads, gpu_layers=model.gpu_layers,
         reasoning_budget=model.reasoning_budget, seed=model.seed, parallel=model.parallel,
-        unavailable=unavailable, defaults=defaults,
+        prompt_cache_bytes=model.prompt_cache_mib * 1024 * 1024, unavailable=unavailable, defaults=defaults,
     )
 
 
