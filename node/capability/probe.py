@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 from ..common.errors import DVAIError, EngineError, GenerationTimeoutError, InvalidRequestError
 from ..constants import (
@@ -24,6 +25,8 @@ from .curve import Curve, clean_curve, curve_levels
 from .score import CapabilityScore, library_version_for, prompt_rate
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 PROBE_PROMPT = (
     "Note {salt}. The following is a short description of an ordinary day in a small coastal "
@@ -158,20 +161,7 @@ async def _run_batch(
     cancel = threading.Event()
     deltas: asyncio.Queue[Delta | None] = asyncio.Queue()
     future = slot.start(GenerationJob(params=params, prompt=prompt, n=level), deltas, cancel)
-    try:
-        return await asyncio.wait_for(asyncio.shield(future), time_limit)
-    except TimeoutError:
-        raise GenerationTimeoutError(f"the capability probe took longer than {time_limit:g} s") from None
-    except DVAIError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - engine internals never reach the client
-        log.exception("capability probe failed")
-        raise EngineError("the engine failed during the capability probe; see the node log") from exc
-    finally:
-        if not future.done():
-            cancel.set()
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(future)
+    return await _probe_result(future, cancel, time_limit)
 
 
 async def _run_on_worker(
@@ -201,6 +191,12 @@ async def _run_on_worker(
         return started, slot.engine.generate(prompt, params, sink, cancel)
 
     future = loop.run_in_executor(slot.executor, work)
+    return await _probe_result(future, cancel, time_limit)
+
+
+async def _probe_result(future: asyncio.Future[_T], cancel: threading.Event, time_limit: float) -> _T:
+    """The probe run's result within ``time_limit``; engine failures become clean errors, and a
+    run left behind (timeout, caller cancelled) is told to stop and awaited."""
     try:
         return await asyncio.wait_for(asyncio.shield(future), time_limit)
     except TimeoutError:
