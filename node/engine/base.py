@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -235,3 +235,20 @@ class BatchEngine(Engine, Protocol):
     def seat_states(self) -> list[dict[str, object]]:
         """Per sequence seat: ``id``, ``busy``, ``cachedTokens`` (KV tokens kept for reuse)."""
         ...
+
+
+def prompt_and_params(
+    engine: Engine,
+    messages: Sequence[ChatMessage] | None,
+    tools: Sequence[FunctionTool],
+    prompt: str | None,
+    params: SamplingParams,
+) -> tuple[str, SamplingParams]:
+    """The prompt text a generation runs on and its sampling parameters: a chat is rendered by
+    the engine, and the stop strings its format implies join the request's own."""
+    if messages is None:
+        return prompt or "", params
+    text, stops = engine.render_chat(list(messages), tools)
+    if stops:
+        params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *stops))))
+    return text, params

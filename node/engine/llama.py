@@ -65,6 +65,7 @@ from .base import (
     TokenLogprob,
     TokenSink,
     TopLogprob,
+    prompt_and_params,
 )
 from .chat_format import known_chat_formats, render_gemma, render_named_format, render_template
 from .embedding import EmbeddingBatcher, EmbeddingJob
@@ -201,16 +202,7 @@ class LlamaEngine:
         if self.info.embedding:
             self._load_embedding()
             return
-        import llama_cpp
-        from llama_cpp import _internals
-
-        llama_cpp.llama_backend_init()
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = self._gpu_layers
-        try:
-            self._model = _internals.LlamaModel(path_model=self.info.path, params=model_params, verbose=False)
-        except (ValueError, RuntimeError) as exc:
-            raise EngineError(f"could not load model '{self.info.id}': {exc}") from exc
+        self._load_weights()
         try:
             self._loop = _StepLoop(
                 self._model, ctx_size=self.info.ctx_size, parallel=self.parallel, threads=self._threads,
@@ -221,7 +213,7 @@ class LlamaEngine:
             self.close()  # a failed slot is never unloaded: free the weights now
             raise
 
-    def _load_embedding(self) -> None:
+    def _load_weights(self) -> None:
         import llama_cpp
         from llama_cpp import _internals
 
@@ -232,6 +224,9 @@ class LlamaEngine:
             self._model = _internals.LlamaModel(path_model=self.info.path, params=model_params, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"could not load model '{self.info.id}': {exc}") from exc
+
+    def _load_embedding(self) -> None:
+        self._load_weights()
         try:
             self._embedder = EmbeddingBatcher(
                 self._model, model_id=self.info.id, ctx_size=self.info.ctx_size, threads=self._threads
@@ -350,13 +345,7 @@ class LlamaEngine:
     def prepare(self, request: SequenceRequest) -> tuple[list[int], SamplingParams, frozenset[int]]:
         """The prompt's tokens, the effective sampling parameters (chat stops and the model's
         defaults added) and the stop strings that are single special tokens."""
-        if request.messages is not None:
-            prompt, stops = self.render_chat(list(request.messages), request.tools)
-            params = request.params
-            if stops:
-                params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *stops))))
-        else:
-            prompt, params = request.prompt or "", request.params
+        prompt, params = prompt_and_params(self, request.messages, request.tools, request.prompt, request.params)
         model = self._model
         bos_text = model.detokenize([model.token_bos()], special=True).decode("utf-8", "ignore")
         add_bos = not (bos_text and prompt.startswith(bos_text))

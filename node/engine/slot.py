@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -41,6 +41,7 @@ from .base import (
     ModelInfo,
     SamplingParams,
     SequenceRequest,
+    prompt_and_params,
 )
 from .embedding import BatchEmbedder, EmbeddingJob
 from .queue import NO_APP, ModelQueue
@@ -401,13 +402,7 @@ class ModelSlot:
             raise InvalidRequestError(f"model '{self.info.id}' serves one choice per request", param="n")
 
         def work() -> list[GenerationOutcome]:
-            if job.messages is not None:
-                prompt, stops = engine.render_chat(list(job.messages), job.tools)
-                params = job.params
-                if stops:
-                    params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *stops))))
-            else:
-                prompt, params = job.prompt or "", job.params
+            prompt, params = prompt_and_params(engine, job.messages, job.tools, job.prompt, job.params)
             try:
                 return [engine.generate(prompt, params, lambda text: on_delta(Delta(0, text)), cancel)]
             except DVAIError as exc:
