@@ -69,23 +69,27 @@ async def usage(request: web.Request) -> web.Response:
     store = request.app[CONTEXT].usage
     if store is None:
         raise ServiceUnavailableError("usage accounting is not available on this node")
-    raw_days = request.query.get("days", "7")
-    if not raw_days.isdigit() or not 1 <= int(raw_days) <= 3660:
-        raise InvalidRequestError("'days' must be an integer from 1 to 3660", param="days")
+    days = _query_days(request, default=7)
     app_id = request.query.get("app")
-    rows = await asyncio.to_thread(store.query, days=int(raw_days), app_id=app_id[:128] if app_id else None)
+    rows = await asyncio.to_thread(store.query, days=days, app_id=app_id[:128] if app_id else None)
     return web.json_response({"object": "list", "data": rows})
 
 
 # -- who uses the hub: apps, devices, quotas -------------------------------------------
 
 
-async def _usage_rows(request: web.Request) -> list[dict[str, Any]]:
-    raw_days = request.query.get("days", "30")
+def _query_days(request: web.Request, *, default: int) -> int:
+    """``?days=`` of a usage listing: 1 to 3660 (ten years)."""
+    raw_days = request.query.get("days", str(default))
     if not raw_days.isdigit() or not 1 <= int(raw_days) <= 3660:
         raise InvalidRequestError("'days' must be an integer from 1 to 3660", param="days")
+    return int(raw_days)
+
+
+async def _usage_rows(request: web.Request) -> list[dict[str, Any]]:
+    days = _query_days(request, default=30)
     store = request.app[CONTEXT].usage
-    return [] if store is None else await asyncio.to_thread(store.query, days=int(raw_days))
+    return [] if store is None else await asyncio.to_thread(store.query, days=days)
 
 
 @routes.get("/v1/dvai/apps")
